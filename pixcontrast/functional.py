@@ -1,0 +1,122 @@
+"""Stateless contrastive losses."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from torch import Tensor
+
+from . import _checks
+from ._dispatch import BACKEND_NAMES, select_backend
+
+__all__ = ["contrastive_loss", "VARIANTS", "REDUCTIONS"]
+
+VARIANTS = ("paper", "supcon")
+REDUCTIONS = ("mean", "sum", "none")
+
+
+def contrastive_loss(
+    anchors: Tensor,
+    labels: Tensor,
+    keys: Optional[Tensor] = None,
+    key_labels: Optional[Tensor] = None,
+    *,
+    in_batch: Optional[bool] = None,
+    temperature: float = 0.1,
+    base_temperature: Optional[float] = None,
+    variant: str = "paper",
+    reduction: str = "mean",
+    backend: str = "auto",
+) -> Tensor:
+    r"""Supervised InfoNCE between anchors and keys, without the anchors x keys matrix.
+
+    With :math:`s_{aj} = x_a \cdot k_j / \tau`, positives :math:`P(a)` (valid keys of the anchor's
+    class, the anchor itself excluded), negatives :math:`N(a)` (valid keys of other classes) and
+    :math:`\rho = \tau / \tau_{base}`:
+
+    - ``variant="paper"`` (Wang et al. 2021; per-positive InfoNCE):
+      :math:`L_a = \frac{\rho}{|P(a)|} \sum_{p} -\log
+      \frac{e^{s_{ap}}}{e^{s_{ap}} + \sum_{n \in N(a)} e^{s_{an}}}`
+    - ``variant="supcon"`` (Khosla et al. 2020, :math:`L_{out}`):
+      :math:`L_a = \rho \big(\log \sum_{j \in P(a) \cup N(a)} e^{s_{aj}}
+      - \frac{1}{|P(a)|} \sum_{p} s_{ap}\big)`
+
+    An anchor without positives has :math:`L_a = 0` and is left out of the mean; an anchor without
+    negatives has :math:`L_a = 0` under ``"paper"``. With no anchor that has a positive the result
+    is an exact zero that is still connected to the graph. The result is never NaN for finite
+    inputs.
+
+    Args:
+        anchors: ``[N, D]`` float embeddings (normalise them first if you want cosine similarity).
+        labels: ``[N]`` integer class ids, all ``>= 0``.
+        keys: ``[M, D]`` extra keys (e.g. a memory bank), or ``None``.
+        key_labels: ``[M]`` integer class ids of ``keys``; a negative id marks an invalid key
+            (an empty memory slot), which is excluded everywhere. Required with ``keys``.
+        in_batch: whether the anchors are keys as well (self-pairs excluded). Defaults to ``True``
+            without ``keys`` and ``False`` with them.
+        temperature: :math:`\tau > 0`.
+        base_temperature: the loss is scaled by ``temperature / base_temperature``; ``None``
+            means no scaling (:math:`\rho = 1`).
+        variant: ``"paper"`` or ``"supcon"``.
+        reduction: ``"mean"`` over anchors with at least one positive, ``"sum"``, or ``"none"``
+            (``[N]``, zero where an anchor has no positive).
+        backend: ``"auto"``, ``"torch"`` (chunked, any device) or ``"reference"`` (dense).
+
+    Returns:
+        A scalar, or ``[N]`` for ``reduction="none"``; fp32 for half-precision inputs, fp64 for
+        fp64 inputs. Gradients flow to ``anchors`` and, when they require grad, to ``keys``.
+
+    Example:
+        >>> import torch, torch.nn.functional as F
+        >>> x = F.normalize(torch.randn(6, 8), dim=1).requires_grad_()
+        >>> y = torch.tensor([0, 0, 1, 1, 2, 2])
+        >>> loss = contrastive_loss(x, y, temperature=0.1)
+        >>> loss.backward()
+        >>> loss.ndim, x.grad.shape
+        (0, torch.Size([6, 8]))
+    """
+    _checks.check_embeddings(anchors, "anchors", 2)
+    _checks.check_labels(labels, "labels", 1)
+    if labels.shape[0] != anchors.shape[0]:
+        raise ValueError(
+            f"labels must have one entry per anchor: got {labels.shape[0]} labels for "
+            f"{anchors.shape[0]} anchors"
+        )
+    if keys is None and key_labels is not None:
+        raise ValueError("key_labels was given without keys")
+    if keys is not None:
+        _checks.check_embeddings(keys, "keys", 2)
+        if key_labels is None:
+            raise ValueError("keys requires key_labels")
+        _checks.check_labels(key_labels, "key_labels", 1)
+        if key_labels.shape[0] != keys.shape[0]:
+            raise ValueError(
+                f"key_labels must have one entry per key: got {key_labels.shape[0]} labels for "
+                f"{keys.shape[0]} keys"
+            )
+        if keys.shape[1] != anchors.shape[1]:
+            raise ValueError(
+                f"keys must have the anchors' dimension D={anchors.shape[1]}, got {keys.shape[1]}"
+            )
+    _checks.check_same_device(
+        [("anchors", anchors), ("labels", labels), ("keys", keys), ("key_labels", key_labels)]
+    )
+    temperature = _checks.check_positive(temperature, "temperature")
+    rho = 1.0
+    if base_temperature is not None:
+        rho = temperature / _checks.check_positive(base_temperature, "base_temperature")
+    _checks.check_choice(variant, "variant", VARIANTS)
+    _checks.check_choice(reduction, "reduction", REDUCTIONS)
+    _checks.check_choice(backend, "backend", BACKEND_NAMES)
+    if in_batch is None:
+        in_batch = keys is None
+    if labels.numel() and int(labels.min()) < 0:
+        raise ValueError("labels must be >= 0 (filter ignored pixels out before the loss)")
+    _checks.check_finite(anchors, "anchors")
+    if keys is not None:
+        _checks.check_finite(keys, "keys")
+
+    chosen = select_backend(backend, anchors, keys)
+    return chosen.loss(
+        anchors, labels, keys, key_labels, bool(in_batch), temperature, rho, variant, reduction
+    )

@@ -1,0 +1,81 @@
+"""Dense reference: builds the full anchors x keys similarity matrix and lets autograd do the rest.
+
+It is the oracle of the tests and the baseline of the benchmarks: short, literal and
+``O(N * M)`` in memory. Masks follow DESIGN.md §1 exactly; rows without negatives (or without any
+valid key) are handled with the "double where" so that no NaN reaches the gradient.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from ._layout import compute_dtype
+
+__all__ = ["reference_contrastive_loss"]
+
+
+def _masked_logsumexp(scores: Tensor, mask: Tensor) -> Tensor:
+    """Row-wise log-sum-exp over ``mask``; ``-inf`` for rows with an empty mask."""
+    nonempty = mask.any(dim=1)
+    safe = torch.where(mask & nonempty[:, None], scores, scores.new_tensor(-torch.inf))
+    safe = torch.where(nonempty[:, None], safe, torch.zeros_like(scores))
+    result = torch.logsumexp(safe, dim=1)
+    return torch.where(nonempty, result, result.new_tensor(-torch.inf))
+
+
+def reference_contrastive_loss(
+    anchors: Tensor,
+    labels: Tensor,
+    keys: Optional[Tensor],
+    key_labels: Optional[Tensor],
+    in_batch: bool,
+    temperature: float,
+    rho: float,
+    variant: str,
+    reduction: str,
+) -> Tensor:
+    dtype = compute_dtype(anchors.dtype)
+    x = anchors.to(dtype)
+    labels = labels.long()
+    n = x.shape[0]
+
+    key_parts, label_parts = [], []
+    if in_batch:
+        key_parts.append(x)
+        label_parts.append(labels)
+    if keys is not None and key_labels is not None:
+        key_parts.append(keys.to(dtype))
+        label_parts.append(key_labels.long())
+    k = torch.cat(key_parts) if key_parts else x.new_zeros((0, x.shape[1]))
+    c = torch.cat(label_parts) if label_parts else labels.new_zeros(0)
+
+    scores = x @ k.T / temperature
+    valid = (c >= 0)[None, :].expand(n, -1).clone()
+    if in_batch:
+        valid[:, :n] &= ~torch.eye(n, dtype=torch.bool, device=x.device)
+    same = labels[:, None] == c[None, :]
+    pos = same & valid
+    num_pos = pos.sum(dim=1).to(dtype)
+    has_pos = num_pos > 0
+
+    if variant == "paper":
+        nu = _masked_logsumexp(scores, ~same & valid)
+        margin = nu[:, None] - scores
+        per_pair = torch.logaddexp(margin, torch.zeros_like(margin))  # exact softplus
+        per_pair = torch.where(pos, per_pair, torch.zeros_like(per_pair))
+        loss = rho * per_pair.sum(dim=1) / num_pos.clamp(min=1)
+    else:
+        lam = _masked_logsumexp(scores, valid)
+        lam = torch.where(has_pos, lam, torch.zeros_like(lam))
+        pos_scores = torch.where(pos, scores, torch.zeros_like(scores)).sum(dim=1)
+        loss = rho * (lam - pos_scores / num_pos.clamp(min=1))
+    loss = torch.where(has_pos, loss, torch.zeros_like(loss))
+
+    if reduction == "none":
+        return loss
+    if reduction == "sum":
+        return loss.sum()
+    return loss.sum() / has_pos.sum().clamp(min=1)

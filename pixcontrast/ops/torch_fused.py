@@ -1,0 +1,386 @@
+"""Chunked, memory-efficient contrastive loss in plain torch (any device, any float dtype).
+
+Rows of the class-sorted anchors are processed in chunks; a chunk holds one ``[rows, M]`` buffer of
+scores and never more. Per row the buffer is turned, in place, into the gradient of the loss with
+respect to the scores (DESIGN.md §1):
+
+    paper:  G_an = rho * g_a * w_a * exp(s_an - nu_a)           (negatives)
+            G_ap = -rho * g_a / |P(a)| * sigmoid(nu_a - s_ap)    (positives, one block per class)
+    supcon: G_aj = rho * g_a * (exp(s_aj - lam_a) - [j in P(a)] / |P(a)|)
+
+and ``dx = G k / tau``, ``dk = G^T x / tau`` are accumulated right away. For scalar reductions the
+upstream weights ``g_a`` are known in forward, so forward does everything (two products when the
+keys need no gradient) and backward only rescales. For ``reduction="none"`` forward keeps the
+per-anchor statistics ``(nu or lam, w, |P|)`` and backward recomputes the scores, as flash
+attention does. For supcon the positive part of ``G`` is applied analytically through per-class
+key sums, so it costs no pass over the buffer at all.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from ._layout import ContrastLayout, build_layout
+
+__all__ = ["AnchorStatistics", "TorchContrastFunction", "torch_contrastive_loss"]
+
+# Elements of one [rows, M] score buffer: 2**23 fp32 values are 32 MiB.
+_CHUNK_ELEMENTS = 1 << 23
+
+
+@dataclass
+class AnchorStatistics:
+    """What forward keeps per sorted anchor so that backward can recompute one chunk at a time.
+
+    Attributes:
+        log_normalizer: ``nu_a`` (paper: log-sum-exp over negatives) or ``lam_a`` (supcon: over
+            all valid keys); ``-inf`` when that set is empty.
+        positive_weight: ``w_a = mean_p sigmoid(nu_a - s_ap)`` (paper; zeros for supcon).
+    """
+
+    log_normalizer: Tensor
+    positive_weight: Tensor
+
+
+def _exp_shifted(scores: Tensor, shift: Optional[Tensor]) -> Tensor:
+    """In place ``exp(scores - shift)`` row-wise; ``shift=None`` uses the row maximum.
+
+    Returns the shift used, with ``-inf`` (a row without any finite score) replaced by 0 so that
+    such rows become exact zeros instead of NaN.
+    """
+    if shift is None:
+        shift = scores.amax(dim=1)
+    shift = torch.where(torch.isfinite(shift), shift, torch.zeros_like(shift))
+    scores.sub_(shift[:, None]).exp_()
+    return shift
+
+
+def _normalizer(scores: Tensor, shift: Tensor) -> tuple[Tensor, Tensor]:
+    """From ``exp(s - shift)`` in ``scores``: the row sums ``z`` and ``shift + log z``."""
+    total = scores.sum(dim=1)
+    return total, shift + total.log()
+
+
+def _paper_rows(
+    layout: ContrastLayout,
+    scores: Tensor,
+    start: int,
+    weight: Optional[Tensor],
+    rho: float,
+    saved: Optional[AnchorStatistics],
+) -> tuple[Tensor, AnchorStatistics]:
+    """Paper variant on the rows ``start:start + len(scores)``; ``scores`` becomes ``G`` when
+    ``weight`` (the upstream ``g_a`` of these rows) is given. Returns (loss, statistics)."""
+    rows = scores.shape[0]
+    stop = start + rows
+    inv_pos = 1.0 / layout.positives[start:stop].clamp(min=1)
+    blocks = []
+    for lo, hi, c in layout.class_segments(start, stop):
+        b0, b1 = layout.key_offsets[c], layout.key_offsets[c + 1]
+        if b0 == b1:
+            continue
+        view = scores[lo - start : hi - start, b0:b1]
+        positives = view.clone()
+        view.fill_(-torch.inf)  # the positive block is not part of the negatives' log-sum-exp
+        if layout.self_column is not None:
+            # +inf makes nu - s = -inf: the self pair adds 0 to the loss and to the gradient.
+            local = torch.arange(hi - lo, device=scores.device)
+            positives[local, layout.self_column[lo:hi] - b0] = torch.inf
+        blocks.append((lo - start, hi - start, b0, b1, positives))
+
+    if saved is None:
+        shift = _exp_shifted(scores, None)
+        total, nu = _normalizer(scores, shift)
+    else:
+        nu = saved.log_normalizer[start:stop]
+        _exp_shifted(scores, nu)  # exp(s - nu) directly: nu bounds every negative score
+
+    loss = scores.new_zeros(rows)
+    sigmoid_sum = scores.new_zeros(rows)
+    sigmoids = []
+    for a, b, _, _, positives in blocks:
+        margin = nu[a:b, None] - positives
+        sig = torch.sigmoid(margin)
+        sigmoids.append(sig)
+        if saved is None:
+            # softplus(t) = logaddexp(t, 0), exact for every t (F.softplus linearises t > 20).
+            loss[a:b] = torch.logaddexp(margin, torch.zeros_like(margin)).sum(dim=1)
+            sigmoid_sum[a:b] = sig.sum(dim=1)
+    loss = rho * loss * inv_pos
+    w = sigmoid_sum * inv_pos if saved is None else saved.positive_weight[start:stop]
+    stats = AnchorStatistics(nu, w)
+    if weight is None:
+        return loss, stats
+
+    has_negatives = torch.isfinite(nu)
+    coef = rho * weight * w
+    if saved is None:
+        coef = coef / total.clamp(min=torch.finfo(total.dtype).tiny)
+    scores.mul_(torch.where(has_negatives, coef, torch.zeros_like(coef))[:, None])
+    pos_coef = -rho * weight * inv_pos
+    for (a, b, b0, b1, _), sig in zip(blocks, sigmoids):
+        scores[a:b, b0:b1] = sig * pos_coef[a:b, None]
+    return loss, stats
+
+
+def _supcon_rows(
+    layout: ContrastLayout,
+    scores: Tensor,
+    start: int,
+    weight: Optional[Tensor],
+    rho: float,
+    saved: Optional[AnchorStatistics],
+    positive_dot: Tensor,
+) -> tuple[Tensor, AnchorStatistics]:
+    """Supcon variant on one row chunk; ``scores`` becomes the softmax part of ``G`` only (the
+    positive part is applied by the caller through class sums). ``positive_dot`` is
+    ``sum_p s_ap`` of these rows."""
+    rows = scores.shape[0]
+    stop = start + rows
+    if layout.self_column is not None:
+        local = torch.arange(rows, device=scores.device)
+        scores[local, layout.self_column[start:stop]] = -torch.inf
+    positives = layout.positives[start:stop]
+    has_pos = positives > 0
+    if saved is None:
+        shift = _exp_shifted(scores, None)
+        total, lam = _normalizer(scores, shift)
+    else:
+        lam = saved.log_normalizer[start:stop]
+        _exp_shifted(scores, lam)
+    safe_lam = torch.where(has_pos, lam, torch.zeros_like(lam))
+    loss = torch.where(has_pos, rho * (safe_lam - positive_dot / positives.clamp(min=1)), 0.0)
+    stats = AnchorStatistics(lam, torch.zeros_like(lam))
+    if weight is None:
+        return loss, stats
+    coef = rho * weight * has_pos
+    if saved is None:
+        coef = coef / total.clamp(min=torch.finfo(total.dtype).tiny)
+    scores.mul_(coef[:, None])
+    return loss, stats
+
+
+def sweep(
+    layout: ContrastLayout,
+    temperature: float,
+    rho: float,
+    variant: str,
+    weight: Optional[Tensor],
+    need_anchor_grad: bool,
+    key_grad_columns: Optional[list[tuple[int, int]]],
+    saved: Optional[AnchorStatistics] = None,
+) -> tuple[Tensor, AnchorStatistics, Optional[Tensor], Optional[Tensor]]:
+    """One pass over all row chunks, in the sorted order of ``layout``.
+
+    Args:
+        weight: ``[N]`` upstream gradient per sorted anchor, or ``None`` for statistics only.
+        key_grad_columns: ranges of sorted key columns whose gradient is wanted (``None``: none).
+        saved: statistics of an earlier forward; when given, the per-row normalisers are reused.
+
+    Returns:
+        ``(loss [N], statistics, d anchors [N, D] or None, d keys [M, D] or None)``.
+    """
+    x, k = layout.anchors, layout.keys
+    n, m = x.shape[0], k.shape[0]
+    scaled = x / temperature
+    loss = x.new_zeros(n)
+    normalizer = x.new_full((n,), -torch.inf)
+    positive_weight = x.new_zeros(n)
+    grad_x = x.new_zeros(x.shape) if weight is not None and need_anchor_grad else None
+    grad_k = k.new_zeros(k.shape) if weight is not None and key_grad_columns else None
+    if n == 0 or m == 0:
+        return loss, AnchorStatistics(normalizer, positive_weight), grad_x, grad_k
+
+    positive_sums = None
+    if variant == "supcon":
+        class_sums = k.new_zeros((layout.num_classes, k.shape[1]))
+        class_sums.index_add_(0, layout.key_class, k)
+        positive_sums = class_sums.index_select(0, layout.anchor_class)
+        if layout.self_column is not None:
+            positive_sums -= k.index_select(0, layout.self_column)
+
+    step = max(1, _CHUNK_ELEMENTS // m)
+    for start in range(0, n, step):
+        stop = min(start + step, n)
+        scores = scaled[start:stop] @ k.T
+        rows_weight = None if weight is None else weight[start:stop]
+        if variant == "paper":
+            rows_loss, stats = _paper_rows(layout, scores, start, rows_weight, rho, saved)
+        else:
+            dot = (scaled[start:stop] * positive_sums[start:stop]).sum(dim=1)
+            rows_loss, stats = _supcon_rows(layout, scores, start, rows_weight, rho, saved, dot)
+        loss[start:stop] = rows_loss
+        normalizer[start:stop] = stats.log_normalizer
+        positive_weight[start:stop] = stats.positive_weight
+        if rows_weight is None:
+            continue
+        if grad_x is not None:
+            torch.mm(scores, k, out=grad_x[start:stop])
+        for lo, hi in key_grad_columns or ():
+            grad_k[lo:hi].addmm_(scores[:, lo:hi].T, scaled[start:stop])
+
+    if weight is not None and variant == "supcon":
+        # Positive part of G: -rho * g_a / |P(a)| on every positive pair, applied through sums.
+        beta = rho * weight * (layout.positives > 0) / layout.positives.clamp(min=1)
+        if grad_x is not None:
+            grad_x -= beta[:, None] * positive_sums
+        if grad_k is not None:
+            weighted = beta[:, None] * scaled
+            per_class = k.new_zeros((layout.num_classes, k.shape[1]))
+            per_class.index_add_(0, layout.anchor_class, weighted)
+            grad_k -= per_class.index_select(0, layout.key_class)
+            if layout.self_column is not None:
+                grad_k.index_add_(0, layout.self_column, weighted)
+    if grad_x is not None:
+        grad_x /= temperature
+    return loss, AnchorStatistics(normalizer, positive_weight), grad_x, grad_k
+
+
+def key_grad_columns(
+    layout: ContrastLayout, need_anchor_grad: bool, need_key_grad: bool
+) -> Optional[list[tuple[int, int]]]:
+    """Sorted key columns that need a gradient.
+
+    All columns when the caller's keys need one (or every key is an anchor). When only the
+    anchors do, just the anchors' own columns: the stable sort puts them first in each class
+    block, so the product ``G^T x`` skips the (possibly huge) memory keys.
+    """
+    num_keys = layout.keys.shape[0]
+    num_anchor_keys = layout.anchors.shape[0] if layout.in_batch else 0
+    if need_key_grad or (num_anchor_keys == num_keys and need_anchor_grad):
+        return [(0, num_keys)]
+    if not (layout.in_batch and need_anchor_grad):
+        return None
+    a, kk = layout.anchor_offsets, layout.key_offsets
+    return [(kk[c], kk[c] + a[c + 1] - a[c]) for c in range(layout.num_classes) if a[c + 1] > a[c]]
+
+
+def reduction_weights(layout: ContrastLayout, reduction: str) -> Tensor:
+    """Upstream ``g_a`` per sorted anchor implied by a scalar reduction."""
+    has_pos = (layout.positives > 0).to(layout.positives.dtype)
+    if reduction == "mean":
+        return has_pos / has_pos.sum().clamp(min=1)
+    return has_pos
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """What backward needs to know of the caller's tensors (not the tensors themselves)."""
+
+    anchor_dtype: torch.dtype
+    num_keys: int
+    key_dtype: Optional[torch.dtype]
+    need_anchor_grad: bool
+    need_key_grad: bool
+
+
+def scatter_to_inputs(
+    layout: ContrastLayout, spec: InputSpec, grad_x: Optional[Tensor], grad_k: Optional[Tensor]
+) -> tuple[Optional[Tensor], Optional[Tensor]]:
+    """Map sorted-space gradients back to the caller's anchors and keys (dtype included)."""
+    n = layout.anchors.shape[0]
+    offset = n if layout.in_batch else 0
+    grad_anchors = grad_keys = None
+    if spec.need_anchor_grad:
+        grad_anchors = layout.anchors.new_zeros(layout.anchors.shape)
+        if grad_x is not None:
+            grad_anchors[layout.anchor_order] = grad_x
+    if grad_k is not None:
+        combined = grad_k.new_zeros((offset + spec.num_keys, grad_k.shape[1]))
+        combined[layout.key_source] = grad_k
+        if grad_anchors is not None and layout.in_batch:
+            grad_anchors += combined[:n]
+        if spec.need_key_grad:
+            grad_keys = combined[offset:].to(spec.key_dtype)
+    if grad_anchors is not None:
+        grad_anchors = grad_anchors.to(spec.anchor_dtype)
+    return grad_anchors, grad_keys
+
+
+def unsort(layout: ContrastLayout, per_anchor: Tensor) -> Tensor:
+    out = torch.empty_like(per_anchor)
+    out[layout.anchor_order] = per_anchor
+    return out
+
+
+class TorchContrastFunction(torch.autograd.Function):
+    """``contrastive_loss`` on the torch backend; see the module docstring."""
+
+    @staticmethod
+    def forward(
+        ctx,
+        anchors: Tensor,
+        keys: Optional[Tensor],
+        labels: Tensor,
+        key_labels: Optional[Tensor],
+        in_batch: bool,
+        temperature: float,
+        rho: float,
+        variant: str,
+        reduction: str,
+        grad_enabled: bool,
+    ) -> Tensor:
+        layout = build_layout(anchors, labels, keys, key_labels, in_batch)
+        spec = InputSpec(
+            anchor_dtype=anchors.dtype,
+            num_keys=0 if keys is None else keys.shape[0],
+            key_dtype=None if keys is None else keys.dtype,
+            need_anchor_grad=grad_enabled and ctx.needs_input_grad[0],
+            need_key_grad=grad_enabled and ctx.needs_input_grad[1],
+        )
+        columns = key_grad_columns(layout, spec.need_anchor_grad, spec.need_key_grad)
+        ctx.layout, ctx.spec, ctx.columns = layout, spec, columns
+        ctx.config = (temperature, rho, variant)
+        any_grad = spec.need_anchor_grad or spec.need_key_grad
+        if reduction != "none":
+            weight = reduction_weights(layout, reduction)
+            loss, _, grad_x, grad_k = sweep(
+                layout, temperature, rho, variant, weight if any_grad else None,
+                spec.need_anchor_grad, columns,
+            )
+            ctx.fused = scatter_to_inputs(layout, spec, grad_x, grad_k)
+            return (loss * weight).sum()
+        loss, stats, _, _ = sweep(layout, temperature, rho, variant, None, False, None)
+        ctx.fused = None
+        ctx.stats = stats
+        return unsort(layout, loss)
+
+    @staticmethod
+    def backward(ctx, grad_output: Tensor):
+        layout = ctx.layout
+        if ctx.fused is not None:
+            scale = grad_output.to(layout.anchors.dtype)
+            grad_anchors, grad_keys = (
+                None if g is None else g * scale.to(g.dtype) for g in ctx.fused
+            )
+        else:
+            temperature, rho, variant = ctx.config
+            weight = grad_output.to(layout.anchors.dtype).index_select(0, layout.anchor_order)
+            weight = weight * (layout.positives > 0)
+            _, _, grad_x, grad_k = sweep(
+                layout, temperature, rho, variant, weight, ctx.spec.need_anchor_grad,
+                ctx.columns, saved=ctx.stats,
+            )
+            grad_anchors, grad_keys = scatter_to_inputs(layout, ctx.spec, grad_x, grad_k)
+        return grad_anchors, grad_keys, None, None, None, None, None, None, None, None
+
+
+def torch_contrastive_loss(
+    anchors: Tensor,
+    labels: Tensor,
+    keys: Optional[Tensor],
+    key_labels: Optional[Tensor],
+    in_batch: bool,
+    temperature: float,
+    rho: float,
+    variant: str,
+    reduction: str,
+) -> Tensor:
+    return TorchContrastFunction.apply(
+        anchors, keys, labels, key_labels, in_batch, temperature, rho, variant, reduction,
+        torch.is_grad_enabled(),
+    )
