@@ -18,32 +18,18 @@ key sums, so it costs no pass over the buffer at all.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Optional
 
 import torch
 from torch import Tensor
 
-from ._layout import ContrastLayout, build_layout
+from ._autograd import AnchorStatistics, ContrastFunction
+from ._layout import ContrastLayout
 
-__all__ = ["AnchorStatistics", "TorchContrastFunction", "torch_contrastive_loss"]
+__all__ = ["AnchorStatistics", "sweep", "torch_contrastive_loss"]
 
 # Elements of one [rows, M] score buffer: 2**23 fp32 values are 32 MiB.
 _CHUNK_ELEMENTS = 1 << 23
-
-
-@dataclass
-class AnchorStatistics:
-    """What forward keeps per sorted anchor so that backward can recompute one chunk at a time.
-
-    Attributes:
-        log_normalizer: ``nu_a`` (paper: log-sum-exp over negatives) or ``lam_a`` (supcon: over
-            all valid keys); ``-inf`` when that set is empty.
-        positive_weight: ``w_a = mean_p sigmoid(nu_a - s_ap)`` (paper; zeros for supcon).
-    """
-
-    log_normalizer: Tensor
-    positive_weight: Tensor
 
 
 def _exp_shifted(scores: Tensor, shift: Optional[Tensor]) -> Tensor:
@@ -240,135 +226,6 @@ def sweep(
     return loss, AnchorStatistics(normalizer, positive_weight), grad_x, grad_k
 
 
-def key_grad_columns(
-    layout: ContrastLayout, need_anchor_grad: bool, need_key_grad: bool
-) -> Optional[list[tuple[int, int]]]:
-    """Sorted key columns that need a gradient.
-
-    All columns when the caller's keys need one (or every key is an anchor). When only the
-    anchors do, just the anchors' own columns: the stable sort puts them first in each class
-    block, so the product ``G^T x`` skips the (possibly huge) memory keys.
-    """
-    num_keys = layout.keys.shape[0]
-    num_anchor_keys = layout.anchors.shape[0] if layout.in_batch else 0
-    if need_key_grad or (num_anchor_keys == num_keys and need_anchor_grad):
-        return [(0, num_keys)]
-    if not (layout.in_batch and need_anchor_grad):
-        return None
-    a, kk = layout.anchor_offsets, layout.key_offsets
-    return [(kk[c], kk[c] + a[c + 1] - a[c]) for c in range(layout.num_classes) if a[c + 1] > a[c]]
-
-
-def reduction_weights(layout: ContrastLayout, reduction: str) -> Tensor:
-    """Upstream ``g_a`` per sorted anchor implied by a scalar reduction."""
-    has_pos = (layout.positives > 0).to(layout.positives.dtype)
-    if reduction == "mean":
-        return has_pos / has_pos.sum().clamp(min=1)
-    return has_pos
-
-
-@dataclass(frozen=True)
-class InputSpec:
-    """What backward needs to know of the caller's tensors (not the tensors themselves)."""
-
-    anchor_dtype: torch.dtype
-    num_keys: int
-    key_dtype: Optional[torch.dtype]
-    need_anchor_grad: bool
-    need_key_grad: bool
-
-
-def scatter_to_inputs(
-    layout: ContrastLayout, spec: InputSpec, grad_x: Optional[Tensor], grad_k: Optional[Tensor]
-) -> tuple[Optional[Tensor], Optional[Tensor]]:
-    """Map sorted-space gradients back to the caller's anchors and keys (dtype included)."""
-    n = layout.anchors.shape[0]
-    offset = n if layout.in_batch else 0
-    grad_anchors = grad_keys = None
-    if spec.need_anchor_grad:
-        grad_anchors = layout.anchors.new_zeros(layout.anchors.shape)
-        if grad_x is not None:
-            grad_anchors[layout.anchor_order] = grad_x
-    if grad_k is not None:
-        combined = grad_k.new_zeros((offset + spec.num_keys, grad_k.shape[1]))
-        combined[layout.key_source] = grad_k
-        if grad_anchors is not None and layout.in_batch:
-            grad_anchors += combined[:n]
-        if spec.need_key_grad:
-            grad_keys = combined[offset:].to(spec.key_dtype)
-    if grad_anchors is not None:
-        grad_anchors = grad_anchors.to(spec.anchor_dtype)
-    return grad_anchors, grad_keys
-
-
-def unsort(layout: ContrastLayout, per_anchor: Tensor) -> Tensor:
-    out = torch.empty_like(per_anchor)
-    out[layout.anchor_order] = per_anchor
-    return out
-
-
-class TorchContrastFunction(torch.autograd.Function):
-    """``contrastive_loss`` on the torch backend; see the module docstring."""
-
-    @staticmethod
-    def forward(
-        ctx,
-        anchors: Tensor,
-        keys: Optional[Tensor],
-        labels: Tensor,
-        key_labels: Optional[Tensor],
-        in_batch: bool,
-        temperature: float,
-        rho: float,
-        variant: str,
-        reduction: str,
-        grad_enabled: bool,
-    ) -> Tensor:
-        layout = build_layout(anchors, labels, keys, key_labels, in_batch)
-        spec = InputSpec(
-            anchor_dtype=anchors.dtype,
-            num_keys=0 if keys is None else keys.shape[0],
-            key_dtype=None if keys is None else keys.dtype,
-            need_anchor_grad=grad_enabled and ctx.needs_input_grad[0],
-            need_key_grad=grad_enabled and ctx.needs_input_grad[1],
-        )
-        columns = key_grad_columns(layout, spec.need_anchor_grad, spec.need_key_grad)
-        ctx.layout, ctx.spec, ctx.columns = layout, spec, columns
-        ctx.config = (temperature, rho, variant)
-        any_grad = spec.need_anchor_grad or spec.need_key_grad
-        if reduction != "none":
-            weight = reduction_weights(layout, reduction)
-            loss, _, grad_x, grad_k = sweep(
-                layout, temperature, rho, variant, weight if any_grad else None,
-                spec.need_anchor_grad, columns,
-            )
-            ctx.fused = scatter_to_inputs(layout, spec, grad_x, grad_k)
-            return (loss * weight).sum()
-        loss, stats, _, _ = sweep(layout, temperature, rho, variant, None, False, None)
-        ctx.fused = None
-        ctx.stats = stats
-        return unsort(layout, loss)
-
-    @staticmethod
-    def backward(ctx, grad_output: Tensor):
-        layout = ctx.layout
-        if ctx.fused is not None:
-            scale = grad_output.to(layout.anchors.dtype)
-            grad_anchors, grad_keys = (
-                None if g is None else g * scale.to(g.dtype) for g in ctx.fused
-            )
-        else:
-            temperature, rho, variant = ctx.config
-            weight = grad_output.to(layout.anchors.dtype).index_select(0, layout.anchor_order)
-            weight = weight * (layout.positives > 0)
-            _, _, grad_x, grad_k = sweep(
-                layout, temperature, rho, variant, weight, ctx.spec.need_anchor_grad,
-                ctx.columns, saved=ctx.stats,
-            )
-            grad_anchors, grad_keys = scatter_to_inputs(layout, ctx.spec, grad_x, grad_k)
-        return grad_anchors, grad_keys, None, None, None, None, None, None, None, None
-
-
 def torch_contrastive_loss(
     anchors: Tensor,
     labels: Tensor,
@@ -380,7 +237,7 @@ def torch_contrastive_loss(
     variant: str,
     reduction: str,
 ) -> Tensor:
-    return TorchContrastFunction.apply(
+    return ContrastFunction.apply(
         anchors, keys, labels, key_labels, in_batch, temperature, rho, variant, reduction,
-        torch.is_grad_enabled(),
+        torch.is_grad_enabled(), sweep,
     )
