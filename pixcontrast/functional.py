@@ -4,12 +4,13 @@ from __future__ import annotations
 
 from typing import Optional
 
+import torch
 from torch import Tensor
 
 from . import _checks
 from ._dispatch import BACKEND_NAMES, select_backend
 
-__all__ = ["contrastive_loss", "VARIANTS", "REDUCTIONS"]
+__all__ = ["contrastive_loss", "resize_labels", "VARIANTS", "REDUCTIONS"]
 
 VARIANTS = ("paper", "supcon")
 REDUCTIONS = ("mean", "sum", "none")
@@ -120,3 +121,19 @@ def contrastive_loss(
     return chosen.loss(
         anchors, labels, keys, key_labels, bool(in_batch), temperature, rho, variant, reduction
     )
+
+
+def resize_labels(labels: Tensor, size: tuple[int, int]) -> Tensor:
+    """Nearest-neighbour resize of a ``[B, H, W]`` integer label map to ``size = (h, w)``.
+
+    Uses the same source pixel as ``F.interpolate(mode="nearest")`` (``floor(i * H / h)``) but
+    indexes instead of interpolating, so any integer id survives exactly.
+    """
+    _checks.check_labels(labels, "labels", 3)
+    height, width = labels.shape[-2:]
+    h, w = size
+    if (h, w) == (height, width):
+        return labels
+    rows = torch.div(torch.arange(h, device=labels.device) * height, h, rounding_mode="floor")
+    cols = torch.div(torch.arange(w, device=labels.device) * width, w, rounding_mode="floor")
+    return labels.index_select(1, rows).index_select(2, cols)
