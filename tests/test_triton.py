@@ -1,0 +1,221 @@
+"""The Triton backend against the dense reference, the torch path and the dispatcher's rules.
+
+On CPU the kernels run under TRITON_INTERPRET=1 (set in conftest.py): keep the sizes small.
+"""
+
+import os
+import subprocess
+import sys
+from typing import NamedTuple, Optional
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+import pixcontrast  # noqa: E402
+from pixcontrast import _dispatch  # noqa: E402
+from pixcontrast.ops import torch_fused, triton_fused  # noqa: E402
+from pixcontrast.ops._autograd import key_grad_columns  # noqa: E402
+from pixcontrast.ops._layout import build_layout  # noqa: E402
+
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+DEVICE = "cuda" if torch.cuda.is_available() and not INTERPRETED else "cpu"
+if DEVICE == "cpu" and not INTERPRETED:
+    pytest.skip("Triton needs CUDA or TRITON_INTERPRET=1", allow_module_level=True)
+
+# The interpreter runs numpy on every lane, and numpy warns about values the kernels produce on
+# purpose: exp of an excluded self score overflowing to inf, log(0) = -inf for an empty set, and
+# 0 * inf in lanes that `where` then drops.
+pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning:triton.runtime.interpreter")
+
+# Relative to 1 + the largest expected magnitude. Half-precision gradients are returned in the
+# inputs' dtype, so their rounding alone is ~5e-4 (fp16) and ~4e-3 (bf16).
+TOLERANCE = {torch.float32: 2e-5, torch.float16: 3e-3, torch.bfloat16: 2e-2}
+
+
+class Case(NamedTuple):
+    variant: str
+    n: int
+    m: int  # keys besides the anchors (0: none)
+    dim: int
+    in_batch: bool
+    reduction: str
+    dtype: torch.dtype = torch.float32
+    scale: float = 1.0  # norm of the embeddings: not only unit vectors
+    temperature: float = 0.1
+
+
+CASES = [
+    Case("paper", 37, 0, 40, True, "mean"),
+    Case("paper", 130, 300, 16, False, "none", scale=3.0, temperature=0.05),
+    Case("paper", 37, 65, 40, True, "sum", torch.float16),
+    Case("paper", 37, 1, 16, False, "none"),
+    Case("paper", 1, 65, 40, True, "mean"),
+    Case("supcon", 130, 0, 16, True, "none", scale=2.0),
+    Case("supcon", 37, 65, 40, False, "mean", torch.float16),
+    Case("supcon", 130, 300, 40, True, "sum", temperature=0.5),
+    Case("supcon", 1, 1, 16, False, "none"),
+    Case("supcon", 1, 0, 40, True, "mean"),  # no key at all once the self pair is excluded
+    Case("paper", 130, 1, 16, True, "none", torch.float16),
+    Case("paper", 130, 65, 40, True, "mean", torch.bfloat16),
+]
+
+
+def _inputs(case: Case, seed: int = 0):
+    """Anchors of 4 classes in uneven proportions, keys of 5 (one absent from the anchors) with
+    some invalid (-1), so that class blocks straddle the tiles and some rows lack negatives."""
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(case.n, case.dim, generator=generator)
+    x = case.scale * torch.nn.functional.normalize(x, dim=1)
+    labels = torch.randint(0, 4, (case.n,), generator=generator) ** 2 % 5
+    keys = key_labels = None
+    if case.m:
+        keys = torch.randn(case.m, case.dim, generator=generator)
+        keys = case.scale * torch.nn.functional.normalize(keys, dim=1)
+        key_labels = torch.randint(-1, 5, (case.m,), generator=generator)
+    def to_device(t: Optional[torch.Tensor], dtype=None):
+        return None if t is None else t.to(device=DEVICE, dtype=dtype or t.dtype)
+    return (
+        to_device(x, case.dtype), to_device(labels), to_device(keys, case.dtype),
+        to_device(key_labels),
+    )
+
+
+def _loss_and_grads(case: Case, backend: str, anchors, labels, keys, key_labels):
+    """Loss, d anchors and d keys under a non-unit upstream gradient."""
+    x = anchors.detach().requires_grad_()
+    k = None if keys is None else keys.detach().requires_grad_()
+    loss = pixcontrast.contrastive_loss(
+        x, labels, k, key_labels, in_batch=case.in_batch, temperature=case.temperature,
+        base_temperature=0.07, variant=case.variant, reduction=case.reduction, backend=backend,
+    )
+    upstream = torch.linspace(-1.0, 2.0, loss.numel(), device=loss.device).reshape(loss.shape)
+    if loss.ndim == 0:
+        upstream = torch.tensor(1.7, device=loss.device)
+    inputs = [x] if k is None else [x, k]
+    grads = torch.autograd.grad(loss, inputs, upstream)
+    return [loss.detach().double(), *(g.double() for g in grads)]
+
+
+def _assert_close(actual: torch.Tensor, expected: torch.Tensor, tolerance: float, what: str):
+    error = (actual - expected).abs().max().item() if expected.numel() else 0.0
+    bound = tolerance * (1.0 + expected.abs().max().item() if expected.numel() else 1.0)
+    assert error <= bound, f"{what}: max error {error:.3g} > {bound:.3g}"
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(map(str, c)).replace("torch.", ""))
+def test_loss_and_gradients_match_reference_and_torch(case):
+    if case.dtype == torch.bfloat16 and INTERPRETED:
+        pytest.skip("the Triton interpreter has no bfloat16")
+    inputs = _inputs(case)
+    # Oracle: the dense reference in fp64 on the very same (possibly half-precision) values.
+    oracle = _loss_and_grads(
+        case, "reference", *(t.double() if t is not None and t.is_floating_point() else t
+                             for t in inputs)
+    )
+    triton_result = _loss_and_grads(case, "triton", *inputs)
+    torch_result = _loss_and_grads(case, "torch", *inputs)
+    tolerance = TOLERANCE[case.dtype]
+    for name, got, want, fused in zip(
+        ["loss", "d anchors", "d keys"], triton_result, oracle, torch_result
+    ):
+        assert got.shape == want.shape, name
+        _assert_close(got, want, tolerance, f"{name} vs reference")
+        _assert_close(got, fused, tolerance, f"{name} vs torch")
+
+
+@pytest.mark.parametrize("variant", ["paper", "supcon"])
+def test_sweep_statistics_match_torch(variant):
+    """The saved per-anchor statistics are part of the contract: the same as the torch path's."""
+    case = Case(variant, 37, 65, 40, True, "none")
+    anchors, labels, keys, key_labels = _inputs(case, seed=1)
+    layout = build_layout(anchors, labels, keys, key_labels, in_batch=True)
+    columns = key_grad_columns(layout, need_anchor_grad=True, need_key_grad=False)
+    weight = torch.rand(case.n, device=DEVICE) * (layout.positives > 0)
+    args = (layout, case.temperature, 1.0, variant, weight, True, columns)
+    loss, stats, grad_x, grad_k = triton_fused.sweep(*args)
+    want_loss, want_stats, want_grad_x, want_grad_k = torch_fused.sweep(*args)
+    for got, want, what in [
+        (loss, want_loss, "loss"),
+        (stats.log_normalizer, want_stats.log_normalizer, "log_normalizer"),
+        (stats.positive_weight, want_stats.positive_weight, "positive_weight"),
+        (grad_x, want_grad_x, "grad_x"),
+        (grad_k, want_grad_k, "grad_k (anchor columns only)"),
+    ]:
+        finite = torch.isfinite(want)
+        assert torch.equal(finite, torch.isfinite(got)), what
+        _assert_close(got[finite], want[finite], TOLERANCE[torch.float32], what)
+
+
+def test_only_requested_key_columns_get_a_gradient():
+    """With in-batch anchors and memory keys of which only the anchors need a gradient, the dk
+    kernel visits only the anchors' columns: the memory columns stay exactly zero."""
+    case = Case("paper", 37, 65, 16, True, "mean")
+    anchors, labels, keys, key_labels = _inputs(case, seed=2)
+    layout = build_layout(anchors, labels, keys, key_labels, in_batch=True)
+    columns = key_grad_columns(layout, need_anchor_grad=True, need_key_grad=False)
+    weight = torch.ones(case.n, device=DEVICE)
+    _, _, _, grad_k = triton_fused.sweep(layout, 0.1, 1.0, "paper", weight, True, columns)
+    visited = torch.zeros(layout.keys.shape[0], dtype=torch.bool, device=DEVICE)
+    for lo, hi in columns:
+        visited[lo:hi] = True
+    assert (grad_k[~visited] == 0).all()
+    assert (grad_k[visited] != 0).any()
+
+
+def test_auto_takes_torch_for_cpu_tensors():
+    x = torch.randn(5, 8)
+    assert _dispatch.select_backend("auto", x, None).name == "torch"
+
+
+def test_explicit_triton_lists_every_reason(monkeypatch):
+    missing = (None, False, "triton is not importable (no module named 'triton')")
+    monkeypatch.setattr(triton_fused, "_load_kernels", lambda: missing)
+    x = torch.randn(5, 300, dtype=torch.float64)
+    with pytest.raises(ValueError) as error:
+        pixcontrast.contrastive_loss(x, torch.zeros(5, dtype=torch.long), backend="triton")
+    message = str(error.value)
+    for reason in ["not importable", "not CUDA", "torch.float64", "D=300"]:
+        assert reason in message, (reason, message)
+
+
+@pytest.mark.skipif(not INTERPRETED, reason="bf16 is only refused by the interpreter")
+def test_interpreter_refuses_bf16():
+    x = torch.randn(5, 8, dtype=torch.bfloat16)
+    assert any("interpreter" in r for r in triton_fused.unsupported(x, None))
+
+
+def test_environment_override(monkeypatch):
+    x = torch.randn(5, 8, device=DEVICE)
+    monkeypatch.setenv(_dispatch.ENV_VAR, "reference")
+    assert _dispatch.select_backend("auto", x, None).name == "reference"
+    assert _dispatch.select_backend("torch", x, None).name == "torch"  # code wins
+    monkeypatch.setenv(_dispatch.ENV_VAR, "triton")
+    assert _dispatch.select_backend("auto", x, None).name == "triton"
+    monkeypatch.setenv(_dispatch.ENV_VAR, "cuda")
+    with pytest.raises(ValueError, match="PIXCONTRAST_BACKEND='cuda'"):
+        _dispatch.select_backend("auto", x, None)
+
+
+def test_without_interpreter_cpu_never_touches_triton():
+    """A fresh process without TRITON_INTERPRET: importing pixcontrast and running ``auto`` on
+    CPU tensors import no Triton; naming ``triton`` explains that the tensors are not on CUDA."""
+    script = """
+import sys, torch, pixcontrast
+x = torch.randn(6, 8, requires_grad=True)
+y = torch.tensor([0, 0, 1, 1, 2, 2])
+pixcontrast.contrastive_loss(x, y).backward()
+assert "triton" not in sys.modules, "auto imported triton"
+try:
+    pixcontrast.contrastive_loss(x, y, backend="triton")
+except ValueError as error:
+    assert "not CUDA" in str(error), error
+else:
+    raise AssertionError("backend='triton' ran on CPU without the interpreter")
+"""
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", _dispatch.ENV_VAR)}
+    result = subprocess.run(
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr
