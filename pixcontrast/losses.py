@@ -11,9 +11,10 @@ from torch import Tensor, nn
 from . import _checks
 from ._dispatch import BACKEND_NAMES
 from .functional import VARIANTS, contrastive_loss, resize_labels
+from .memory import ClassMemoryBank, region_embeddings
 from .samplers import AnchorSample, RandomAnchorSampler
 
-__all__ = ["PixelContrastLoss", "prepare_pixel_inputs"]
+__all__ = ["PixelContrastLoss", "RegionContrastLoss", "prepare_pixel_inputs"]
 
 
 def prepare_pixel_inputs(
@@ -86,8 +87,19 @@ class PixelContrastLoss(nn.Module):
 
     Labels (and predictions) are nearest-resized to the embeddings' resolution, anchors are
     sampled per image and class by ``sampler``, and :func:`~pixcontrast.contrastive_loss` contrasts
-    them with each other (in-batch, across images). See that function for the math of the
-    ``"paper"`` and ``"supcon"`` variants.
+    them with each other (in-batch, across images) and, with a ``memory``, with its pixel and
+    region keys too. See that function for the math of the ``"paper"`` and ``"supcon"`` variants.
+
+    With a :class:`~pixcontrast.ClassMemoryBank`, one call does, in this order:
+
+    1. sample the anchors of the batch;
+    2. take the memory's keys, which therefore come from previous steps only;
+    3. compute the loss of the anchors against themselves and those keys;
+    4. enqueue the batch (its embeddings detached, after normalisation) unless
+       ``enqueue=False``, in which case the caller calls ``memory.enqueue`` when it sees fit.
+
+    The memory is a submodule: it follows ``.to()`` and is part of ``state_dict()``. When two
+    losses share one memory, let only one of them enqueue.
 
     Args:
         temperature: :math:`\tau`.
@@ -102,7 +114,11 @@ class PixelContrastLoss(nn.Module):
             :class:`~pixcontrast.samplers.AnchorSample`; defaults to
             ``RandomAnchorSampler(max_samples, max_views)``.
         num_classes: when given, labels outside ``[0, num_classes)`` (other than
-            ``ignore_index``) raise.
+            ``ignore_index``) raise. Taken from ``memory`` when there is one.
+        memory: a :class:`~pixcontrast.ClassMemoryBank` of keys from previous steps, or ``None``.
+        use_pixel_memory: contrast with the memory's pixel keys.
+        use_region_memory: contrast with the memory's region keys.
+        enqueue: enqueue each batch into ``memory`` after computing the loss.
 
     Shape:
         - embeddings: ``[B, D, h, w]``
@@ -112,6 +128,8 @@ class PixelContrastLoss(nn.Module):
 
     A batch with no valid pixel, or where no anchor has a positive, gives an exact zero that is
     connected to ``embeddings``. The anchors of the last call are kept in ``last_sample``.
+    ``generator`` (a CPU ``torch.Generator``) drives both the anchor sampling and the memory's
+    pixel choice.
 
     Example:
         >>> import torch
@@ -120,6 +138,17 @@ class PixelContrastLoss(nn.Module):
         >>> labels = torch.randint(0, 3, (2, 32, 32))
         >>> loss = criterion(embeddings, labels)
         >>> loss.backward()
+
+        With a memory of earlier batches:
+
+        >>> from pixcontrast.memory import ClassMemoryBank
+        >>> bank = ClassMemoryBank(num_classes=3, dim=16, pixels_per_class=100,
+        ...                        regions_per_class=20)
+        >>> criterion = PixelContrastLoss(max_samples=64, max_views=8, memory=bank)
+        >>> for _ in range(2):
+        ...     criterion(embeddings, labels).backward()
+        >>> int(bank.region_count.sum())
+        12
     """
 
     def __init__(
@@ -134,6 +163,10 @@ class PixelContrastLoss(nn.Module):
         backend: str = "auto",
         sampler=None,
         num_classes: Optional[int] = None,
+        memory: Optional[ClassMemoryBank] = None,
+        use_pixel_memory: bool = True,
+        use_region_memory: bool = True,
+        enqueue: bool = True,
     ) -> None:
         super().__init__()
         self.temperature = _checks.check_positive(temperature, "temperature")
@@ -149,8 +182,41 @@ class PixelContrastLoss(nn.Module):
         self.sampler = sampler
         if num_classes is not None and (not isinstance(num_classes, int) or num_classes <= 0):
             raise ValueError(f"num_classes must be a positive integer, got {num_classes!r}")
+        if memory is not None:
+            if not isinstance(memory, ClassMemoryBank):
+                raise TypeError(
+                    f"memory must be a ClassMemoryBank or None, got {type(memory).__name__}"
+                )
+            if num_classes is not None and num_classes != memory.num_classes:
+                raise ValueError(
+                    f"num_classes={num_classes} but memory has {memory.num_classes} classes"
+                )
+            if self.ignore_index != memory.ignore_index:
+                raise ValueError(
+                    f"ignore_index={self.ignore_index} but memory has "
+                    f"ignore_index={memory.ignore_index}"
+                )
+            num_classes = memory.num_classes
         self.num_classes = num_classes
+        self.memory = memory
+        self.use_pixel_memory = bool(use_pixel_memory)
+        self.use_region_memory = bool(use_region_memory)
+        self.enqueue = bool(enqueue)
         self.last_sample: Optional[AnchorSample] = None
+
+    def prepare(
+        self, embeddings: Tensor, labels: Tensor, predictions: Optional[Tensor] = None
+    ) -> tuple[Tensor, Tensor, Optional[Tensor]]:
+        """Validated ``(embeddings, labels, predicted labels)`` at the embeddings' resolution,
+        the embeddings normalised when ``normalize`` (still connected to the graph)."""
+        labels, predicted = prepare_pixel_inputs(
+            embeddings, labels, predictions, self.ignore_index, self.num_classes
+        )
+        if self.memory is not None:
+            self.memory.check_batch(embeddings, labels)
+        if self.normalize:
+            embeddings = F.normalize(embeddings, p=2, dim=1)
+        return embeddings, labels, predicted
 
     def sample(
         self,
@@ -160,12 +226,18 @@ class PixelContrastLoss(nn.Module):
         generator: Optional[torch.Generator] = None,
     ) -> AnchorSample:
         """The anchors ``forward`` would contrast (after resizing and normalising)."""
-        labels, predicted = prepare_pixel_inputs(
-            embeddings, labels, predictions, self.ignore_index, self.num_classes
-        )
-        if self.normalize:
-            embeddings = F.normalize(embeddings, p=2, dim=1)
+        embeddings, labels, predicted = self.prepare(embeddings, labels, predictions)
         return self.sampler(embeddings, labels, predicted, self.ignore_index, generator)
+
+    def contrast_keys(
+        self, embeddings: Tensor, labels: Tensor
+    ) -> tuple[Optional[Tensor], Optional[Tensor], bool]:
+        """``(keys, key_labels, in_batch)`` for the anchors of a prepared batch: the memory's
+        keys (if any) besides the anchors themselves."""
+        if self.memory is None or not (self.use_pixel_memory or self.use_region_memory):
+            return None, None, True
+        keys, key_labels = self.memory.keys(self.use_pixel_memory, self.use_region_memory)
+        return keys, key_labels, True
 
     def forward(
         self,
@@ -174,21 +246,111 @@ class PixelContrastLoss(nn.Module):
         predictions: Optional[Tensor] = None,
         generator: Optional[torch.Generator] = None,
     ) -> Tensor:
-        sample = self.sample(embeddings, labels, predictions, generator)
+        embeddings, labels, predicted = self.prepare(embeddings, labels, predictions)
+        sample = self.sampler(embeddings, labels, predicted, self.ignore_index, generator)
         self.last_sample = sample
-        return contrastive_loss(
+        keys, key_labels, in_batch = self.contrast_keys(embeddings, labels)
+        loss = contrastive_loss(
             sample.embeddings,
             sample.labels,
+            keys,
+            key_labels,
+            in_batch=in_batch,
             temperature=self.temperature,
             base_temperature=self.base_temperature,
             variant=self.variant,
             reduction="mean",
             backend=self.backend,
         )
+        if self.memory is not None and self.enqueue:
+            self.memory.enqueue(embeddings.detach(), labels, generator)
+        return loss
 
     def extra_repr(self) -> str:
-        return (
+        text = (
             f"temperature={self.temperature}, base_temperature={self.base_temperature}, "
             f"variant={self.variant!r}, ignore_index={self.ignore_index}, "
             f"backend={self.backend!r}"
         )
+        if self.memory is not None:
+            text += (
+                f", use_pixel_memory={self.use_pixel_memory}, "
+                f"use_region_memory={self.use_region_memory}, enqueue={self.enqueue}"
+            )
+        return text
+
+
+class RegionContrastLoss(PixelContrastLoss):
+    r"""Pixel-to-region contrastive loss: sampled pixel anchors against region embeddings.
+
+    A region is one class in one image; its embedding is the re-normalised mean of its pixel
+    embeddings (:func:`~pixcontrast.memory.region_embeddings`). The keys are the regions of the
+    current batch (with gradient: they are differentiated like the anchors) and/or the region
+    keys of ``memory`` (previous steps, no gradient). An anchor's positives are the regions of its
+    class, its own image's included; anchors are not keys of each other (``in_batch=False``).
+    Sampling, resizing, variants and the memory's order (keys taken first, batch enqueued after
+    unless ``enqueue=False``) are those of :class:`PixelContrastLoss`.
+
+    Args:
+        temperature, base_temperature, variant, max_samples, max_views, ignore_index, normalize,
+        backend, sampler, num_classes, enqueue: as for :class:`PixelContrastLoss`.
+        memory: a :class:`~pixcontrast.ClassMemoryBank` whose region keys are contrasted too.
+        use_batch_regions: contrast with the regions of the current batch.
+
+    Shape:
+        - embeddings: ``[B, D, h, w]``
+        - labels: ``[B, H, W]`` integer class ids
+        - output: scalar
+
+    Example:
+        >>> import torch
+        >>> criterion = RegionContrastLoss(max_samples=64, max_views=8)
+        >>> embeddings = torch.randn(2, 16, 8, 8, requires_grad=True)
+        >>> labels = torch.randint(0, 3, (2, 32, 32))
+        >>> criterion(embeddings, labels).backward()
+    """
+
+    def __init__(
+        self,
+        temperature: float = 0.1,
+        base_temperature: Optional[float] = None,
+        variant: str = "paper",
+        max_samples: int = 1024,
+        max_views: int = 100,
+        ignore_index: int = 255,
+        normalize: bool = True,
+        backend: str = "auto",
+        sampler=None,
+        num_classes: Optional[int] = None,
+        memory: Optional[ClassMemoryBank] = None,
+        use_batch_regions: bool = True,
+        enqueue: bool = True,
+    ) -> None:
+        if not use_batch_regions and memory is None:
+            raise ValueError("use_batch_regions=False needs a memory to take region keys from")
+        super().__init__(
+            temperature, base_temperature, variant, max_samples, max_views, ignore_index,
+            normalize, backend, sampler, num_classes, memory, use_pixel_memory=False,
+            use_region_memory=memory is not None, enqueue=enqueue,
+        )
+        self.use_batch_regions = bool(use_batch_regions)
+
+    def contrast_keys(
+        self, embeddings: Tensor, labels: Tensor
+    ) -> tuple[Optional[Tensor], Optional[Tensor], bool]:
+        """``(keys, key_labels, False)``: batch regions first, then the memory's regions."""
+        keys, key_labels = [], []
+        if self.use_batch_regions:
+            regions, region_labels = region_embeddings(embeddings, labels, self.ignore_index)
+            keys.append(regions)
+            key_labels.append(region_labels)
+        if self.memory is not None:
+            stored, stored_labels = self.memory.keys(pixels=False, regions=True)
+            keys.append(stored)
+            key_labels.append(stored_labels)
+        if len(keys) == 1:
+            return keys[0], key_labels[0], False
+        return torch.cat(keys), torch.cat(key_labels), False
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", use_batch_regions={self.use_batch_regions}"

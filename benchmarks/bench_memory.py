@@ -1,0 +1,215 @@
+"""Loss against a full class-wise memory on CPU: peak memory and time against the matrix floor.
+
+The paper's Cityscapes memory: 19 classes x (5000 pixel + 5000 region) slots, D = 256, i.e.
+M = 190,000 memory keys, plus N = 1024 anchors that are keys of each other (in-batch). One point is
+forward + backward of ``contrastive_loss(anchors, labels, *bank.keys(), in_batch=True)`` with
+gradients for the anchors only (memory keys are detached).
+
+- Peak memory: growth of the process's peak RSS over one forward + backward, each point in a fresh
+  process (``--point memory``), after a small warm-up call that loads the math libraries.
+- Time: the torch backend against the products no implementation can avoid, ``x @ k.T`` and one
+  ``[N, M] @ [M, D]`` (k: the N + M keys), alternated in one process; medians and their ratio.
+
+Run ``python benchmarks/bench_memory.py`` (add ``--skip-reference`` to leave out the dense
+reference, which needs several GB). Writes ``benchmarks/results/bench_memory.json`` and prints a
+markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+import pixcontrast
+from pixcontrast.functional import contrastive_loss
+from pixcontrast.memory import ClassMemoryBank
+
+NUM_CLASSES, DIM, SLOTS, ANCHORS = 19, 256, 5000, 1024
+MEMORY_TARGET_BYTES = 1.5e9
+TIME_TARGET = 1.6
+RESULTS = Path(__file__).parent / "results" / "bench_memory.json"
+
+
+def full_bank(seed: int) -> ClassMemoryBank:
+    """A memory with every slot filled by random unit vectors (what many enqueues would give)."""
+    bank = ClassMemoryBank(NUM_CLASSES, DIM, pixels_per_class=SLOTS, regions_per_class=SLOTS)
+    generator = torch.Generator().manual_seed(seed)
+    bank.queue.normal_(generator=generator)
+    bank.queue.div_(bank.queue.norm(dim=-1, keepdim=True))
+    bank.pixel_count.fill_(SLOTS)
+    bank.region_count.fill_(SLOTS)
+    return bank
+
+
+def anchors(seed: int, n: int = ANCHORS, dim: int = DIM) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    x = F.normalize(torch.randn(n, dim, generator=generator), dim=1).requires_grad_()
+    return x, torch.randint(0, NUM_CLASSES, (n,), generator=generator)
+
+
+def loss_step(bank: ClassMemoryBank, x, labels, variant: str, backend: str) -> None:
+    keys, key_labels = bank.keys()
+    loss = contrastive_loss(
+        x, labels, keys, key_labels, in_batch=True, temperature=0.1, variant=variant,
+        backend=backend,
+    )
+    loss.backward()
+    x.grad = None
+
+
+def peak_rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def memory_point(variant: str, backend: str) -> dict:
+    """Runs in a fresh process: peak RSS growth of one forward + backward."""
+    small = ClassMemoryBank(NUM_CLASSES, DIM, pixels_per_class=8, regions_per_class=8)
+    small.queue.normal_()
+    small.pixel_count.fill_(8)
+    small.region_count.fill_(8)
+    loss_step(small, *anchors(1, n=32), variant, backend)  # warm-up: library initialisation
+    bank = full_bank(0)
+    x, labels = anchors(1)
+    before = peak_rss_bytes()
+    start = time.perf_counter()
+    loss_step(bank, x, labels, variant, backend)
+    seconds = time.perf_counter() - start
+    return {
+        "point": "memory", "variant": variant, "backend": backend,
+        "peak_rss_growth_bytes": peak_rss_bytes() - before, "seconds": seconds,
+    }
+
+
+def floor_step(x: torch.Tensor, all_keys: torch.Tensor) -> None:
+    with torch.no_grad():
+        scores = x @ all_keys.T
+        scores @ all_keys
+
+
+def time_point(variant: str, repeats: int) -> dict:
+    bank = full_bank(0)
+    x, labels = anchors(1)
+    all_keys = torch.cat([x.detach(), bank.keys()[0]])
+    loss_step(bank, x, labels, variant, "torch")  # warm-up
+    floor_step(x, all_keys)
+    fused, floor = [], []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        loss_step(bank, x, labels, variant, "torch")
+        fused.append(time.perf_counter() - start)
+        start = time.perf_counter()
+        floor_step(x, all_keys)
+        floor.append(time.perf_counter() - start)
+    fused_s, floor_s = statistics.median(fused), statistics.median(floor)
+    return {
+        "point": "time", "variant": variant, "backend": "torch", "repeats": repeats,
+        "fused_seconds": fused, "floor_seconds": floor, "fused_median_s": fused_s,
+        "floor_median_s": floor_s, "ratio": fused_s / floor_s,
+    }
+
+
+def run_fresh(*args: str) -> dict:
+    output = subprocess.run(
+        [sys.executable, __file__, *args], check=True, capture_output=True, text=True
+    ).stdout
+    return json.loads(output.strip().splitlines()[-1])
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def metadata() -> dict:
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
+            cwd=Path(__file__).parent,
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        commit = "unknown"
+    return {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "pixcontrast": pixcontrast.__version__, "commit": commit, "torch": torch.__version__,
+        "python": platform.python_version(), "cpu": cpu_name(),
+        "torch_threads": torch.get_num_threads(), "platform": platform.platform(),
+        "config": {"num_classes": NUM_CLASSES, "dim": DIM, "pixels_per_class": SLOTS,
+                   "regions_per_class": SLOTS, "memory_keys": 2 * NUM_CLASSES * SLOTS,
+                   "anchors": ANCHORS, "temperature": 0.1, "dtype": "float32"},
+    }
+
+
+def table(points: list[dict]) -> str:
+    lines = [
+        "| measure | variant | backend | value | target | met |",
+        "|---|---|---|---|---|---|",
+    ]
+    for p in points:
+        if p["point"] == "memory":
+            gb = p["peak_rss_growth_bytes"] / 1e9
+            target = f"<= {MEMORY_TARGET_BYTES / 1e9:.1f} GB" if p["backend"] == "torch" else "-"
+            met = "-" if p["backend"] != "torch" else (
+                "yes" if p["peak_rss_growth_bytes"] <= MEMORY_TARGET_BYTES else "no"
+            )
+            value = f"{gb:.2f} GB peak RSS growth ({p['seconds']:.2f} s)"
+        else:
+            value = (
+                f"{p['ratio']:.2f}x ({p['fused_median_s']:.2f} s fused / "
+                f"{p['floor_median_s']:.2f} s floor, median of {p['repeats']})"
+            )
+            target = f"<= {TIME_TARGET}x"
+            met = "yes" if p["ratio"] <= TIME_TARGET else "no"
+        lines.append(f"| {p['point']} | {p['variant']} | {p['backend']} | {value} | {target} "
+                     f"| {met} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--point", choices=["memory", "time"], help="run one point and print it")
+    parser.add_argument("--variant", default="paper", choices=["paper", "supcon"])
+    parser.add_argument("--backend", default="torch", choices=["torch", "reference"])
+    parser.add_argument("--variants", nargs="+", default=["paper", "supcon"])
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--skip-reference", action="store_true")
+    args = parser.parse_args()
+
+    if args.point == "memory":
+        print(json.dumps(memory_point(args.variant, args.backend)))
+        return
+    if args.point == "time":
+        print(json.dumps(time_point(args.variant, args.repeats)))
+        return
+
+    points = []
+    for variant in args.variants:
+        points.append(run_fresh("--point", "memory", "--variant", variant))
+    if not args.skip_reference:
+        points.append(run_fresh("--point", "memory", "--variant", "paper", "--backend",
+                                "reference"))
+    for variant in args.variants:
+        points.append(run_fresh("--point", "time", "--variant", variant,
+                                "--repeats", str(args.repeats)))
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(json.dumps({"metadata": metadata(), "points": points}, indent=2) + "\n")
+    print(table(points))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,308 @@
+"""Class-wise memory of pixel and region embeddings from earlier batches.
+
+The memory gives every anchor keys from many more images than one batch holds (Wang et al. 2021,
+§3.3). It keeps, per class, two first-in first-out rings: pixel embeddings and region embeddings
+(the re-normalised mean embedding of one class in one image).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from . import _checks
+from .functional import resize_labels
+from .samplers import gather_pixels, random_rank_in_group
+
+__all__ = ["ClassMemoryBank", "region_embeddings"]
+
+
+def region_embeddings(
+    embeddings: Tensor, labels: Tensor, ignore_index: int = 255
+) -> tuple[Tensor, Tensor]:
+    r"""Re-normalised mean embedding of every (image, class) region of a batch.
+
+    For image :math:`b` and class :math:`c` with pixels :math:`\Omega_{bc}` (never
+    ``ignore_index``):
+
+    .. math::
+        r_{bc} = \frac{m_{bc}}{\lVert m_{bc} \rVert_2}, \qquad
+        m_{bc} = \frac{1}{|\Omega_{bc}|} \sum_{i \in \Omega_{bc}} x_i
+
+    Computed with one batched product against the one-hot class map (no copy of the embeddings,
+    no loop over images or classes); gradients flow to ``embeddings``.
+
+    Args:
+        embeddings: ``[B, D, h, w]`` pixel embeddings.
+        labels: ``[B, h, w]`` class ids at the embeddings' resolution.
+        ignore_index: label of pixels that belong to no region.
+
+    Returns:
+        ``(regions [R, D], region_labels [R])``, one row per (image, class) present, ordered by
+        class, then image.
+
+    Example:
+        >>> x = torch.randn(2, 8, 4, 4)
+        >>> y = torch.randint(0, 3, (2, 4, 4))
+        >>> regions, region_labels = region_embeddings(x, y)
+        >>> regions.shape[1], bool((region_labels[1:] >= region_labels[:-1]).all())
+        (8, True)
+    """
+    _checks.check_embeddings(embeddings, "embeddings", 4)
+    _checks.check_labels(labels, "labels", 3)
+    b, d, h, w = embeddings.shape
+    if tuple(labels.shape) != (b, h, w):
+        raise ValueError(
+            f"labels must have shape {(b, h, w)} to match embeddings, got {tuple(labels.shape)}"
+        )
+    flat = labels.reshape(b, h * w).long()
+    valid = flat != ignore_index
+    classes = torch.unique(flat[valid])
+    compact = torch.searchsorted(classes, flat).clamp(max=max(classes.numel() - 1, 0))
+    one_hot = (compact[..., None] == torch.arange(classes.numel(), device=flat.device)) & valid[
+        ..., None
+    ]
+    one_hot = one_hot.to(embeddings.dtype)  # [B, h*w, K]
+    sums = torch.bmm(embeddings.reshape(b, d, h * w), one_hot)  # [B, D, K]
+    counts = one_hot.sum(dim=1)  # [B, K]
+    present = (counts > 0).T  # [K, B]: class-major order
+    means = sums.permute(2, 0, 1)[present] / counts.T[present][:, None]
+    region_labels = classes[:, None].expand(-1, b)[present]
+    return F.normalize(means, p=2, dim=1), region_labels
+
+
+def _push(ring: Tensor, pointer: Tensor, count: Tensor, values: Tensor, classes: Tensor) -> None:
+    """Write ``values`` (in order) into the per-class rings ``ring [C, S, D]`` in place.
+
+    The ``i``-th value of a class goes to slot ``(pointer[c] + i) % S``, so the oldest entry is
+    overwritten first; when one call brings more than ``S`` values of a class, only its newest
+    ``S`` are written (each slot is written once, so the result does not depend on the order of
+    scattered writes).
+    """
+    num_classes, slots = ring.shape[:2]
+    if slots == 0 or classes.numel() == 0:
+        return
+    sorted_classes, order = torch.sort(classes, stable=True)
+    arrivals = torch.bincount(classes, minlength=num_classes)
+    first = arrivals.cumsum(0) - arrivals
+    position = torch.arange(classes.numel(), device=classes.device) - first[sorted_classes]
+    keep = position >= arrivals[sorted_classes] - slots
+    slot = (pointer[sorted_classes] + position) % slots
+    ring[sorted_classes[keep], slot[keep]] = values[order[keep]].to(ring.dtype)
+    pointer.copy_((pointer + arrivals) % slots)
+    count.copy_(torch.clamp(count + arrivals, max=slots))
+
+
+class ClassMemoryBank(nn.Module):
+    r"""Per-class FIFO memory of pixel and region embeddings (keys for the contrastive loss).
+
+    Every class :math:`c` owns two rings: ``pixels_per_class`` pixel slots and
+    ``regions_per_class`` region slots. :meth:`enqueue` adds, per image of the batch and class
+    present in it, up to ``pixels_per_image`` random pixels of that class and the region
+    embedding of that class (see :func:`region_embeddings`); :meth:`keys` returns the filled
+    slots, grouped by class.
+
+    Rules:
+
+    - only filled slots are ever returned: an empty memory has no keys (nothing is initialised
+      with random vectors, and no zero block is added);
+    - each ring advances its pointer by the number of entries written, and the oldest entry is
+      overwritten first;
+    - class 0 is a class like any other; ``ignore_index`` is never enqueued, and the pixels
+      enqueued for a class are pixels of that class;
+    - labels are nearest-resized to the embeddings' resolution with
+      :func:`~pixcontrast.resize_labels`, exactly as the losses resize them, whatever the
+      ratio of the two resolutions.
+
+    Within one call, entries of a class are written in order of image, then pixel position
+    (pixels) or image (regions).
+
+    All state lives in registered buffers, so ``state_dict()`` / ``load_state_dict()`` and
+    ``.to(device)`` cover it (``.to(dtype)`` converts the stored embeddings only):
+
+    - ``queue``: ``[C, pixels_per_class + regions_per_class, D]``; slots ``[:, :pixels_per_class]``
+      are the pixel rings, the rest the region rings;
+    - ``pixel_pointer``, ``pixel_count``, ``region_pointer``, ``region_count``: ``[C]`` next slot
+      to write and number of filled slots of each ring.
+
+    The only randomness (which pixels are enqueued) comes from the ``generator`` argument of
+    :meth:`enqueue`: restoring the state dict and the generator's state resumes a run exactly.
+    The memory does not gather across processes: under distributed training enqueue the same
+    (all-gathered) batch on every rank, and keep the memory out of buffer broadcasting
+    (``DistributedDataParallel(..., broadcast_buffers=False)`` or outside the wrapped model).
+
+    Args:
+        num_classes: number of classes ``C``; labels lie in ``[0, C)`` or equal ``ignore_index``.
+        dim: embedding dimension ``D``.
+        pixels_per_class: slots of each class's pixel ring (``0`` disables pixel memory).
+        regions_per_class: slots of each class's region ring (``0`` disables region memory).
+        pixels_per_image: most pixels enqueued per image and class.
+        ignore_index: label of pixels never enqueued.
+
+    Example:
+        >>> bank = ClassMemoryBank(num_classes=3, dim=8, pixels_per_class=20, regions_per_class=4)
+        >>> x = torch.nn.functional.normalize(torch.randn(2, 8, 4, 4), dim=1)
+        >>> y = torch.randint(0, 3, (2, 16, 16))
+        >>> bank.enqueue(x, y)
+        >>> keys, key_labels = bank.keys()
+        >>> keys.shape[1], bool((key_labels[1:] >= key_labels[:-1]).all())
+        (8, True)
+    """
+
+    queue: Tensor
+    pixel_pointer: Tensor
+    pixel_count: Tensor
+    region_pointer: Tensor
+    region_count: Tensor
+
+    def __init__(
+        self,
+        num_classes: int,
+        dim: int,
+        pixels_per_class: int = 5000,
+        regions_per_class: int = 5000,
+        pixels_per_image: int = 10,
+        ignore_index: int = 255,
+    ) -> None:
+        super().__init__()
+        for name, value, low in (
+            ("num_classes", num_classes, 1),
+            ("dim", dim, 1),
+            ("pixels_per_class", pixels_per_class, 0),
+            ("regions_per_class", regions_per_class, 0),
+            ("pixels_per_image", pixels_per_image, 1),
+        ):
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+        if pixels_per_class + regions_per_class == 0:
+            raise ValueError("pixels_per_class and regions_per_class cannot both be 0")
+        if 0 <= ignore_index < num_classes:
+            raise ValueError(
+                f"ignore_index={ignore_index} is a valid class id for num_classes={num_classes}"
+            )
+        self.num_classes = num_classes
+        self.dim = dim
+        self.pixels_per_class = pixels_per_class
+        self.regions_per_class = regions_per_class
+        self.pixels_per_image = pixels_per_image
+        self.ignore_index = int(ignore_index)
+        slots = pixels_per_class + regions_per_class
+        self.register_buffer("queue", torch.zeros(num_classes, slots, dim))
+        for name in ("pixel_pointer", "pixel_count", "region_pointer", "region_count"):
+            self.register_buffer(name, torch.zeros(num_classes, dtype=torch.long))
+
+    @property
+    def pixel_queue(self) -> Tensor:
+        """``[C, pixels_per_class, D]`` view of the pixel rings (unfilled slots included)."""
+        return self.queue[:, : self.pixels_per_class]
+
+    @property
+    def region_queue(self) -> Tensor:
+        """``[C, regions_per_class, D]`` view of the region rings (unfilled slots included)."""
+        return self.queue[:, self.pixels_per_class :]
+
+    def check_batch(self, embeddings: Tensor, labels: Tensor) -> Tensor:
+        """Validate a batch against the memory; returns the labels at embedding resolution.
+
+        Raises if ``embeddings`` is not ``[B, dim, h, w]``, if either tensor is on another device
+        than the memory, or if a label is neither in ``[0, num_classes)`` nor ``ignore_index``.
+        """
+        _checks.check_embeddings(embeddings, "embeddings", 4)
+        _checks.check_labels(labels, "labels", 3)
+        if embeddings.shape[1] != self.dim:
+            raise ValueError(
+                f"embeddings has D={embeddings.shape[1]} channels but the memory bank's dim is "
+                f"{self.dim}"
+            )
+        if labels.shape[0] != embeddings.shape[0]:
+            raise ValueError(
+                f"labels has batch size {labels.shape[0]} but embeddings has {embeddings.shape[0]}"
+            )
+        _checks.check_same_device(
+            [("the memory bank", self.queue), ("embeddings", embeddings), ("labels", labels)]
+        )
+        labels = resize_labels(labels, tuple(embeddings.shape[-2:]))
+        valid = labels[labels != self.ignore_index]
+        if valid.numel() and (int(valid.min()) < 0 or int(valid.max()) >= self.num_classes):
+            raise ValueError(
+                f"labels must lie in [0, {self.num_classes}) or equal "
+                f"ignore_index={self.ignore_index}; found values in "
+                f"[{int(valid.min())}, {int(valid.max())}]"
+            )
+        return labels
+
+    @torch.no_grad()
+    def enqueue(
+        self, embeddings: Tensor, labels: Tensor, generator: Optional[torch.Generator] = None
+    ) -> None:
+        """Add a batch to the memory (the embeddings are detached; nothing is differentiated).
+
+        Args:
+            embeddings: ``[B, dim, h, w]`` pixel embeddings, as the loss sees them (normalised
+                when the loss normalises).
+            labels: ``[B, H, W]`` class ids, nearest-resized to ``(h, w)``.
+            generator: CPU random source of the pixel choice, for reproducible runs.
+
+        A batch without any labelled pixel changes nothing.
+        """
+        labels = self.check_batch(embeddings, labels)
+        embeddings = embeddings.detach()
+        _checks.check_finite(embeddings, "embeddings")
+        b, _, h, w = embeddings.shape
+        flat = labels.reshape(-1).long()
+        valid = flat != self.ignore_index
+        if not bool(valid.any()):
+            return
+        if self.pixels_per_class:
+            image = torch.arange(b, device=flat.device).repeat_interleave(h * w)
+            group = image * (self.num_classes + 1) + torch.where(valid, flat, self.num_classes)
+            rank = random_rank_in_group(group, generator)
+            chosen = (valid & (rank < self.pixels_per_image)).nonzero().squeeze(1)
+            _push(
+                self.pixel_queue, self.pixel_pointer, self.pixel_count,
+                gather_pixels(embeddings, chosen), flat[chosen],
+            )
+        if self.regions_per_class:
+            regions, region_labels = region_embeddings(embeddings, labels, self.ignore_index)
+            _push(
+                self.region_queue, self.region_pointer, self.region_count,
+                regions, region_labels,
+            )
+
+    def keys(self, pixels: bool = True, regions: bool = True) -> tuple[Tensor, Tensor]:
+        """The filled slots as keys for :func:`~pixcontrast.contrastive_loss`.
+
+        Args:
+            pixels: include the pixel rings.
+            regions: include the region rings.
+
+        Returns:
+            ``(keys [M, dim], key_labels [M])``, grouped by class in contiguous blocks (class by
+            class; within a class, pixel slots then region slots, in slot order). When every
+            requested slot is filled and both rings are requested, ``keys`` is a view of
+            ``queue`` (no copy): it changes with the next :meth:`enqueue`.
+        """
+        slots = self.queue.shape[1]
+        index = torch.arange(slots, device=self.queue.device)
+        is_pixel = index < self.pixels_per_class
+        filled = torch.where(
+            is_pixel,
+            index < self.pixel_count[:, None],
+            index - self.pixels_per_class < self.region_count[:, None],
+        )
+        filled &= (is_pixel & pixels) | (~is_pixel & regions)
+        classes = torch.arange(self.num_classes, device=self.queue.device)
+        if bool(filled.all()):
+            return self.queue.reshape(-1, self.dim), classes.repeat_interleave(slots)
+        return self.queue[filled], classes[:, None].expand(-1, slots)[filled]
+
+    def extra_repr(self) -> str:
+        return (
+            f"num_classes={self.num_classes}, dim={self.dim}, "
+            f"pixels_per_class={self.pixels_per_class}, "
+            f"regions_per_class={self.regions_per_class}, "
+            f"pixels_per_image={self.pixels_per_image}, ignore_index={self.ignore_index}"
+        )

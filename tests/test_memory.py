@@ -1,0 +1,362 @@
+"""ClassMemoryBank, region_embeddings and the losses that use them."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from pixcontrast.functional import contrastive_loss, resize_labels
+from pixcontrast.losses import PixelContrastLoss, RegionContrastLoss
+from pixcontrast.memory import ClassMemoryBank, region_embeddings
+
+IGNORE = 255
+
+
+def row_batch(rows: list[list[int]], ids: list[list[float]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """A batch of one-row images: labels ``[B, 1, W]`` and 2-d embeddings ``[B, 2, 1, W]``
+    whose first channel carries the given ids and whose second is 1."""
+    labels = torch.tensor(rows)[:, None, :]
+    first = torch.tensor(ids, dtype=torch.float64)[:, None, None, :]
+    return torch.cat([first, torch.ones_like(first)], dim=1), labels
+
+
+def expected_ring(history: list[float], slots: int) -> dict[int, float]:
+    """Slot -> entry after a FIFO of ``slots`` has seen ``history``: entry ``i`` sits in slot
+    ``i % slots`` while it is among the newest ``slots``."""
+    return {i % slots: value for i, value in enumerate(history) if i >= len(history) - slots}
+
+
+def test_pixel_rings_are_fifo_and_wrap_around() -> None:
+    slots = 4
+    bank = ClassMemoryBank(3, 2, pixels_per_class=slots, regions_per_class=0, pixels_per_image=99)
+    bank.double()
+    batches = [
+        [[0, 0, 1, IGNORE, 2, 2], [1, 0, IGNORE, IGNORE, IGNORE, IGNORE]],
+        [[0, 0, 0, 0, 0, 0], [2, IGNORE, IGNORE, IGNORE, IGNORE, IGNORE]],  # 6 > 4 of class 0
+        [[IGNORE] * 6, [IGNORE] * 6],  # nothing to enqueue
+        [[1, 1, 1, 2, 0, IGNORE], [1, 1, 2, 2, 2, 0]],
+    ]
+    history: dict[int, list[float]] = {0: [], 1: [], 2: []}
+    next_id = 0
+    for rows in batches:
+        ids = [[float(next_id + 6 * b + i) for i in range(6)] for b in range(2)]
+        next_id += 12
+        for row, row_ids in zip(rows, ids):
+            for label, value in zip(row, row_ids):
+                if label != IGNORE:
+                    history[label].append(value)
+        bank.enqueue(*row_batch(rows, ids))
+        for c in range(3):
+            expected = expected_ring(history[c], slots)
+            stored = {s: float(bank.pixel_queue[c, s, 0]) for s in range(int(bank.pixel_count[c]))}
+            assert stored == expected, (c, rows)
+            assert int(bank.pixel_count[c]) == min(len(history[c]), slots)
+            assert int(bank.pixel_pointer[c]) == len(history[c]) % slots
+    assert int(bank.region_count.sum()) == 0
+
+
+def test_region_rings_are_fifo_and_wrap_around() -> None:
+    slots = 3
+    bank = ClassMemoryBank(2, 2, pixels_per_class=0, regions_per_class=slots)
+    bank.double()
+    history: dict[int, list[int]] = {0: [], 1: []}
+    next_id = 0
+    for rows in ([[1, 1, 0], [1, 1, 1], [IGNORE, 1, 1], [0, 0, 1]], [[0, 0, 0], [1, 0, 1]]):
+        # Every (image, class) region gets one constant unit vector encoding its id as an angle.
+        batch = torch.zeros(len(rows), 2, 1, 3, dtype=torch.float64)
+        for b, row in enumerate(rows):
+            for c in sorted(set(row) - {IGNORE}):
+                angle = 0.1 * next_id
+                for i, label in enumerate(row):
+                    if label == c:
+                        batch[b, :, 0, i] = torch.tensor([math.cos(angle), math.sin(angle)])
+                history[c].append(next_id)
+                next_id += 1
+        bank.enqueue(batch, torch.tensor(rows)[:, None, :])
+        for c in range(2):
+            count = int(bank.region_count[c])
+            stored = bank.region_queue[c, :count]
+            decoded = torch.atan2(stored[:, 1], stored[:, 0]) / 0.1
+            assert dict(enumerate(decoded.round().long().tolist())) == expected_ring(
+                history[c], slots
+            )
+            assert count == min(len(history[c]), slots)
+            assert int(bank.region_pointer[c]) == len(history[c]) % slots
+
+
+def test_keys_returns_only_filled_slots_grouped_by_class() -> None:
+    bank = ClassMemoryBank(4, 3, pixels_per_class=5, regions_per_class=2, pixels_per_image=2)
+    bank.queue.fill_(float("nan"))  # an unfilled slot would show up as NaN
+    assert bank.keys()[0].shape == (0, 3)
+    labels = torch.tensor([[[0, 0, 0], [2, 2, IGNORE]], [[2, 2, 2], [0, IGNORE, 2]]])
+    generator = torch.Generator().manual_seed(0)
+    bank.enqueue(F.normalize(torch.randn(2, 3, 2, 3), dim=1), labels, generator)
+
+    keys, key_labels = bank.keys()
+    assert not torch.isnan(keys).any()
+    # class 0: 2 + 1 pixels, 2 regions; class 2: 2 + 2 pixels, 2 regions; classes 1, 3: none.
+    assert key_labels.tolist() == [0] * 5 + [2] * 6
+    pixel_keys, pixel_labels = bank.keys(regions=False)
+    region_keys, region_labels = bank.keys(pixels=False)
+    assert pixel_labels.tolist() == [0] * 3 + [2] * 4
+    assert region_labels.tolist() == [0] * 2 + [2] * 2
+    assert torch.equal(keys[:3], pixel_keys[:3]) and torch.equal(keys[3:5], region_keys[:2])
+    assert torch.equal(bank.pixel_count, torch.tensor([3, 0, 4, 0]))
+    assert torch.equal(bank.region_count, torch.tensor([2, 0, 2, 0]))
+
+
+def test_full_memory_keys_are_a_view() -> None:
+    bank = ClassMemoryBank(2, 3, pixels_per_class=1, regions_per_class=1, pixels_per_image=1)
+    bank.enqueue(torch.randn(1, 3, 1, 2), torch.tensor([[[0, 1]]]))
+    keys, key_labels = bank.keys()
+    assert keys.data_ptr() == bank.queue.data_ptr()
+    assert key_labels.tolist() == [0, 0, 1, 1]
+
+
+def loop_regions(embeddings: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, list]:
+    """Region embeddings by explicit loops, ordered by class then image."""
+    rows, region_labels = [], []
+    for c in sorted(set(labels.unique().tolist()) - {IGNORE}):
+        for b in range(embeddings.shape[0]):
+            mask = labels[b] == c
+            if mask.any():
+                mean = embeddings[b][:, mask].mean(dim=1)
+                rows.append(mean / mean.norm())
+                region_labels.append(c)
+    return torch.stack(rows), region_labels
+
+
+def test_region_embeddings_match_loops_and_gradients() -> None:
+    generator = torch.Generator().manual_seed(1)
+    x = torch.randn(3, 5, 3, 4, dtype=torch.float64, generator=generator, requires_grad=True)
+    labels = torch.randint(0, 4, (3, 6, 8), generator=generator)
+    labels[0, :3] = IGNORE
+    labels[2] = 1
+    small = resize_labels(labels, (3, 4))
+    regions, region_labels = region_embeddings(x, small, IGNORE)
+    expected, expected_labels = loop_regions(x, small)
+    assert region_labels.tolist() == expected_labels
+    torch.testing.assert_close(regions, expected)
+    weights = torch.randn(regions.shape, dtype=torch.float64, generator=generator)
+    (grad,) = torch.autograd.grad((regions * weights).sum(), x)
+    (expected_grad,) = torch.autograd.grad((expected * weights).sum(), x)
+    torch.testing.assert_close(grad, expected_grad)
+
+    bank = ClassMemoryBank(4, 5, pixels_per_class=0, regions_per_class=3).double()
+    bank.enqueue(x, labels)  # full resolution labels: the bank resizes them like the loss
+    stored, stored_labels = bank.keys()
+    assert stored_labels.tolist() == expected_labels
+    torch.testing.assert_close(stored, expected.detach())
+
+
+def test_enqueued_pixels_belong_to_their_class_and_follow_the_generator() -> None:
+    labels = torch.randint(0, 3, (2, 8, 8), generator=torch.Generator().manual_seed(2))
+    labels[:, :, :2] = IGNORE
+    x = torch.randn(2, 4, 8, 8)
+    x[:, 0] = labels.float()  # channel 0 carries the pixel's label
+    per_image = 3
+
+    def run(seed: int) -> ClassMemoryBank:
+        bank = ClassMemoryBank(3, 4, pixels_per_class=50, regions_per_class=0,
+                               pixels_per_image=per_image)
+        bank.enqueue(x, labels, torch.Generator().manual_seed(seed))
+        return bank
+
+    bank = run(0)
+    keys, key_labels = bank.keys()
+    assert torch.equal(keys[:, 0], key_labels.float())
+    expected = [
+        sum(min(per_image, int((labels[b] == c).sum())) for b in range(2)) for c in range(3)
+    ]
+    assert bank.pixel_count.tolist() == expected
+    assert torch.equal(run(0).queue, bank.queue)
+    assert not torch.equal(run(1).queue, bank.queue)
+
+
+def test_batch_without_valid_pixel_enqueues_nothing() -> None:
+    bank = ClassMemoryBank(3, 4, pixels_per_class=4, regions_per_class=4)
+    bank.enqueue(torch.randn(1, 4, 2, 2), torch.tensor([[[0, 1], [2, 2]]]))
+    before = {k: v.clone() for k, v in bank.state_dict().items()}
+    bank.enqueue(torch.randn(2, 4, 2, 2), torch.full((2, 4, 4), IGNORE))
+    for name, value in bank.state_dict().items():
+        assert torch.equal(value, before[name]), name
+
+
+def test_state_dict_round_trip_and_to() -> None:
+    bank = ClassMemoryBank(3, 4, pixels_per_class=4, regions_per_class=2)
+    bank.enqueue(torch.randn(2, 4, 3, 3), torch.randint(0, 3, (2, 3, 3)))
+    state = bank.state_dict()
+    assert set(state) == {"queue", "pixel_pointer", "pixel_count", "region_pointer", "region_count"}
+    restored = ClassMemoryBank(3, 4, pixels_per_class=4, regions_per_class=2)
+    restored.load_state_dict(state)
+    for got, want in zip(restored.keys(), bank.keys()):
+        assert torch.equal(got, want)
+    bank.to(torch.float64)
+    assert bank.queue.dtype == torch.float64 and bank.pixel_count.dtype == torch.long
+    bank.to("meta")
+    assert all(t.device.type == "meta" for t in bank.buffers())
+
+
+def run_steps(criterion: PixelContrastLoss, batches, generator: torch.Generator) -> list[float]:
+    return [float(criterion(x, y, generator=generator)) for x, y in batches]
+
+
+def test_resumed_run_equals_uninterrupted_run() -> None:
+    data = torch.Generator().manual_seed(3)
+    batches = [
+        (torch.randn(2, 6, 4, 4, generator=data), torch.randint(0, 4, (2, 8, 8), generator=data))
+        for _ in range(6)
+    ]
+
+    def make() -> PixelContrastLoss:
+        bank = ClassMemoryBank(4, 6, pixels_per_class=7, regions_per_class=3, pixels_per_image=2)
+        return PixelContrastLoss(max_samples=24, max_views=4, memory=bank)
+
+    straight = make()
+    expected = run_steps(straight, batches, torch.Generator().manual_seed(4))
+
+    first = make()
+    generator = torch.Generator().manual_seed(4)
+    losses = run_steps(first, batches[:3], generator)
+    checkpoint = {"loss": first.state_dict(), "rng": generator.get_state()}
+    resumed = make()
+    resumed.load_state_dict(checkpoint["loss"])
+    generator = torch.Generator()
+    generator.set_state(checkpoint["rng"])
+    losses += run_steps(resumed, batches[3:], generator)
+
+    assert losses == expected
+    for name, value in straight.state_dict().items():
+        assert torch.equal(resumed.state_dict()[name], value), name
+
+
+def filled_bank(num_classes: int, dim: int, steps: int, seed: int, **sizes) -> ClassMemoryBank:
+    bank = ClassMemoryBank(num_classes, dim, **sizes).double()
+    generator = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        x = F.normalize(torch.randn(2, dim, 4, 4, generator=generator, dtype=torch.float64), dim=1)
+        bank.enqueue(x, torch.randint(0, num_classes, (2, 4, 4), generator=generator), generator)
+    return bank
+
+
+@pytest.mark.parametrize("variant", ["paper", "supcon"])
+@pytest.mark.parametrize(
+    ("pixels", "regions", "steps"),
+    [(True, True, 2), (True, False, 2), (False, True, 2), (True, True, 9)],  # 9 steps: full
+)
+def test_pixel_loss_with_memory_equals_reference(variant, pixels, regions, steps) -> None:
+    bank = filled_bank(3, 5, steps, seed=5, pixels_per_class=12, regions_per_class=6,
+                       pixels_per_image=2)
+    keys, key_labels = (t.clone() for t in bank.keys(pixels, regions))
+    counts = bank.pixel_count.clone(), bank.region_count.clone()
+    criterion = PixelContrastLoss(
+        temperature=0.2, base_temperature=0.1, variant=variant, max_samples=30, max_views=5,
+        backend="torch", memory=bank, use_pixel_memory=pixels, use_region_memory=regions,
+    )
+    generator = torch.Generator().manual_seed(6)
+    x = torch.randn(2, 5, 4, 4, dtype=torch.float64, generator=generator, requires_grad=True)
+    y = torch.randint(0, 3, (2, 8, 8), generator=generator)
+    loss = criterion(x, y, generator=generator)
+    (grad,) = torch.autograd.grad(loss, x, retain_graph=True)
+
+    sample = criterion.last_sample
+    expected = contrastive_loss(
+        sample.embeddings, sample.labels, keys, key_labels, in_batch=True, temperature=0.2,
+        base_temperature=0.1, variant=variant, backend="reference",
+    )
+    (expected_grad,) = torch.autograd.grad(expected, x)
+    torch.testing.assert_close(loss, expected)
+    torch.testing.assert_close(grad, expected_grad)
+    enqueued = bank.pixel_count.sum() + bank.region_count.sum()
+    assert enqueued > counts[0].sum() + counts[1].sum() or steps == 9
+
+
+def test_enqueue_false_leaves_memory_to_the_caller() -> None:
+    bank = ClassMemoryBank(3, 5, pixels_per_class=6, regions_per_class=6)
+    criterion = PixelContrastLoss(max_samples=16, max_views=4, memory=bank, enqueue=False)
+    x, y = torch.randn(2, 5, 4, 4), torch.randint(0, 3, (2, 4, 4))
+    criterion(x, y)
+    assert int(bank.pixel_count.sum() + bank.region_count.sum()) == 0
+    bank.enqueue(F.normalize(x, dim=1), y)
+    assert int(bank.region_count.sum()) > 0
+
+
+@pytest.mark.parametrize("use_batch_regions", [True, False])
+def test_region_loss_equals_reference(use_batch_regions) -> None:
+    bank = filled_bank(3, 5, 3, seed=7, pixels_per_class=0, regions_per_class=4)
+    stored, stored_labels = (t.clone() for t in bank.keys())
+    criterion = RegionContrastLoss(
+        max_samples=30, max_views=5, backend="torch", memory=bank,
+        use_batch_regions=use_batch_regions,
+    )
+    generator = torch.Generator().manual_seed(8)
+    x = torch.randn(2, 5, 4, 4, dtype=torch.float64, generator=generator, requires_grad=True)
+    y = torch.randint(0, 3, (2, 4, 4), generator=generator)
+    y[0, 0] = IGNORE
+    loss = criterion(x, y, generator=generator)
+    (grad,) = torch.autograd.grad(loss, x, retain_graph=True)
+
+    keys, key_labels = stored, stored_labels
+    if use_batch_regions:
+        regions, region_labels = loop_regions(F.normalize(x, dim=1), y)
+        keys = torch.cat([regions, stored])
+        key_labels = torch.cat([torch.tensor(region_labels), stored_labels])
+    sample = criterion.last_sample
+    expected = contrastive_loss(
+        sample.embeddings, sample.labels, keys, key_labels, in_batch=False, backend="reference"
+    )
+    (expected_grad,) = torch.autograd.grad(expected, x)
+    torch.testing.assert_close(loss, expected)
+    torch.testing.assert_close(grad, expected_grad)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"num_classes": 0, "dim": 4}, "num_classes"),
+        ({"num_classes": 3, "dim": 0}, "dim"),
+        ({"num_classes": 3, "dim": 4, "pixels_per_image": 0}, "pixels_per_image"),
+        ({"num_classes": 3, "dim": 4, "pixels_per_class": 0, "regions_per_class": 0}, "both"),
+        ({"num_classes": 3, "dim": 4, "ignore_index": 2}, "ignore_index"),
+    ],
+)
+def test_bank_constructor_errors(kwargs, match) -> None:
+    with pytest.raises(ValueError, match=match):
+        ClassMemoryBank(**kwargs)
+
+
+def test_enqueue_errors() -> None:
+    bank = ClassMemoryBank(3, 4, pixels_per_class=4, regions_per_class=4)
+    labels = torch.zeros(2, 4, 4, dtype=torch.long)
+    with pytest.raises(ValueError, match="embeddings has D=5 .* dim is 4"):
+        bank.enqueue(torch.randn(2, 5, 4, 4), labels)
+    with pytest.raises(ValueError, match=r"labels must lie in \[0, 3\)"):
+        bank.enqueue(torch.randn(2, 4, 4, 4), labels + 3)
+    with pytest.raises(ValueError, match="embeddings is on meta"):
+        bank.enqueue(torch.randn(2, 4, 4, 4, device="meta"), labels)
+    with pytest.raises(ValueError, match="labels is on meta"):
+        bank.enqueue(torch.randn(2, 4, 4, 4), labels.to("meta"))
+    with pytest.raises(ValueError, match="labels has batch size 1"):
+        bank.enqueue(torch.randn(2, 4, 4, 4), labels[:1])
+
+
+def test_loss_memory_errors() -> None:
+    bank = ClassMemoryBank(3, 4, pixels_per_class=4, regions_per_class=4)
+    with pytest.raises(ValueError, match="num_classes=5 but memory has 3"):
+        PixelContrastLoss(num_classes=5, memory=bank)
+    with pytest.raises(ValueError, match="ignore_index=-1"):
+        PixelContrastLoss(ignore_index=-1, memory=bank)
+    with pytest.raises(TypeError, match="memory must be a ClassMemoryBank"):
+        PixelContrastLoss(memory=torch.zeros(3))
+    with pytest.raises(ValueError, match="use_batch_regions=False"):
+        RegionContrastLoss(use_batch_regions=False)
+    criterion = PixelContrastLoss(memory=bank)
+    labels = torch.zeros(2, 4, 4, dtype=torch.long)
+    with pytest.raises(ValueError, match="memory bank's dim"):
+        criterion(torch.randn(2, 6, 4, 4), labels)
+    with pytest.raises(ValueError, match="predictions has 5 classes but num_classes is 3"):
+        criterion(torch.randn(2, 4, 4, 4), labels, predictions=torch.randn(2, 5, 4, 4))
+    assert int(bank.pixel_count.sum()) == 0
