@@ -1,7 +1,18 @@
 """Anchor samplers: which pixels of a batch become anchors of the contrastive loss.
 
-Samplers work on label maps already resized to the embedding resolution, select pixels without
-gradient, then gather the selected embeddings (with gradient).
+Samplers work on label maps at the embedding resolution, select pixels without gradient, then
+gather the selected embeddings (with gradient). All of them are configurations of one vectorised
+selection, :func:`select_anchors`: per image and per ground-truth class, a quota of random pixels,
+split between "hard" and "easy" pixels.
+
+A sampler is a callable::
+
+    sampler(embeddings, labels, predictions=None, ignore_index=255, generator=None, *, logits=None)
+        -> AnchorSample
+
+with ``embeddings [B, D, h, w]``, ``labels [B, h, w]`` (class ids at the embedding resolution),
+``predictions`` a predicted label map ``[B, h', w']`` and ``logits`` the classifier's scores
+``[B, C, h', w']`` (both nearest-resized to ``(h, w)``; either may be ``None``).
 """
 
 from __future__ import annotations
@@ -13,19 +24,40 @@ import torch
 from torch import Tensor
 
 from . import _checks
+from .functional import resize_labels
 
-__all__ = ["AnchorSample", "RandomAnchorSampler", "gather_pixels"]
+__all__ = [
+    "DEFAULT_NUM_CLASSES",
+    "AnchorSample",
+    "ConfidenceAnchorSampler",
+    "HardAnchorSampler",
+    "RandomAnchorSampler",
+    "gather_pixels",
+    "random_rank_in_group",
+    "select_anchors",
+]
+
+DEFAULT_NUM_CLASSES = 1024
+"""Class ids a sampler accepts when it is not told ``num_classes``: ``[0, 1024)``. Selection
+keeps ``2 * num_classes`` counters per image, so a tight ``num_classes`` is also faster."""
 
 
 @dataclass
 class AnchorSample:
     """Anchors drawn from a batch of pixel embeddings.
 
+    When nothing can be sampled (no labelled pixel, no class with enough pixels, a quota of
+    zero) every tensor is empty (``embeddings`` is ``[0, D]`` and still connected to the input's
+    graph) and both counts are 0; :func:`~pixcontrast.contrastive_loss` turns such a sample into
+    an exact zero.
+
     Attributes:
         embeddings: ``[N, D]`` anchor embeddings (connected to the input's graph).
-        labels: ``[N]`` class ids.
-        indices: ``[N]`` flat pixel indices into ``B * h * w`` (``b * h * w + y * w + x``).
-        num_hard: anchors whose prediction differed from the label (0 without predictions).
+        labels: ``[N]`` class ids (int64).
+        indices: ``[N]`` flat pixel indices into ``B * h * w`` (``b * h * w + y * w + x``),
+            increasing.
+        num_hard: anchors counted as hard by the sampler (prediction != label for
+            :class:`HardAnchorSampler`, low confidence for :class:`ConfidenceAnchorSampler`).
         num_easy: the other anchors.
     """
 
@@ -44,39 +76,272 @@ def gather_pixels(embeddings: Tensor, indices: Tensor) -> Tensor:
     return flat[indices // (h * w), :, indices % (h * w)]
 
 
+def _rank_in_sorted_groups(sorted_groups: Tensor) -> Tensor:
+    """Position ``0..count-1`` of each element within its run of equal values of a sorted
+    tensor."""
+    n = sorted_groups.numel()
+    first = torch.ones_like(sorted_groups, dtype=torch.bool)
+    first[1:] = sorted_groups[1:] != sorted_groups[:-1]
+    position = torch.arange(n, device=sorted_groups.device)
+    return position - torch.cummax(torch.where(first, position, 0), dim=0).values
+
+
 def random_rank_in_group(groups: Tensor, generator: Optional[torch.Generator]) -> Tensor:
     """A uniformly random rank ``0..count-1`` for each element within its group id."""
     n = groups.numel()
     perm = torch.randperm(n, generator=generator, device="cpu").to(groups.device)
     sorted_groups, order = torch.sort(groups[perm], stable=True)
-    members = perm[order]
-    first = torch.ones_like(sorted_groups, dtype=torch.bool)
-    first[1:] = sorted_groups[1:] != sorted_groups[:-1]
-    position = torch.arange(n, device=groups.device)
-    start = torch.cummax(torch.where(first, position, 0), dim=0).values
-    rank = torch.empty_like(position)
-    rank[members] = position - start
+    rank = torch.empty(n, dtype=torch.long, device=groups.device)
+    rank[perm[order]] = _rank_in_sorted_groups(sorted_groups)
     return rank
 
 
-class RandomAnchorSampler:
-    """Uniform anchors per image and class.
+def _check_count(value: object, name: str, minimum: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an integer, got {type(value).__name__}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return value
 
-    Every (image, class) pair present (never ``ignore_index``) contributes
-    ``n_view = min(max_samples // pairs, max_views)`` random pixels, or all of its pixels when it
-    has fewer.
+
+def _check_fraction(value: object, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+    if not 0.0 <= value <= 1.0:
+        raise ValueError(f"{name} must lie in [0, 1], got {value}")
+    return float(value)
+
+
+def _check_maps(
+    embeddings: Tensor,
+    labels: Tensor,
+    predictions: Optional[Tensor],
+    logits: Optional[Tensor],
+) -> tuple[Optional[Tensor], Optional[Tensor]]:
+    """Validate a sampler's inputs; return ``predictions`` and ``logits`` at ``(h, w)``."""
+    _checks.check_embeddings(embeddings, "embeddings", 4)
+    _checks.check_labels(labels, "labels", 3)
+    b, _, h, w = embeddings.shape
+    if tuple(labels.shape) != (b, h, w):
+        raise ValueError(
+            f"labels must be [B, h, w] = {[b, h, w]} (the embeddings' batch and resolution), "
+            f"got {list(labels.shape)}"
+        )
+    if predictions is not None:
+        _checks.check_labels(predictions, "predictions", 3)
+    if logits is not None:
+        _checks.check_embeddings(logits, "logits", 4)
+        if logits.shape[1] == 0:
+            raise ValueError("logits must have at least one class, got shape [B, 0, h, w]")
+    _checks.check_same_device(
+        [("embeddings", embeddings), ("labels", labels), ("predictions", predictions),
+         ("logits", logits)]
+    )
+    resized = []
+    for name, value in (("predictions", predictions), ("logits", logits)):
+        if value is None:
+            resized.append(None)
+            continue
+        size = tuple(value.shape[-2:])
+        if value.shape[0] != b or 0 in size:
+            raise ValueError(
+                f"{name} of shape {list(value.shape)} cannot match embeddings of batch {b} and "
+                f"resolution {(h, w)}: the batch must be equal and the spatial size non-empty"
+            )
+        if value.dim() == 3:
+            resized.append(resize_labels(value, (h, w)))
+        else:
+            # the source pixel of every target pixel, by the same rule as the labels' resize
+            source = torch.arange(size[0] * size[1], device=value.device).view(1, *size)
+            source = resize_labels(source, (h, w)).reshape(-1)
+            resized.append(value.flatten(2)[:, :, source].view(b, -1, h, w))
+    return resized[0], resized[1]
+
+
+def select_anchors(
+    embeddings: Tensor,
+    labels: Tensor,
+    *,
+    hard: Optional[Tensor] = None,
+    eligible: Optional[Tensor] = None,
+    max_samples: Optional[int] = 1024,
+    max_views: int = 100,
+    min_pixels: int = 1,
+    hard_fraction: float = 0.5,
+    ignore_index: int = 255,
+    num_classes: Optional[int] = None,
+    generator: Optional[torch.Generator] = None,
+) -> AnchorSample:
+    r"""Vectorised per-image, per-class anchor selection with a hard/easy split.
+
+    For every (image, class) pair with at least ``min_pixels`` eligible pixels (labelled, not
+    ``ignore_index``, and ``eligible``), with ``pairs`` the number of such pairs in the batch:
+
+    - ``n_view = min(max_samples // pairs, max_views)`` (``max_views`` when ``max_samples`` is
+      ``None``);
+    - quotas ``q_hard = floor(hard_fraction * n_view)`` and ``q_easy = n_view - q_hard``;
+    - ``min(n_hard, q_hard + max(0, q_easy - n_easy))`` hard pixels and
+      ``min(n_easy, q_easy + max(0, q_hard - n_hard))`` easy pixels, drawn uniformly without
+      replacement: a group that is short is topped up from the other one, and a pair with fewer
+      than ``n_view`` pixels gives all of them.
+
+    It never loops over images or classes and synchronises with the host once (to learn how
+    many anchors there are). Counts live in a table of ``B * num_classes * 2`` (image, class,
+    hard) slots. Each group draws the pixels of smallest i.i.d. uniform keys: a cheap pass keeps
+    a superset of them (``key < (2 * take + 8) / size``, or the whole group in the rare case that
+    this keeps too few) and only those candidates are sorted.
+
+    Args:
+        embeddings: ``[B, D, h, w]`` pixel embeddings.
+        labels: ``[B, h, w]`` class ids in ``[0, num_classes)`` or ``ignore_index``.
+        hard: ``[B, h, w]`` bool, the pixels counted as hard; ``None``: every pixel is easy.
+        eligible: ``[B, h, w]`` bool, the pixels that may be drawn at all; ``None``: all.
+        max_samples: anchor budget of the batch, shared by its pairs; ``None``: no budget.
+        max_views: most anchors per pair.
+        min_pixels: fewest eligible pixels a pair needs to be sampled.
+        hard_fraction: the share of hard anchors in a pair's quota, in ``[0, 1]``.
+        ignore_index: label of pixels never sampled.
+        num_classes: class ids lie in ``[0, num_classes)``; ``None``: ``DEFAULT_NUM_CLASSES``.
+        generator: random source (on any device), for reproducible sampling.
+
+    Returns:
+        An :class:`AnchorSample`; its tensors are empty when nothing qualifies.
+
+    Raises:
+        ValueError: for a label outside ``[0, num_classes)`` other than ``ignore_index``
+            (found at the one synchronisation, so after the selection work).
+
+    Example:
+        >>> labels = torch.tensor([[[0, 0, 1, 255]]])
+        >>> sample = select_anchors(torch.randn(1, 4, 1, 4), labels, max_samples=4, max_views=2)
+        >>> sample.labels.tolist(), sample.num_easy
+        ([0, 0, 1], 3)
+    """
+    b, _, h, w = embeddings.shape
+    device = labels.device
+    width = DEFAULT_NUM_CLASSES if num_classes is None else num_classes
+    groups = b * width * 2
+    skipped, bad = groups, groups + 1  # table slots of pixels not counted / out of range
+    with torch.no_grad():
+        flat = labels.reshape(b, h * w)
+        labelled = flat != ignore_index
+        inside = (flat >= 0) & (flat < width)
+        counted = labelled & inside
+        if eligible is not None:
+            counted &= eligible.reshape(b, h * w)
+        # group id of a pixel: (image * width + class) * 2 + hard
+        offsets = torch.arange(0, groups, 2 * width, device=device).view(b, 1)
+        group = (flat * 2).add_(offsets)
+        if hard is not None:
+            group += hard.reshape(b, h * w)
+        group = torch.where(counted, group, torch.where(labelled & ~inside, bad, skipped))
+        group = group.reshape(-1)
+
+        def count(mask: Optional[Tensor]) -> Tensor:
+            """Pixels per group slot (only where ``mask``; all pixels for ``None``)."""
+            table = torch.zeros(groups + 2, dtype=torch.int32, device=device)
+            ones = table.new_ones(1).expand(group.numel()) if mask is None else mask.int()
+            return table.index_add_(0, group, ones)
+
+        table = count(None)
+        members = table[:groups].view(-1, 2)  # per (image, class): [easy, hard]
+        qualifies = members.sum(dim=1) >= min_pixels
+        if max_samples is None:
+            n_view = torch.tensor(max_views, device=device)
+        else:
+            n_view = (max_samples // qualifies.sum().clamp(min=1)).clamp(max=max_views)
+        quota_hard = torch.floor(n_view.double() * hard_fraction).long()
+        quota = torch.stack([n_view - quota_hard, quota_hard])
+        short = (quota - members).clamp(min=0)
+        take = torch.minimum(members, quota + short.flip(1)) * qualifies[:, None]
+        take = take.view(-1)
+
+        # a group draws the `take` pixels of smallest uniform key; a cheap first pass keeps a
+        # superset of them (key < (2 take + 8) / members), or the whole group in the rare case
+        # that this keeps too few
+        threshold = torch.zeros(groups + 2, device=device)
+        threshold[:groups] = (take * 2 + 8) / table[:groups].clamp(min=1) * (take > 0)
+        keys = torch.rand(
+            group.numel(), generator=generator,
+            device=generator.device if generator is not None else device,
+        ).to(device)
+        candidates = keys < threshold.index_select(0, group)
+        too_few = count(candidates)[:groups] < take
+        threshold[:groups] = torch.where(too_few, 2.0, threshold[:groups])
+        candidates = keys < threshold.index_select(0, group)
+        hard_easy = take.view(-1, 2).sum(dim=0)
+        stats = torch.cat([candidates.sum().view(1), hard_easy, table[bad:]])
+        num_candidates, num_easy, num_hard, num_bad = stats.tolist()  # the one synchronisation
+        if num_bad:
+            raise ValueError(
+                f"labels must lie in [0, num_classes={width}) or equal ignore_index="
+                f"{ignore_index}; {num_bad} pixels do not (pass num_classes, the logits' class "
+                "dimension for ConfidenceAnchorSampler)"
+            )
+
+        chosen = torch.nonzero_static(candidates, size=num_candidates).squeeze(1)
+        order = torch.argsort(keys[chosen], stable=True)
+        chosen = chosen[order]
+        chosen = chosen[torch.argsort(group[chosen], stable=True)]
+        keep = _rank_in_sorted_groups(group[chosen]) < take[group[chosen]]
+        picked = torch.nonzero_static(keep, size=num_hard + num_easy).squeeze(1)
+        indices = torch.sort(chosen[picked]).values
+    return AnchorSample(
+        embeddings=gather_pixels(embeddings, indices),
+        labels=labels.reshape(-1)[indices].long(),
+        indices=indices,
+        num_hard=num_hard,
+        num_easy=num_easy,
+    )
+
+
+class HardAnchorSampler:
+    """Segmentation-aware anchors: per image and class, hard (misclassified) and easy pixels.
+
+    Per image and per ground-truth class present (never ``ignore_index``) with at least
+    ``min_pixels`` pixels at the embedding resolution, ``n_view = min(max_samples // pairs,
+    max_views)`` anchors (``pairs``: the number of such (image, class) pairs in the batch),
+    ``hard_fraction`` of them hard (prediction != label) and the rest easy, each group topped
+    up from the other when it is short; a class with fewer than ``n_view`` pixels contributes
+    all of them. See :func:`select_anchors` for the exact quotas.
+
+    ``min_pixels=max_views + 1`` reproduces the selection rule of the authors' released code
+    (only classes with more than ``max_views`` pixels are sampled), without its failure when no
+    class qualifies. The default ``min_pixels=1`` also samples small classes.
+
+    Without predictions (and without logits) every pixel counts as easy. Given ``logits`` but
+    no ``predictions``, the predicted label map is their argmax.
 
     Args:
         max_samples: anchor budget of a batch, shared by its (image, class) pairs.
         max_views: most anchors per (image, class) pair.
+        min_pixels: fewest pixels of a class in an image for it to be sampled.
+        hard_fraction: share of hard anchors per pair, in ``[0, 1]``.
+        num_classes: class ids lie in ``[0, num_classes)``; ``None``:
+            :data:`DEFAULT_NUM_CLASSES`. A tight value makes sampling faster.
+
+    Example:
+        >>> sampler = HardAnchorSampler(max_samples=8, max_views=4)
+        >>> labels = torch.tensor([[[0, 0, 0, 0], [1, 1, 1, 1]]])
+        >>> predictions = torch.tensor([[[0, 0, 1, 1], [1, 1, 1, 1]]])
+        >>> sample = sampler(torch.randn(1, 3, 2, 4), labels, predictions)
+        >>> sample.num_hard, sample.num_easy
+        (2, 6)
     """
 
-    def __init__(self, max_samples: int = 1024, max_views: int = 100) -> None:
-        for name, value in (("max_samples", max_samples), ("max_views", max_views)):
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        self.max_samples = max_samples
-        self.max_views = max_views
+    def __init__(
+        self,
+        max_samples: int = 1024,
+        max_views: int = 100,
+        min_pixels: int = 1,
+        hard_fraction: float = 0.5,
+        num_classes: Optional[int] = None,
+    ) -> None:
+        self.max_samples = _check_count(max_samples, "max_samples")
+        self.max_views = _check_count(max_views, "max_views")
+        self.min_pixels = _check_count(min_pixels, "min_pixels")
+        self.hard_fraction = _check_fraction(hard_fraction, "hard_fraction")
+        self.num_classes = None if num_classes is None else _check_count(num_classes, "num_classes")
 
     def __call__(
         self,
@@ -85,34 +350,151 @@ class RandomAnchorSampler:
         predictions: Optional[Tensor] = None,
         ignore_index: int = 255,
         generator: Optional[torch.Generator] = None,
+        *,
+        logits: Optional[Tensor] = None,
     ) -> AnchorSample:
         """Sample anchors.
 
         Args:
             embeddings: ``[B, D, h, w]``.
             labels: ``[B, h, w]`` class ids at embedding resolution.
-            predictions: unused by this sampler (accepted for a common interface).
+            predictions: ``[B, h', w']`` predicted class ids, or ``None``.
             ignore_index: label of pixels never sampled.
             generator: random source, for reproducible sampling.
+            logits: ``[B, C, h', w']`` class scores, used when ``predictions`` is ``None``.
         """
-        _checks.check_embeddings(embeddings, "embeddings", 4)
-        _checks.check_labels(labels, "labels", 3)
-        b, _, h, w = embeddings.shape
-        flat = labels.reshape(-1).long()
-        with torch.no_grad():
-            valid = flat != ignore_index
-            image = torch.arange(b, device=flat.device).repeat_interleave(h * w)
-            pairs, groups = torch.unique(
-                torch.stack([image, flat]), dim=1, return_inverse=True
-            )
-            qualifying = (pairs[1] != ignore_index).sum().clamp(min=1)
-            n_view = torch.clamp(self.max_samples // qualifying, max=self.max_views)
-            rank = random_rank_in_group(groups, generator)
-            indices = (valid & (rank < n_view)).nonzero().squeeze(1)
-        return AnchorSample(
-            embeddings=gather_pixels(embeddings, indices),
-            labels=flat[indices],
-            indices=indices,
-            num_hard=0,
-            num_easy=indices.numel(),
+        predictions, logits = _check_maps(embeddings, labels, predictions, logits)
+        if predictions is None and logits is not None:
+            predictions = logits.detach().argmax(dim=1)
+        hard = None if predictions is None else predictions != labels
+        return select_anchors(
+            embeddings, labels, hard=hard, max_samples=self.max_samples,
+            max_views=self.max_views, min_pixels=self.min_pixels,
+            hard_fraction=self.hard_fraction, ignore_index=ignore_index,
+            num_classes=self.num_classes, generator=generator,
         )
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(max_samples={self.max_samples}, max_views={self.max_views}, "
+            f"min_pixels={self.min_pixels}, hard_fraction={self.hard_fraction}, "
+            f"num_classes={self.num_classes})"
+        )
+
+
+class RandomAnchorSampler(HardAnchorSampler):
+    """Uniform anchors per image and class, blind to predictions.
+
+    Every (image, class) pair present (never ``ignore_index``) contributes
+    ``n_view = min(max_samples // pairs, max_views)`` random pixels, or all of its pixels when it
+    has fewer: :class:`HardAnchorSampler` with every pixel counted as easy.
+
+    Args:
+        max_samples: anchor budget of a batch, shared by its (image, class) pairs.
+        max_views: most anchors per (image, class) pair.
+        num_classes: class ids lie in ``[0, num_classes)``; ``None``:
+            :data:`DEFAULT_NUM_CLASSES`.
+
+    Example:
+        >>> sampler = RandomAnchorSampler(max_samples=4, max_views=3)
+        >>> sample = sampler(torch.randn(2, 3, 4, 4), torch.zeros(2, 4, 4, dtype=torch.long))
+        >>> sample.indices.shape
+        torch.Size([4])
+    """
+
+    def __init__(
+        self, max_samples: int = 1024, max_views: int = 100, num_classes: Optional[int] = None
+    ) -> None:
+        super().__init__(max_samples, max_views, num_classes=num_classes)
+
+    def __call__(
+        self,
+        embeddings: Tensor,
+        labels: Tensor,
+        predictions: Optional[Tensor] = None,
+        ignore_index: int = 255,
+        generator: Optional[torch.Generator] = None,
+        *,
+        logits: Optional[Tensor] = None,
+    ) -> AnchorSample:
+        """Sample anchors; ``predictions`` and ``logits`` are checked but not used."""
+        _check_maps(embeddings, labels, predictions, logits)
+        return select_anchors(
+            embeddings, labels, max_samples=self.max_samples, max_views=self.max_views,
+            ignore_index=ignore_index, num_classes=self.num_classes, generator=generator,
+        )
+
+    def __repr__(self) -> str:
+        return (
+            f"RandomAnchorSampler(max_samples={self.max_samples}, max_views={self.max_views}, "
+            f"num_classes={self.num_classes})"
+        )
+
+
+class ConfidenceAnchorSampler:
+    """Hard queries: pixels whose predicted probability of their true class is low (after ReCo).
+
+    Per image and per ground-truth class, up to ``max_views`` random pixels among those with
+    ``softmax(logits)[label] < threshold``; all of them count as hard. Classes without such a
+    pixel contribute nothing, so a batch the model already gets right gives an empty sample.
+
+    Needs ``logits`` (pass them as ``logits=``; they are nearest-resized to the embedding
+    resolution, and their class dimension must cover every label).
+
+    Args:
+        max_views: most anchors per (image, class) pair.
+        threshold: confidence below which a pixel may be drawn, in ``[0, 1]``.
+
+    Example:
+        >>> sampler = ConfidenceAnchorSampler(max_views=2, threshold=0.9)
+        >>> labels = torch.tensor([[[0, 0, 1, 1]]])
+        >>> logits = torch.tensor([[[[9.0, 0.0, 0.0, 0.0]], [[0.0, 0.0, 9.0, 0.0]]]])
+        >>> sampler(torch.randn(1, 3, 1, 4), labels, logits=logits).indices.tolist()
+        [1, 3]
+    """
+
+    def __init__(self, max_views: int = 100, threshold: float = 0.97) -> None:
+        self.max_views = _check_count(max_views, "max_views")
+        self.threshold = _check_fraction(threshold, "threshold")
+
+    def __call__(
+        self,
+        embeddings: Tensor,
+        labels: Tensor,
+        predictions: Optional[Tensor] = None,
+        ignore_index: int = 255,
+        generator: Optional[torch.Generator] = None,
+        *,
+        logits: Optional[Tensor] = None,
+    ) -> AnchorSample:
+        """Sample anchors.
+
+        Args:
+            embeddings: ``[B, D, h, w]``.
+            labels: ``[B, h, w]`` class ids at embedding resolution.
+            predictions: checked but not used (the confidence comes from ``logits``).
+            ignore_index: label of pixels never sampled.
+            generator: random source, for reproducible sampling.
+            logits: ``[B, C, h', w']`` class scores, ``C`` larger than every label.
+
+        Raises:
+            ValueError: without ``logits``, or when a label is ``>= C``.
+        """
+        if logits is None:
+            raise ValueError("ConfidenceAnchorSampler needs logits=[B, C, h, w]")
+        _, logits = _check_maps(embeddings, labels, predictions, logits)
+        num_classes = logits.shape[1]
+        with torch.no_grad():
+            valid = labels != ignore_index
+            target = torch.where(valid, labels.long(), 0).clamp(0, num_classes - 1)
+            log_probs = torch.log_softmax(logits.detach().float(), dim=1)
+            confidence = log_probs.gather(1, target.unsqueeze(1)).squeeze(1).exp()
+            low_confidence = confidence < self.threshold
+        return select_anchors(
+            embeddings, labels, hard=low_confidence, eligible=low_confidence, max_samples=None,
+            max_views=self.max_views, hard_fraction=1.0, ignore_index=ignore_index,
+            num_classes=num_classes, generator=generator,
+        )
+
+    def __repr__(self) -> str:
+        return f"ConfidenceAnchorSampler(max_views={self.max_views}, threshold={self.threshold})"

@@ -1,0 +1,293 @@
+"""Anchor samplers: counts, class balance, hard/easy split, edge cases, reproducibility."""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+
+import pytest
+import torch
+
+from pixcontrast import contrastive_loss
+from pixcontrast.samplers import (
+    ConfidenceAnchorSampler,
+    HardAnchorSampler,
+    RandomAnchorSampler,
+    select_anchors,
+)
+
+IGNORE = 255
+
+
+def expected_counts(labels, predictions, max_samples, max_views, min_pixels, hard_fraction):
+    """The selection rule, pair by pair with plain Python loops: {(image, class, hard): count}."""
+    b = labels.shape[0]
+    pairs = {}
+    for i in range(b):
+        y = labels[i].flatten().tolist()
+        p = y if predictions is None else predictions[i].flatten().tolist()
+        for c in set(y) - {IGNORE}:
+            n_hard = sum(1 for a, q in zip(y, p) if a == c and q != c)
+            n_easy = sum(1 for a, q in zip(y, p) if a == c and q == c)
+            if n_hard + n_easy >= min_pixels:
+                pairs[(i, c)] = (n_hard, n_easy)
+    if not pairs:
+        return {}
+    n_view = min(max_samples // len(pairs), max_views)
+    q_hard = math.floor(n_view * hard_fraction)
+    q_easy = n_view - q_hard
+    out = {}
+    for (i, c), (n_hard, n_easy) in pairs.items():
+        out[(i, c, True)] = min(n_hard, q_hard + max(0, q_easy - n_easy))
+        out[(i, c, False)] = min(n_easy, q_easy + max(0, q_hard - n_hard))
+    return {k: v for k, v in out.items() if v}
+
+
+def observed_counts(sample, labels, predictions):
+    hw = labels.shape[1] * labels.shape[2]
+    flat_y = labels.flatten()
+    flat_p = flat_y if predictions is None else predictions.flatten()
+    return Counter(
+        (i // hw, int(flat_y[i]), bool(flat_p[i] != flat_y[i])) for i in sample.indices.tolist()
+    )
+
+
+def hand_built():
+    """Two 4 x 8 images. Image 0: class 0 (16 px, 4 misclassified), class 1 (12 px, 10
+    misclassified), 4 ignored px. Image 1: class 2 (30 px, none misclassified), class 3 (2 px)."""
+    labels = torch.full((2, 4, 8), IGNORE)
+    labels[0, :2] = 0
+    labels[0, 2:, :6] = 1
+    labels[1] = 2
+    labels[1, 3, :2] = 3
+    predictions = labels.clone()
+    predictions[0, 0, :4] = 5
+    predictions[0, 2:, :5] = 0
+    predictions[predictions == IGNORE] = 0
+    return labels, predictions
+
+
+@pytest.mark.parametrize(
+    "max_samples, max_views, min_pixels, hard_fraction",
+    [(24, 6, 1, 0.5), (24, 6, 7, 0.5), (1000, 8, 1, 0.25), (12, 100, 3, 1.0), (40, 9, 1, 0.0)],
+)
+def test_counts_follow_the_rule(max_samples, max_views, min_pixels, hard_fraction):
+    labels, predictions = hand_built()
+    embeddings = torch.randn(2, 3, 4, 8)
+    sampler = HardAnchorSampler(max_samples, max_views, min_pixels, hard_fraction)
+    sample = sampler(embeddings, labels, predictions, IGNORE, torch.Generator().manual_seed(0))
+    want = expected_counts(labels, predictions, max_samples, max_views, min_pixels, hard_fraction)
+    assert observed_counts(sample, labels, predictions) == Counter(want)
+    assert sample.num_hard == sum(v for k, v in want.items() if k[2])
+    assert sample.num_easy == sum(v for k, v in want.items() if not k[2])
+
+
+def test_hand_built_split():
+    labels, predictions = hand_built()
+    # 4 pairs -> n_view = min(24 // 4, 6) = 6: 3 hard + 3 easy where both groups are large
+    sample = HardAnchorSampler(24, 6)(torch.randn(2, 3, 4, 8), labels, predictions)
+    counts = observed_counts(sample, labels, predictions)
+    assert counts[(0, 0, True)] == 3 and counts[(0, 0, False)] == 3
+    assert counts[(0, 1, True)] == 4 and counts[(0, 1, False)] == 2  # 2 easy only: top-up
+    assert counts[(1, 2, False)] == 6 and counts[(1, 2, True)] == 0  # no hard pixel: top-up
+    assert counts[(1, 3, False)] == 2  # small class: all of its pixels
+    assert sample.num_hard == 7 and sample.num_easy == 13
+
+
+def test_published_rule_skips_small_classes():
+    labels, predictions = hand_built()
+    sample = HardAnchorSampler(24, 6, min_pixels=7)(torch.randn(2, 3, 4, 8), labels, predictions)
+    assert 3 not in sample.labels.tolist()
+    # 3 qualifying pairs: n_view = min(24 // 3, 6) = 6 per pair
+    assert Counter(sample.labels.tolist()) == {0: 6, 1: 6, 2: 6}
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_random_maps_match_the_rule(seed):
+    g = torch.Generator().manual_seed(seed)
+    b, h, w = 3, 5, 7
+    labels = torch.randint(0, 4, (b, h, w), generator=g)
+    labels[torch.rand(b, h, w, generator=g) < 0.2] = IGNORE
+    predictions = torch.where(
+        torch.rand(b, h, w, generator=g) < 0.4, torch.randint(0, 4, (b, h, w), generator=g),
+        labels,
+    )
+    embeddings = torch.randn(b, 2, h, w, generator=g)
+    max_samples, max_views, min_pixels = int(torch.randint(1, 40, (1,), generator=g)), 5, 2
+    fraction = float(torch.rand(1, generator=g))
+    sampler = HardAnchorSampler(max_samples, max_views, min_pixels, fraction, num_classes=4)
+    sample = sampler(embeddings, labels, predictions, IGNORE, g)
+    want = expected_counts(labels, predictions, max_samples, max_views, min_pixels, fraction)
+    assert observed_counts(sample, labels, predictions) == Counter(want)
+    assert sample.indices.unique().numel() == sample.indices.numel()
+    assert torch.equal(sample.labels, labels.flatten()[sample.indices])
+    flat = embeddings.permute(0, 2, 3, 1).reshape(-1, 2)
+    assert torch.equal(sample.embeddings, flat[sample.indices])
+
+
+def test_ignore_never_sampled_and_no_predictions_is_all_easy():
+    labels = torch.full((2, 6, 6), IGNORE)
+    labels[:, :2] = 1
+    sample = RandomAnchorSampler(1000, 100)(torch.randn(2, 4, 6, 6), labels)
+    assert set(sample.labels.tolist()) == {1}
+    assert sample.indices.numel() == 24 and sample.num_hard == 0
+    sample = HardAnchorSampler(1000, 100)(torch.randn(2, 4, 6, 6), labels)
+    assert sample.num_hard == 0 and sample.num_easy == 24
+
+
+def test_ignore_index_negative_one():
+    labels = torch.tensor([[[-1, 0, 0, 1]]])
+    sample = RandomAnchorSampler(10, 10)(torch.randn(1, 2, 1, 4), labels, ignore_index=-1)
+    assert sample.indices.tolist() == [1, 2, 3]
+
+
+def test_random_sampler_ignores_predictions():
+    labels, predictions = hand_built()
+    sample = RandomAnchorSampler(24, 6)(torch.randn(2, 3, 4, 8), labels, predictions)
+    assert Counter(sample.labels.tolist()) == {0: 6, 1: 6, 2: 6, 3: 2}
+    assert sample.num_hard == 0
+
+
+def test_reproducible_with_generator():
+    labels = torch.randint(0, 5, (2, 16, 16))
+    predictions = torch.randint(0, 5, (2, 16, 16))
+    embeddings = torch.randn(2, 3, 16, 16)
+    sampler = HardAnchorSampler(64, 10)
+
+    def draw(seed):
+        generator = torch.Generator().manual_seed(seed)
+        return sampler(embeddings, labels, predictions, generator=generator)
+
+    assert torch.equal(draw(1).indices, draw(1).indices)
+    assert not torch.equal(draw(1).indices, draw(2).indices)
+
+
+def test_draws_are_uniform_within_a_group():
+    labels = torch.zeros(1, 1, 12, dtype=torch.long)
+    g = torch.Generator().manual_seed(0)
+    hits = torch.zeros(12)
+    draws = 600
+    for _ in range(draws):
+        sample = RandomAnchorSampler(3, 3)(torch.randn(1, 1, 1, 12), labels, generator=g)
+        hits[sample.indices] += 1
+    # each pixel is drawn with probability 3 / 12; binomial sd = sqrt(600 * 0.25 * 0.75) ~ 10.6
+    assert (hits - draws * 3 / 12).abs().max() < 45
+
+
+def test_empty_sample_gives_zero_loss():
+    embeddings = torch.randn(2, 4, 3, 3, requires_grad=True)
+    labels = torch.full((2, 3, 3), IGNORE)
+    sample = HardAnchorSampler()(embeddings, labels, labels)
+    assert sample.embeddings.shape == (0, 4) and sample.indices.numel() == 0
+    assert sample.num_hard == 0 and sample.num_easy == 0
+    loss = contrastive_loss(sample.embeddings, sample.labels)
+    assert loss.item() == 0.0
+    loss.backward()
+    assert embeddings.grad is not None and not embeddings.grad.any()
+
+
+def test_too_many_pairs_for_the_budget_is_empty():
+    labels = torch.arange(8).view(1, 2, 4)
+    sample = RandomAnchorSampler(max_samples=4, max_views=2)(torch.randn(1, 3, 2, 4), labels)
+    assert sample.indices.numel() == 0  # n_view = 4 // 8 = 0
+
+
+def test_logits_give_predictions_and_are_resized():
+    labels = torch.zeros(1, 2, 2, dtype=torch.long)
+    logits = torch.zeros(1, 2, 4, 4)
+    logits[0, 1, :2, :2] = 5.0  # top-left pixel (at 2 x 2) predicted as class 1
+    sample = HardAnchorSampler(100, 100)(torch.randn(1, 3, 2, 2), labels, logits=logits)
+    assert sample.num_hard == 1 and sample.num_easy == 3
+
+
+def test_confidence_sampler():
+    labels = torch.tensor([[[0, 0, 0, 1, 1, 1, 255, 2]]])
+    logits = torch.zeros(1, 3, 1, 8)
+    logits[0, 0, 0, :2] = 10.0  # confident and right
+    logits[0, 1, 0, 3] = 10.0  # confident and right
+    logits[0, 2, 0, 7] = 10.0
+    # pixels 2, 4, 5 (and the ignored 6) are uncertain
+    sampler = ConfidenceAnchorSampler(max_views=5, threshold=0.9)
+    sample = sampler(torch.randn(1, 2, 1, 8), labels, logits=logits)
+    assert sample.indices.tolist() == [2, 4, 5]
+    assert sample.num_hard == 3 and sample.num_easy == 0
+    capped = ConfidenceAnchorSampler(max_views=1, threshold=0.9)(
+        torch.randn(1, 2, 1, 8), labels, logits=logits
+    )
+    assert Counter(capped.labels.tolist()) == {0: 1, 1: 1}
+    assert ConfidenceAnchorSampler(5, 0.0)(torch.randn(1, 2, 1, 8), labels, logits=logits)\
+        .indices.numel() == 0
+
+
+def test_module_accepts_the_hard_sampler():
+    from pixcontrast import PixelContrastLoss
+
+    embeddings = torch.randn(2, 8, 4, 4, requires_grad=True)
+    labels = torch.randint(0, 3, (2, 8, 8))
+    criterion = PixelContrastLoss(sampler=HardAnchorSampler(32, 8))
+    loss = criterion(embeddings, labels, predictions=torch.randint(0, 3, (2, 4, 4)))
+    loss.backward()
+    assert torch.isfinite(loss) and embeddings.grad is not None
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(max_samples=0), "max_samples"),
+        (dict(max_views=-1), "max_views"),
+        (dict(min_pixels=0), "min_pixels"),
+        (dict(hard_fraction=1.5), "hard_fraction"),
+        (dict(hard_fraction=-0.1), "hard_fraction"),
+        (dict(num_classes=0), "num_classes"),
+    ],
+)
+def test_bad_configuration(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        HardAnchorSampler(**kwargs)
+
+
+def test_bad_configuration_types_and_confidence():
+    with pytest.raises(TypeError, match="max_views"):
+        HardAnchorSampler(max_views=2.5)
+    with pytest.raises(ValueError, match="threshold"):
+        ConfidenceAnchorSampler(10, threshold=1.2)
+    with pytest.raises(ValueError, match="max_views"):
+        ConfidenceAnchorSampler(0, 0.5)
+
+
+def test_bad_inputs():
+    embeddings = torch.randn(2, 3, 4, 4)
+    labels = torch.zeros(2, 4, 4, dtype=torch.long)
+    sampler = HardAnchorSampler()
+    with pytest.raises(ValueError, match="predictions"):
+        sampler(embeddings, labels, torch.zeros(3, 4, 4, dtype=torch.long))
+    with pytest.raises(ValueError, match="predictions"):
+        sampler(embeddings, labels, torch.zeros(2, 0, 4, dtype=torch.long))
+    with pytest.raises(TypeError, match="predictions"):
+        sampler(embeddings, labels, torch.zeros(2, 4, 4))
+    with pytest.raises(ValueError, match="logits"):
+        sampler(embeddings, labels, logits=torch.zeros(1, 3, 4, 4))
+    with pytest.raises(ValueError, match="labels"):
+        sampler(embeddings, torch.zeros(2, 8, 8, dtype=torch.long))
+    with pytest.raises(TypeError, match="labels"):
+        sampler(embeddings, labels.float())
+    with pytest.raises(ValueError, match="labels"):
+        sampler(embeddings, torch.full((2, 4, 4), 2000))
+    with pytest.raises(ValueError, match="labels"):
+        HardAnchorSampler(num_classes=3)(embeddings, torch.full((2, 4, 4), 3))
+    confidence = ConfidenceAnchorSampler(4, 0.5)
+    with pytest.raises(ValueError, match="logits"):
+        confidence(embeddings, labels)
+    with pytest.raises(ValueError, match="logits"):
+        confidence(embeddings, torch.full((2, 4, 4), 3), logits=torch.zeros(2, 3, 4, 4))
+    with pytest.raises(ValueError, match="logits"):
+        confidence(embeddings, labels, logits=torch.zeros(2, 3, 4, 0))
+
+
+def test_select_anchors_eligible_mask():
+    labels = torch.zeros(1, 1, 6, dtype=torch.long)
+    eligible = torch.tensor([[[True, False, True, False, True, False]]])
+    sample = select_anchors(
+        torch.randn(1, 2, 1, 6), labels, eligible=eligible, max_samples=None, max_views=10
+    )
+    assert sample.indices.tolist() == [0, 2, 4]
