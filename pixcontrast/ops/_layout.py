@@ -85,6 +85,7 @@ def build_layout(
     n = anchors.shape[0]
     labels = labels.long()
 
+    # The caller's key space is [anchors (if in_batch); keys]; invalid keys are dropped by index.
     key_parts, label_parts, source_parts = [], [], []
     if in_batch:
         key_parts.append(anchors)
@@ -93,11 +94,10 @@ def build_layout(
     if keys is not None and key_labels is not None:
         key_labels = key_labels.long()
         valid = (key_labels >= 0).nonzero().squeeze(1)
-        key_parts.append(keys.index_select(0, valid))
+        key_parts.append(keys)
         label_parts.append(key_labels.index_select(0, valid))
         source_parts.append(valid + (n if in_batch else 0))
     all_key_labels = torch.cat(label_parts) if label_parts else labels.new_empty(0)
-
     classes, inverse = torch.unique(torch.cat([labels, all_key_labels]), return_inverse=True)
     num_classes = classes.numel()
     anchor_ids, key_ids = inverse[:n], inverse[n:]
@@ -112,12 +112,12 @@ def build_layout(
     bounds = torch.cat([zero, anchor_counts.cumsum(0), zero, key_counts.cumsum(0)]).tolist()
 
     sorted_anchors = anchors.index_select(0, anchor_order).to(dtype)
-    sorted_keys = (
-        torch.cat([part.to(dtype) for part in key_parts]).index_select(0, key_perm)
-        if key_parts
-        else anchors.new_empty((0, anchors.shape[1]), dtype=dtype)
-    )
-
+    if not key_parts:
+        sorted_keys = anchors.new_empty((0, anchors.shape[1]), dtype=dtype)
+    else:
+        # One gather from the caller's key space (a single part needs no concatenation).
+        key_space = key_parts[0] if len(key_parts) == 1 else torch.cat(key_parts)
+        sorted_keys = key_space.index_select(0, key_source).to(dtype)
     positives = key_counts.index_select(0, anchor_class).to(dtype)
     self_column = None
     if in_batch:
