@@ -12,7 +12,7 @@ from . import _checks
 from ._dispatch import BACKEND_NAMES
 from .functional import VARIANTS, contrastive_loss, resize_labels
 from .memory import ClassMemoryBank, region_embeddings
-from .samplers import AnchorSample, RandomAnchorSampler
+from .samplers import AnchorSample, HardAnchorSampler
 
 __all__ = ["PixelContrastLoss", "RegionContrastLoss", "prepare_pixel_inputs"]
 
@@ -109,10 +109,12 @@ class PixelContrastLoss(nn.Module):
         max_views: most anchors per image and class (used by the default sampler).
         ignore_index: label of unlabelled pixels; they are never anchors.
         normalize: L2-normalise the embeddings over channels first.
-        backend: ``"auto"``, ``"torch"`` or ``"reference"``; see ``contrastive_loss``.
-        sampler: a callable ``(embeddings, labels, predictions, ignore_index, generator) ->``
-            :class:`~pixcontrast.samplers.AnchorSample`; defaults to
-            ``RandomAnchorSampler(max_samples, max_views)``.
+        backend: ``"auto"``, ``"triton"``, ``"torch"`` or ``"reference"``; see
+            ``contrastive_loss``.
+        sampler: an anchor sampler (see :mod:`pixcontrast.samplers` for the interface); it gets
+            the predicted label map and, when ``predictions`` are logits, the logits. Defaults
+            to ``HardAnchorSampler(max_samples, max_views, num_classes=num_classes)``: half of
+            each class's anchors mispredicted ("hard") pixels when predictions are given.
         num_classes: when given, labels outside ``[0, num_classes)`` (other than
             ``ignore_index``) raise. Taken from ``memory`` when there is one.
         memory: a :class:`~pixcontrast.ClassMemoryBank` of keys from previous steps, or ``None``.
@@ -177,9 +179,6 @@ class PixelContrastLoss(nn.Module):
         self.ignore_index = int(ignore_index)
         self.normalize = bool(normalize)
         self.backend = _checks.check_choice(backend, "backend", BACKEND_NAMES)
-        if sampler is None:
-            sampler = RandomAnchorSampler(max_samples, max_views)
-        self.sampler = sampler
         if num_classes is not None and (not isinstance(num_classes, int) or num_classes <= 0):
             raise ValueError(f"num_classes must be a positive integer, got {num_classes!r}")
         if memory is not None:
@@ -198,6 +197,9 @@ class PixelContrastLoss(nn.Module):
                 )
             num_classes = memory.num_classes
         self.num_classes = num_classes
+        if sampler is None:
+            sampler = HardAnchorSampler(max_samples, max_views, num_classes=num_classes)
+        self.sampler = sampler
         self.memory = memory
         self.use_pixel_memory = bool(use_pixel_memory)
         self.use_region_memory = bool(use_region_memory)
@@ -227,7 +229,22 @@ class PixelContrastLoss(nn.Module):
     ) -> AnchorSample:
         """The anchors ``forward`` would contrast (after resizing and normalising)."""
         embeddings, labels, predicted = self.prepare(embeddings, labels, predictions)
-        return self.sampler(embeddings, labels, predicted, self.ignore_index, generator)
+        return self._draw(embeddings, labels, predicted, predictions, generator)
+
+    def _draw(
+        self,
+        embeddings: Tensor,
+        labels: Tensor,
+        predicted: Optional[Tensor],
+        predictions: Optional[Tensor],
+        generator: Optional[torch.Generator],
+    ) -> AnchorSample:
+        logits = None
+        if predictions is not None and predictions.dim() == 4:
+            logits = predictions.detach()
+        return self.sampler(
+            embeddings, labels, predicted, self.ignore_index, generator, logits=logits
+        )
 
     def contrast_keys(
         self, embeddings: Tensor, labels: Tensor
@@ -247,7 +264,7 @@ class PixelContrastLoss(nn.Module):
         generator: Optional[torch.Generator] = None,
     ) -> Tensor:
         embeddings, labels, predicted = self.prepare(embeddings, labels, predictions)
-        sample = self.sampler(embeddings, labels, predicted, self.ignore_index, generator)
+        sample = self._draw(embeddings, labels, predicted, predictions, generator)
         self.last_sample = sample
         keys, key_labels, in_batch = self.contrast_keys(embeddings, labels)
         loss = contrastive_loss(

@@ -1,0 +1,360 @@
+"""contrastive_loss: golden loops, torch path against the dense reference, properties, stability,
+edge cases and input errors."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import pixcontrast
+from pixcontrast import contrastive_loss
+from pixcontrast.ops import torch_fused
+
+VARIANTS = ("paper", "supcon")
+REDUCTIONS = ("mean", "sum", "none")
+
+
+def golden_loss(anchors, labels, keys, key_labels, in_batch, tau, rho, variant):
+    """Per-anchor loss and 'counts' flags from scalar Python loops: DESIGN.md §1 read literally."""
+    x, y = anchors.tolist(), labels.tolist()
+    pool = []  # (vector, label, index of the anchor it is, or None)
+    if in_batch:
+        pool += [(x[i], y[i], i) for i in range(len(x))]
+    if keys is not None:
+        pool += [(v, c, None) for v, c in zip(keys.tolist(), key_labels.tolist())]
+    losses, counts = [], []
+    for a in range(len(x)):
+        pos, neg = [], []
+        for vec, c, owner in pool:
+            if c < 0 or owner == a:
+                continue
+            s = sum(p * q for p, q in zip(x[a], vec)) / tau
+            (pos if c == y[a] else neg).append(s)
+        if not pos:
+            losses.append(0.0)
+            counts.append(False)
+            continue
+        counts.append(True)
+        if variant == "paper":
+            neg_sum = sum(math.exp(s) for s in neg)
+            terms = [-math.log(math.exp(p) / (math.exp(p) + neg_sum)) for p in pos]
+            losses.append(rho * sum(terms) / len(pos))
+        else:
+            log_norm = math.log(sum(math.exp(s) for s in pos + neg))
+            losses.append(rho * (log_norm - sum(pos) / len(pos)))
+    return losses, counts
+
+
+def reduce_golden(losses, counts, reduction):
+    if reduction == "none":
+        return torch.tensor(losses, dtype=torch.float64)
+    total = sum(losses)
+    if reduction == "sum":
+        return torch.tensor(total, dtype=torch.float64)
+    return torch.tensor(total / max(1, sum(counts)), dtype=torch.float64)
+
+
+def make_inputs(n, m, d, classes, dtype=torch.float64, seed=0, invalid_keys=True):
+    g = torch.Generator().manual_seed(seed)
+    anchors = torch.randn(n, d, generator=g, dtype=dtype)
+    labels = torch.randint(0, classes, (n,), generator=g)
+    keys = torch.randn(m, d, generator=g, dtype=dtype)
+    low = -1 if invalid_keys else 0
+    key_labels = torch.randint(low, classes, (m,), generator=g)
+    return anchors, labels, keys, key_labels
+
+
+MODES = {
+    "in_batch": dict(with_keys=False, in_batch=True),
+    "keys": dict(with_keys=True, in_batch=False),
+    "in_batch+keys": dict(with_keys=True, in_batch=True),
+}
+
+
+def call(backend, anchors, labels, keys, key_labels, mode, **kwargs):
+    spec = MODES[mode]
+    if spec["with_keys"]:
+        return contrastive_loss(
+            anchors, labels, keys, key_labels, in_batch=spec["in_batch"], backend=backend, **kwargs
+        )
+    return contrastive_loss(anchors, labels, backend=backend, **kwargs)
+
+
+# --- golden loops -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("mode", list(MODES))
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("backend", ["torch", "reference"])
+def test_matches_golden_loops(variant, mode, reduction, backend):
+    anchors, labels, keys, key_labels = make_inputs(9, 7, 4, 3, seed=1)
+    tau, base = 0.5, 0.7
+    spec = MODES[mode]
+    losses, counts = golden_loss(
+        anchors, labels, keys if spec["with_keys"] else None, key_labels, spec["in_batch"],
+        tau, tau / base, variant,
+    )
+    expected = reduce_golden(losses, counts, reduction)
+    got = call(
+        backend, anchors, labels, keys, key_labels, mode, temperature=tau, base_temperature=base,
+        variant=variant, reduction=reduction,
+    )
+    torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12)
+
+
+# --- torch path against the dense reference ---------------------------------------------------
+
+
+def grads_of(backend, anchors, labels, keys, key_labels, mode, upstream, **kwargs):
+    a = anchors.detach().clone().requires_grad_(True)
+    k = keys.detach().clone().requires_grad_(True)
+    loss = call(backend, a, labels, k, key_labels, mode, **kwargs)
+    (loss * upstream).sum().backward()
+    return loss.detach(), a.grad, k.grad
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("mode", list(MODES))
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("n,m", [(1, 1), (37, 4097), (1000, 1)])
+def test_torch_matches_reference(variant, mode, reduction, dtype, n, m):
+    anchors, labels, keys, key_labels = make_inputs(n, m, 16, 5, dtype=dtype, seed=n + m)
+    anchors = F.normalize(anchors, dim=1)
+    keys = F.normalize(keys, dim=1)
+    g = torch.Generator().manual_seed(3)
+    upstream = torch.rand(n if reduction == "none" else (), generator=g, dtype=dtype) + 0.5
+    kwargs = dict(temperature=0.1, base_temperature=0.07, variant=variant, reduction=reduction)
+    ref = grads_of("reference", anchors, labels, keys, key_labels, mode, upstream, **kwargs)
+    got = grads_of("torch", anchors, labels, keys, key_labels, mode, upstream, **kwargs)
+    tol = dict(rtol=1e-9, atol=1e-10) if dtype == torch.float64 else dict(rtol=2e-4, atol=2e-5)
+    for r, t in zip(ref, got):
+        if r is None:
+            assert t is None or not t.abs().any()
+        else:
+            torch.testing.assert_close(t, r, **tol)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_many_chunks_and_classes_spanning_chunks(variant, monkeypatch):
+    # A tiny buffer forces many row chunks, most of them cutting through a class.
+    monkeypatch.setattr(torch_fused, "_CHUNK_ELEMENTS", 3 * 50)
+    anchors, labels, keys, key_labels = make_inputs(41, 50, 6, 4, seed=7)
+    upstream = torch.rand(41, dtype=torch.float64) + 0.5
+    for mode in MODES:
+        for reduction in ("none", "mean"):
+            up = upstream if reduction == "none" else upstream[0]
+            kw = dict(temperature=0.3, variant=variant, reduction=reduction)
+            ref = grads_of("reference", anchors, labels, keys, key_labels, mode, up, **kw)
+            got = grads_of("torch", anchors, labels, keys, key_labels, mode, up, **kw)
+            for r, t in zip(ref, got):
+                if r is not None:
+                    torch.testing.assert_close(t, r, rtol=1e-9, atol=1e-10)
+
+
+def test_non_contiguous_inputs():
+    base = torch.randn(30, 20, dtype=torch.float64)
+    anchors = base[:, ::2]  # [30, 10], strided
+    keys = torch.randn(10, 50, dtype=torch.float64).T  # [50, 10], transposed
+    labels = torch.arange(60)[::2] % 4
+    key_labels = torch.randint(0, 4, (50,))
+    assert not anchors.is_contiguous() and not keys.is_contiguous()
+    for variant in VARIANTS:
+        kw = dict(variant=variant, reduction="none", temperature=0.2)
+        up = torch.rand(30, dtype=torch.float64)
+        ref = grads_of("reference", anchors, labels, keys, key_labels, "in_batch+keys", up, **kw)
+        got = grads_of("torch", anchors, labels, keys, key_labels, "in_batch+keys", up, **kw)
+        for r, t in zip(ref, got):
+            torch.testing.assert_close(t, r, rtol=1e-9, atol=1e-10)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("mode", list(MODES))
+def test_gradcheck_fp64(variant, reduction, mode):
+    anchors, labels, keys, key_labels = make_inputs(11, 9, 5, 3, seed=5)
+    anchors.requires_grad_(True)
+    keys.requires_grad_(True)
+
+    def fn(a, k):
+        return call("torch", a, labels, k, key_labels, mode, temperature=0.5, variant=variant,
+                    reduction=reduction)
+
+    assert torch.autograd.gradcheck(fn, (anchors, keys))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_accumulates_in_fp32(dtype):
+    anchors, labels, keys, key_labels = make_inputs(50, 80, 16, 4, dtype=torch.float32, seed=2)
+    anchors, keys = F.normalize(anchors, dim=1).to(dtype), F.normalize(keys, dim=1).to(dtype)
+    a = anchors.clone().requires_grad_(True)
+    k = keys.clone().requires_grad_(True)
+    loss = contrastive_loss(a, labels, k, key_labels, in_batch=True, backend="torch")
+    loss.backward()
+    assert loss.dtype == torch.float32 and a.grad.dtype == dtype and k.grad.dtype == dtype
+    ref = grads_of("reference", anchors.float(), labels, keys.float(), key_labels,
+                   "in_batch+keys", torch.tensor(1.0))
+    torch.testing.assert_close(loss, ref[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(a.grad.float(), ref[1], rtol=2e-2, atol=2e-3)
+    torch.testing.assert_close(k.grad.float(), ref[2], rtol=2e-2, atol=2e-3)
+
+
+def test_no_grad_and_detached_inputs():
+    anchors, labels, keys, key_labels = make_inputs(20, 30, 8, 3, seed=4)
+    expected = contrastive_loss(anchors, labels, keys, key_labels, backend="reference")
+    with torch.no_grad():
+        got = contrastive_loss(anchors.requires_grad_(True), labels, keys, key_labels)
+    assert not got.requires_grad
+    torch.testing.assert_close(got, expected)
+    got = contrastive_loss(anchors.detach(), labels, keys, key_labels)
+    torch.testing.assert_close(got, expected)
+
+
+# --- properties ---------------------------------------------------------------------------------
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    n=st.integers(1, 24),
+    m=st.integers(0, 24),
+    classes=st.integers(1, 5),
+    seed=st.integers(0, 2**16),
+    variant=st.sampled_from(VARIANTS),
+    mode=st.sampled_from(list(MODES)),
+)
+def test_properties(n, m, classes, seed, variant, mode):
+    anchors, labels, keys, key_labels = make_inputs(n, m, 6, classes, seed=seed)
+    kw = dict(temperature=0.4, variant=variant, reduction="none")
+    base = call("torch", anchors, labels, keys, key_labels, mode, **kw)
+    assert torch.isfinite(base).all()
+    # torch == reference
+    torch.testing.assert_close(
+        base, call("reference", anchors, labels, keys, key_labels, mode, **kw),
+        rtol=1e-9, atol=1e-10,
+    )
+    # permuting anchors permutes the per-anchor losses; permuting keys changes nothing
+    g = torch.Generator().manual_seed(seed)
+    pa, pk = torch.randperm(n, generator=g), torch.randperm(m, generator=g)
+    permuted = call("torch", anchors[pa], labels[pa], keys[pk], key_labels[pk], mode, **kw)
+    torch.testing.assert_close(permuted, base[pa], rtol=1e-9, atol=1e-10)
+    # renaming classes (a bijection, invalid keys stay invalid) changes nothing
+    rename = torch.randperm(classes, generator=g) * 3 + 2
+    renamed_keys = torch.where(key_labels >= 0, rename[key_labels.clamp(min=0)], key_labels)
+    renamed = call("torch", anchors, rename[labels], keys, renamed_keys, mode, **kw)
+    torch.testing.assert_close(renamed, base, rtol=1e-9, atol=1e-10)
+
+
+# --- stability ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("tau", [0.01, 0.05, 0.1, 1.0])
+@pytest.mark.parametrize("norm", [1.0, 100.0])
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_stable_for_small_temperature_and_large_norms(tau, norm, variant):
+    anchors, labels, keys, key_labels = make_inputs(40, 60, 8, 4, dtype=torch.float32, seed=9)
+    anchors = F.normalize(anchors, dim=1) * norm
+    keys = F.normalize(keys, dim=1) * torch.linspace(1.0, norm, 60)[:, None]
+    kw = dict(temperature=tau, variant=variant, reduction="none")
+    up = torch.rand(40) + 0.5
+    got = grads_of("torch", anchors, labels, keys, key_labels, "in_batch+keys", up, **kw)
+    ref = grads_of("reference", anchors.double(), labels, keys.double(), key_labels,
+                   "in_batch+keys", up.double(), **kw)
+    for t, r in zip(got, ref):
+        assert torch.isfinite(t).all()
+        # Scores reach norm^2 / tau = 1e6: fp32 rounds them to ~1e-7 of that.
+        scale = r.abs().max().clamp(min=1.0)
+        torch.testing.assert_close(t.double() / scale, r / scale, rtol=0, atol=2e-4)
+
+
+# --- edge cases ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", ["torch", "reference"])
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_edge_cases_are_finite_zero_and_connected(backend, variant):
+    kw = dict(variant=variant, backend=backend)
+    # N = 1: no key at all
+    x = torch.randn(1, 4, requires_grad=True)
+    loss = contrastive_loss(x, torch.tensor([2]), **kw)
+    loss.backward()
+    assert loss.item() == 0.0 and loss.requires_grad and torch.equal(x.grad, torch.zeros(1, 4))
+    # every anchor of its own class: no positives anywhere
+    x = torch.randn(4, 3, requires_grad=True)
+    loss = contrastive_loss(x, torch.arange(4), **kw)
+    loss.backward()
+    assert loss.item() == 0.0 and not x.grad.any()
+    # no anchors at all
+    x = torch.zeros(0, 3, requires_grad=True)
+    loss = contrastive_loss(x, torch.zeros(0, dtype=torch.long), **kw)
+    loss.backward()
+    assert loss.item() == 0.0
+    # only invalid keys
+    x = torch.randn(3, 3, requires_grad=True)
+    loss = contrastive_loss(x, torch.zeros(3, dtype=torch.long), torch.randn(5, 3),
+                            torch.full((5,), -1), **kw)
+    assert loss.item() == 0.0
+    # a single class: positives but no negatives
+    x = torch.randn(5, 3, requires_grad=True)
+    loss = contrastive_loss(x, torch.zeros(5, dtype=torch.long), **kw)
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(x.grad).all()
+    if variant == "paper":
+        assert loss.item() == 0.0  # -log(e^p / e^p): nothing to push away from
+    else:
+        assert loss.item() > 0.0
+
+
+def test_anchor_without_positive_is_left_out_of_the_mean():
+    x = F.normalize(torch.randn(5, 4, dtype=torch.float64), dim=1)
+    y = torch.tensor([0, 0, 1, 1, 2])  # anchor 4 has no positive
+    per_anchor = contrastive_loss(x, y, reduction="none")
+    assert per_anchor[4] == 0
+    torch.testing.assert_close(contrastive_loss(x, y), per_anchor[:4].mean())
+
+
+# --- input errors -------------------------------------------------------------------------------
+
+
+def test_errors_name_the_argument():
+    x, y = torch.randn(4, 3), torch.tensor([0, 0, 1, 1])
+    k, c = torch.randn(5, 3), torch.tensor([0, 1, 0, 1, 0])
+    cases = [
+        (dict(anchors=torch.randn(4)), ValueError, "anchors"),
+        (dict(anchors=torch.ones(4, 3, dtype=torch.long)), TypeError, "anchors"),
+        (dict(labels=y.float()), TypeError, "labels"),
+        (dict(labels=torch.tensor([0, 1])), ValueError, "labels"),
+        (dict(labels=torch.tensor([0, -1, 1, 1])), ValueError, "labels"),
+        (dict(keys=k), ValueError, "key_labels"),
+        (dict(keys=k, key_labels=c[:3]), ValueError, "key_labels"),
+        (dict(keys=torch.randn(5, 2), key_labels=c), ValueError, "keys"),
+        (dict(key_labels=c), ValueError, "key_labels"),
+        (dict(keys=k, key_labels=c.float()), TypeError, "key_labels"),
+        (dict(temperature=0.0), ValueError, "temperature"),
+        (dict(temperature=-1.0), ValueError, "temperature"),
+        (dict(base_temperature=0.0), ValueError, "base_temperature"),
+        (dict(variant="infonce"), ValueError, "variant"),
+        (dict(reduction="max"), ValueError, "reduction"),
+        (dict(backend="cuda"), ValueError, "backend"),
+        (dict(anchors=torch.tensor([[0.0, float("nan"), 1.0]] * 4)), ValueError, "anchors"),
+        (dict(anchors=torch.tensor([[0.0, float("inf"), 1.0]] * 4)), ValueError, "anchors"),
+        (dict(keys=torch.full((5, 3), float("nan")), key_labels=c), ValueError, "keys"),
+        (dict(labels=y.to("meta")), ValueError, "labels"),
+    ]
+    for override, error, name in cases:
+        args = dict(anchors=x, labels=y, keys=None, key_labels=None)
+        args.update(override)
+        with pytest.raises(error, match=name):
+            contrastive_loss(**args)
+
+
+def test_huge_finite_values_are_not_mistaken_for_inf():
+    x = torch.full((4, 3), 3e38)  # the sum overflows, every entry is finite
+    loss = contrastive_loss(x / 3e38 * 1.0, torch.tensor([0, 0, 1, 1]))
+    assert torch.isfinite(loss)
+    pixcontrast._checks.check_finite(x, "anchors")  # must not raise
