@@ -1,0 +1,77 @@
+r"""Contrastive loss restricted to per-anchor selected keys (the output of a miner).
+
+Each anchor ``a`` has its own positive columns ``P'(a)`` (``positive_index[a]``) and negative
+columns ``N'(a)`` (``negative_index[a]``) in a key matrix; ``-1`` is padding. The selected keys
+are gathered into ``[N, K, D]`` tensors and the scores ``s_aj = x_a . k_j / tau`` are ``[N, K]``,
+so memory is ``O(N * K * D)`` and autograd gives exact gradients (the gathers scatter back into
+the keys). The formulas are DESIGN.md §1 with ``P(a), N(a)`` replaced by ``P'(a), N'(a)``; an
+index listed twice counts twice. Empty rows use the "double where" of the dense reference, so no
+NaN reaches the gradient.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ._layout import compute_dtype
+from .reference import _masked_logsumexp
+
+__all__ = ["pair_loss"]
+
+
+def _selected_scores(x: Tensor, keys: Tensor, index: Tensor, temperature: float) -> Tensor:
+    """``[N, K]`` scores ``x_a . keys[index[a, i]] / tau`` (padding gathers key 0, to be
+    masked)."""
+    n, count = index.shape
+    if keys.shape[0] == 0:  # every entry is padding; a zero key keeps the graph connected
+        keys = x.new_zeros((1, x.shape[1]))
+    gathered = keys.index_select(0, index.clamp(min=0).reshape(-1)).view(n, count, -1)
+    return torch.bmm(gathered, x.unsqueeze(2)).squeeze(2) / temperature
+
+
+def pair_loss(
+    anchors: Tensor,
+    keys: Tensor,
+    positive_index: Tensor,
+    negative_index: Tensor,
+    temperature: float,
+    rho: float,
+    variant: str,
+    reduction: str,
+) -> Tensor:
+    """Loss of ``anchors [N, D]`` against their selected rows of ``keys [M, D]``.
+
+    ``positive_index [N, K_pos]`` and ``negative_index [N, K_neg]`` hold rows of ``keys`` or
+    ``-1``; they are trusted (the public wrapper validates them). Returns a scalar, or ``[N]``
+    for ``reduction="none"``, in the compute dtype.
+    """
+    dtype = compute_dtype(anchors.dtype)
+    x, k = anchors.to(dtype), keys.to(dtype)
+    positive = positive_index >= 0
+    negative = negative_index >= 0
+    pos_scores = _selected_scores(x, k, positive_index, temperature)
+    neg_scores = _selected_scores(x, k, negative_index, temperature)
+    num_pos = positive.sum(dim=1).to(dtype)
+    has_pos = num_pos > 0
+
+    if variant == "paper":
+        nu = _masked_logsumexp(neg_scores, negative)
+        margin = nu[:, None] - pos_scores
+        per_pair = torch.logaddexp(margin, torch.zeros_like(margin))  # exact softplus
+        per_pair = torch.where(positive, per_pair, torch.zeros_like(per_pair))
+        loss = rho * per_pair.sum(dim=1) / num_pos.clamp(min=1)
+    else:
+        lam = _masked_logsumexp(
+            torch.cat([pos_scores, neg_scores], dim=1), torch.cat([positive, negative], dim=1)
+        )
+        lam = torch.where(has_pos, lam, torch.zeros_like(lam))
+        pos_sum = torch.where(positive, pos_scores, torch.zeros_like(pos_scores)).sum(dim=1)
+        loss = rho * (lam - pos_sum / num_pos.clamp(min=1))
+    loss = torch.where(has_pos, loss, torch.zeros_like(loss))
+
+    if reduction == "none":
+        return loss
+    if reduction == "sum":
+        return loss.sum()
+    return loss.sum() / has_pos.sum().clamp(min=1)
