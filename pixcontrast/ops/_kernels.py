@@ -34,10 +34,11 @@ def _load_rows(ptr, rows, num_rows, stride, dim, BLOCK_D: tl.constexpr):
 def _softmax_columns(cols, num_cols, pos_lo, pos_hi, self_col, IS_PAPER: tl.constexpr):
     """``[rows, cols]`` mask of each row's log-sum-exp set (see the module docstring)."""
     col = cols[None, :]
-    inside = col < num_cols
     if IS_PAPER:
-        return inside & ((col < pos_lo[:, None]) | (col >= pos_hi[:, None]))
-    return inside & (col != self_col[:, None])
+        members = (col < pos_lo[:, None]) | (col >= pos_hi[:, None])
+    else:
+        members = col != self_col[:, None]
+    return members & (col < num_cols)
 
 
 @triton.jit

@@ -79,18 +79,21 @@ def _dot_precision(operand_dtype: torch.dtype) -> str:
     return "ieee" if operand_dtype == torch.float32 and highest else "tf32"
 
 
-def _tiles(block_d: int, interpreted: bool) -> tuple[int, int, int, int]:
+def _tiles(block_d: int, operand_dtype: torch.dtype, interpreted: bool) -> tuple[int, ...]:
     """``(BLOCK_N, BLOCK_M, num_warps, num_stages)``.
 
-    On GPUs the tiles target sm80+ (A100, H100; untuned): 64 x 64 score tiles with the whole
-    padded D in registers, 32 key rows and 8 warps at D = 256 to bound the ``[64, D]`` fp32
-    accumulator's registers, two pipeline stages to stay within the shared memory of smaller
-    GPUs. Under the interpreter 32 x 32 tiles make small test sizes span several tiles.
+    On GPUs the tiles target sm80+ (A100, H100, also RTX 30xx/40xx; untuned): 64 x 64 score
+    tiles with the whole padded D in registers; at D = 256 fewer key rows per tile and more warps
+    for the ``[64, D]`` fp32 accumulator, and 32 x 32 tiles for fp32 operands, so that every
+    kernel's shared memory (two pipeline stages) stays under the 99 KiB of consumer GPUs. Under
+    the interpreter 32 x 32 tiles make small test sizes span several tiles.
     """
     if interpreted:
         return 32, 32, 1, 1
     if block_d <= 128:
         return 64, 64, 4, 2
+    if operand_dtype == torch.float32:
+        return 32, 32, 4, 2
     return 64, 32, 8, 2
 
 
@@ -140,7 +143,7 @@ def sweep(
 
     kernels, interpreted, _ = _load_kernels()
     block_d = max(16, triton.next_power_of_2(dim))
-    block_n, block_m, num_warps, num_stages = _tiles(block_d, interpreted)
+    block_n, block_m, num_warps, num_stages = _tiles(block_d, operand_dtype, interpreted)
     x_op = x.to(operand_dtype).contiguous()
     k_op = k.to(operand_dtype).contiguous()
     class_bounds = torch.tensor(layout.key_offsets, dtype=torch.int32, device=x.device)
