@@ -188,3 +188,221 @@ def test_mining_without_keys_or_anchors():
         alone = mine_keys(x, y, torch.randn(0, 3), torch.zeros(0, dtype=torch.long),
                           miner=miner, num_positives=2, num_negatives=3)
         assert (alone.positive_index == -1).all() and (alone.negative_index == -1).all()
+
+
+def loop_loss(
+    anchors: torch.Tensor,
+    keys: Optional[torch.Tensor],
+    in_batch: bool,
+    positive_index: torch.Tensor,
+    negative_index: torch.Tensor,
+    temperature: float,
+    rho: float,
+    variant: str,
+    reduction: str,
+) -> torch.Tensor:
+    """DESIGN.md §1 on the listed pairs, one anchor and one pair at a time (duplicates count)."""
+    space = torch.cat(([anchors] if in_batch else []) + ([keys] if keys is not None else []))
+    losses = []
+    for a in range(anchors.shape[0]):
+        pos = [j for j in positive_index[a].tolist() if j >= 0]
+        neg = [j for j in negative_index[a].tolist() if j >= 0]
+
+        def s(j: int, a: int = a) -> torch.Tensor:
+            return (anchors[a] * space[j]).sum() / temperature
+
+        if not pos:
+            losses.append(anchors.new_zeros(()))
+        elif variant == "paper":
+            terms = []
+            for q in pos:
+                denominator = torch.exp(s(q)) + sum(torch.exp(s(n)) for n in neg)
+                terms.append(-torch.log(torch.exp(s(q)) / denominator))
+            losses.append(rho * sum(terms) / len(pos))
+        else:
+            log_total = torch.log(sum(torch.exp(s(j)) for j in pos + neg))
+            losses.append(rho * (log_total - sum(s(q) for q in pos) / len(pos)))
+    loss = torch.stack(losses)
+    counted = sum(1 for row in positive_index.tolist() if max(row, default=-1) >= 0)
+    if reduction == "none":
+        return loss
+    return loss.sum() if reduction == "sum" else loss.sum() / max(counted, 1)
+
+
+def unit_problem(seed: int, in_batch: bool, with_keys: bool) -> dict:
+    """fp64 unit vectors, anchors and keys requiring grad."""
+    p = make_problem(seed, 13, 21, 6, 4, in_batch, with_keys)
+    p["anchors"] = F.normalize(p["anchors"], dim=1).requires_grad_()
+    if with_keys:
+        p["keys"] = F.normalize(p["keys"], dim=1).requires_grad_()
+    return p
+
+
+def inputs_of(p: dict) -> list[torch.Tensor]:
+    return [p["anchors"]] + ([p["keys"]] if p["keys"] is not None else [])
+
+
+def upstream(loss: torch.Tensor, seed: int) -> torch.Tensor:
+    """A gradient != 1 for the output (random per anchor for reduction="none")."""
+    if loss.ndim == 0:
+        return torch.tensor(0.7, dtype=loss.dtype)
+    return torch.rand(loss.shape, generator=torch.Generator().manual_seed(seed),
+                      dtype=loss.dtype) + 0.5
+
+
+def assert_same_loss_and_grads(p: dict, ours: torch.Tensor, theirs: torch.Tensor) -> None:
+    torch.testing.assert_close(ours, theirs, rtol=1e-10, atol=1e-12)
+    weight = upstream(ours, 0)
+    grads = torch.autograd.grad(ours, inputs_of(p), weight)
+    expected = torch.autograd.grad(theirs, inputs_of(p), weight)
+    for g, e in zip(grads, expected):
+        torch.testing.assert_close(g, e, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("in_batch,with_keys", MODES)
+@pytest.mark.parametrize("miner", mining.MINERS)
+@pytest.mark.parametrize("variant", ["paper", "supcon"])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_pair_loss_equals_python_loop(in_batch, with_keys, miner, variant, reduction):
+    p = unit_problem(10, in_batch, with_keys)
+    pairs = mine(p, miner=miner, num_positives=3, num_negatives=5, fraction=0.5,
+                 generator=torch.Generator().manual_seed(1))
+    positive_index, negative_index = pairs.positive_index.clone(), pairs.negative_index.clone()
+    positive_index[1] = -1  # an anchor without selected positives
+    negative_index[2] = -1  # one without selected negatives
+    negative_index[3, 1:] = -1  # padding in the middle of the columns
+    kwargs = dict(temperature=0.2, variant=variant, reduction=reduction)
+    ours = pair_contrastive_loss(
+        p["anchors"], p["labels"], p["keys"], p["key_labels"], positive_index, negative_index,
+        in_batch=in_batch, base_temperature=0.4, **kwargs,
+    )
+    theirs = loop_loss(p["anchors"], p["keys"], in_batch, positive_index, negative_index,
+                       rho=0.5, **kwargs)
+    assert_same_loss_and_grads(p, ours, theirs)
+
+
+def all_pairs(p: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every positive and every negative of each anchor, padded with -1."""
+    rows = [candidates(p, a) for a in range(p["anchors"].shape[0])]
+    width_pos = max(len(pos) for pos, _ in rows)
+    width_neg = max(len(neg) for _, neg in rows)
+    positive_index = torch.tensor([padded([j for _, j in pos], width_pos) for pos, _ in rows])
+    negative_index = torch.tensor([padded([j for _, j in neg], width_neg) for _, neg in rows])
+    return positive_index, negative_index
+
+
+@pytest.mark.parametrize("in_batch,with_keys", MODES)
+@pytest.mark.parametrize("variant", ["paper", "supcon"])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_pair_loss_on_all_pairs_equals_contrastive_loss(in_batch, with_keys, variant, reduction):
+    p = unit_problem(11, in_batch, with_keys)
+    with torch.no_grad():
+        positive_index, negative_index = all_pairs(p)
+    kwargs = dict(in_batch=in_batch, temperature=0.1, base_temperature=0.07, variant=variant,
+                  reduction=reduction)
+    ours = pair_contrastive_loss(p["anchors"], p["labels"], p["keys"], p["key_labels"],
+                                 positive_index, negative_index, **kwargs)
+    theirs = contrastive_loss(p["anchors"], p["labels"], p["keys"], p["key_labels"],
+                              backend="reference", **kwargs)
+    assert_same_loss_and_grads(p, ours, theirs)
+
+
+@pytest.mark.parametrize("variant", ["paper", "supcon"])
+def test_pair_loss_is_finite_for_large_scores(variant):
+    p = make_problem(12, 9, 15, 4, 3, True, True)
+    p["anchors"] = (p["anchors"] * 30).float().requires_grad_()
+    p["keys"] = (p["keys"] * 30).float().requires_grad_()
+    positive_index, negative_index = all_pairs(p)
+    args = (p["anchors"], p["labels"], p["keys"], p["key_labels"])
+    ours = pair_contrastive_loss(*args, positive_index, negative_index, in_batch=True,
+                                 temperature=0.01, variant=variant, reduction="none")
+    theirs = contrastive_loss(*args, in_batch=True, temperature=0.01, variant=variant,
+                              reduction="none", backend="reference")
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-3)
+    grads = torch.autograd.grad(ours.sum(), inputs_of(p))
+    assert all(torch.isfinite(g).all() for g in grads)
+
+
+def test_pair_loss_without_positives_is_a_connected_zero():
+    x = torch.randn(4, 3, requires_grad=True)
+    y = torch.tensor([0, 1, 2, 3])
+    none = torch.full((4, 2), -1)
+    for variant in ("paper", "supcon"):
+        loss = pair_contrastive_loss(x, y, None, None, none, none, variant=variant)
+        assert loss.item() == 0 and loss.requires_grad
+        (grad,) = torch.autograd.grad(loss, x)
+        assert torch.equal(grad, torch.zeros_like(x))
+
+
+def test_pair_loss_gradcheck():
+    p = unit_problem(13, True, True)
+    pairs = mine(p, miner="class-relation", num_positives=2, num_negatives=3,
+                 generator=torch.Generator().manual_seed(2))
+
+    def fn(anchors: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+        return pair_contrastive_loss(anchors, p["labels"], keys, p["key_labels"],
+                                     pairs.positive_index, pairs.negative_index, in_batch=True,
+                                     temperature=0.3, reduction="none")
+
+    assert torch.autograd.gradcheck(fn, (p["anchors"], p["keys"]))
+
+
+def test_module_equals_functional_and_non_contiguous_inputs():
+    p = make_problem(14, 20, 30, 5, 3, False, True)
+    anchors = p["anchors"].float().T.contiguous().T  # column-major view of the same values
+    assert not anchors.is_contiguous()
+    criterion = MinedContrastLoss("semi-hard", num_positives=2, num_negatives=4, fraction=0.4,
+                                  temperature=0.2, variant="supcon")
+    ours = criterion(anchors, p["labels"], p["keys"].float(), p["key_labels"],
+                     generator=torch.Generator().manual_seed(3))
+    pairs = mine_keys(anchors.contiguous(), p["labels"], p["keys"].float(), p["key_labels"],
+                      miner="semi-hard", num_positives=2, num_negatives=4, fraction=0.4,
+                      generator=torch.Generator().manual_seed(3))
+    theirs = pair_contrastive_loss(anchors.contiguous(), p["labels"], p["keys"].float(),
+                                   p["key_labels"], pairs.positive_index, pairs.negative_index,
+                                   temperature=0.2, variant="supcon")
+    assert torch.equal(ours, theirs)
+
+
+def test_bad_input_names_the_argument():
+    x, y = torch.randn(4, 3), torch.tensor([0, 0, 1, 1])
+    keys, key_labels = torch.randn(5, 3), torch.tensor([0, 1, 1, -1, 0])
+    good = torch.tensor([[1], [0], [3], [2]])
+    bad_mining = [
+        (dict(num_positives=0, num_negatives=2), ValueError, "num_positives"),
+        (dict(num_positives=2, num_negatives=-1), ValueError, "num_negatives"),
+        (dict(num_positives=2.0, num_negatives=2), TypeError, "num_positives"),
+        (dict(num_positives=1, num_negatives=1, fraction=0.0), ValueError, "fraction"),
+        (dict(num_positives=1, num_negatives=1, fraction=1.5), ValueError, "fraction"),
+        (dict(num_positives=1, num_negatives=1, class_temperature=0), ValueError,
+         "class_temperature"),
+        (dict(num_positives=1, num_negatives=1, miner="easiest"), ValueError, "miner"),
+    ]
+    for kwargs, error, name in bad_mining:
+        with pytest.raises(error, match=name):
+            mine_keys(x, y, **kwargs)
+    with pytest.raises(ValueError, match="keys"):
+        mine_keys(x, y, torch.randn(5, 4), key_labels, num_positives=1, num_negatives=1)
+    with pytest.raises(ValueError, match="fraction"):
+        MinedContrastLoss("semi-hard", num_positives=1, num_negatives=1, fraction=2)
+
+    negatives = torch.tensor([[2], [3], [0], [1]])
+    bad_pairs = [
+        (good[:3], negatives, ValueError, "positive_index"),  # rows
+        (good.view(-1), negatives, ValueError, "positive_index"),  # dimensions
+        (good.float(), negatives, TypeError, "positive_index"),  # dtype
+        (good, torch.tensor([[4], [2], [0], [0]]), ValueError, "negative_index"),  # range
+        (good, torch.tensor([[-2], [2], [0], [0]]), ValueError, "negative_index"),  # range
+        (torch.tensor([[2], [0], [3], [2]]), negatives, ValueError, "positive_index"),  # class
+        (torch.tensor([[0], [0], [3], [2]]), negatives, ValueError, "positive_index"),  # itself
+        (good, torch.tensor([[1], [2], [0], [0]]), ValueError, "negative_index"),  # same class
+    ]
+    for positive_index, negative_index, error, name in bad_pairs:
+        with pytest.raises(error, match=name):
+            pair_contrastive_loss(x, y, None, None, positive_index, negative_index)
+    # an invalid memory slot (key 3, label -1) cannot be a negative
+    with pytest.raises(ValueError, match="negative_index"):
+        pair_contrastive_loss(x, y, keys, key_labels, torch.tensor([[0], [4], [1], [2]]),
+                              torch.tensor([[3], [1], [0], [0]]))
+    with pytest.raises(ValueError, match="keys"):
+        pair_contrastive_loss(x, y, torch.randn(5, 2), key_labels, good, negatives)
