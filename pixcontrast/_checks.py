@@ -43,7 +43,7 @@ def check_labels(value: object, name: str, ndim: int) -> Tensor:
 def check_finite(tensor: Tensor, name: str) -> None:
     # A finite sum proves every entry finite at the cost of one read; only a non-finite sum
     # (a NaN/Inf entry, or an overflow of huge finite values) needs the exact elementwise test.
-    if not tensor.numel() or bool(torch.isfinite(tensor.sum(dtype=torch.float64))):
+    if not tensor.numel() or bool(torch.isfinite(tensor.sum())):
         return
     if not bool(torch.isfinite(tensor).all()):
         raise ValueError(f"{name} contains NaN or Inf values")

@@ -358,3 +358,23 @@ def test_huge_finite_values_are_not_mistaken_for_inf():
     loss = contrastive_loss(x / 3e38 * 1.0, torch.tensor([0, 0, 1, 1]))
     assert torch.isfinite(loss)
     pixcontrast._checks.check_finite(x, "anchors")  # must not raise
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("in_batch", [False, True])
+def test_keys_grouped_by_class_match_shuffled_keys_and_reference(variant, in_batch):
+    # Keys grouped by class (as a memory bank returns them), with a class no anchor has (7) in
+    # the middle and invalid keys at the end: the layout skips the key sort in the first case.
+    anchors, labels, keys, _ = make_inputs(23, 40, 6, 4, seed=11)
+    key_labels = torch.tensor([0] * 8 + [1] * 6 + [7] * 5 + [2] * 9 + [3] * 7 + [-1] * 5)
+    perm = torch.randperm(40, generator=torch.Generator().manual_seed(0))
+    up = torch.rand(23, dtype=torch.float64) + 0.5
+    mode = "in_batch+keys" if in_batch else "keys"
+    kw = dict(temperature=0.3, variant=variant, reduction="none")
+    ref = grads_of("reference", anchors, labels, keys, key_labels, mode, up, **kw)
+    grouped = grads_of("torch", anchors, labels, keys, key_labels, mode, up, **kw)
+    shuffled = grads_of("torch", anchors, labels, keys[perm], key_labels[perm], mode, up, **kw)
+    for r, g in zip(ref, grouped):
+        torch.testing.assert_close(g, r, rtol=1e-9, atol=1e-10)
+    torch.testing.assert_close(shuffled[0], ref[0], rtol=1e-9, atol=1e-10)
+    torch.testing.assert_close(shuffled[2][torch.argsort(perm)], ref[2], rtol=1e-9, atol=1e-10)

@@ -78,53 +78,93 @@ def build_layout(
     key_labels: Optional[Tensor],
     in_batch: bool,
 ) -> ContrastLayout:
-    """Sort anchors and valid keys by class. Costs two sorts, copies of ``O((N + M) * D)`` and
-    one host synchronisation (the class boundaries)."""
+    """Arrange anchors and valid keys by class.
+
+    Class ids are compacted over the anchors' classes only: keys of a class no anchor has can
+    only ever be negatives, so they share one extra class after the anchors' classes. Keys that
+    are already grouped by class in ascending order (a memory bank's ``keys()``) are not sorted
+    again. In-batch anchors are merged into the key order by counting, anchors first within each
+    class. Costs: a sort of the ``N`` anchors, a sort of the keys only when they are not grouped,
+    one gather of the keys and two host synchronisations.
+    """
     dtype = compute_dtype(anchors.dtype)
     device = anchors.device
     n = anchors.shape[0]
     labels = labels.long()
 
-    # The caller's key space is [anchors (if in_batch); keys]; invalid keys are dropped by index.
-    key_parts, label_parts, source_parts = [], [], []
-    if in_batch:
-        key_parts.append(anchors)
-        label_parts.append(labels)
-        source_parts.append(torch.arange(n, device=device))
-    if keys is not None and key_labels is not None:
-        key_labels = key_labels.long()
-        valid = (key_labels >= 0).nonzero().squeeze(1)
-        key_parts.append(keys)
-        label_parts.append(key_labels.index_select(0, valid))
-        source_parts.append(valid + (n if in_batch else 0))
-    all_key_labels = torch.cat(label_parts) if label_parts else labels.new_empty(0)
-    classes, inverse = torch.unique(torch.cat([labels, all_key_labels]), return_inverse=True)
-    num_classes = classes.numel()
-    anchor_ids, key_ids = inverse[:n], inverse[n:]
-
+    classes, anchor_ids = torch.unique(labels, return_inverse=True)  # sorted, host-synchronised
+    num_anchor_classes = classes.numel()
+    width = num_anchor_classes + 1  # + one class for keys of no anchor's class
     anchor_class, anchor_order = torch.sort(anchor_ids, stable=True)
-    key_class, key_perm = torch.sort(key_ids, stable=True)
-    key_source = torch.cat(source_parts)[key_perm] if source_parts else key_perm
-
-    anchor_counts = torch.bincount(anchor_ids, minlength=num_classes)
-    key_counts = torch.bincount(key_ids, minlength=num_classes)
-    zero = anchor_counts.new_zeros(1)
-    bounds = torch.cat([zero, anchor_counts.cumsum(0), zero, key_counts.cumsum(0)]).tolist()
-
     sorted_anchors = anchors.index_select(0, anchor_order).to(dtype)
-    if not key_parts:
-        sorted_keys = anchors.new_empty((0, anchors.shape[1]), dtype=dtype)
+    anchor_counts = torch.bincount(anchor_ids, minlength=width)
+
+    has_keys = keys is not None and key_labels is not None and key_labels.numel() > 0
+    if has_keys:
+        raw = key_labels.long()
+        slot = torch.searchsorted(classes, raw).clamp(max=max(num_anchor_classes - 1, 0))
+        known = classes[slot] == raw if num_anchor_classes else torch.zeros_like(raw, dtype=bool)
+        # Invalid keys get id ``width``: counted in a bin that is dropped, sorted last.
+        part_ids = torch.where(known, slot, num_anchor_classes)
+        part_ids = torch.where(raw >= 0, part_ids, width)
+        grouped = (part_ids[1:] >= part_ids[:-1]).all().reshape(1)
+        part_counts = torch.bincount(part_ids, minlength=width + 1)[:width]
     else:
-        # One gather from the caller's key space (a single part needs no concatenation).
-        key_space = key_parts[0] if len(key_parts) == 1 else torch.cat(key_parts)
-        sorted_keys = key_space.index_select(0, key_source).to(dtype)
-    positives = key_counts.index_select(0, anchor_class).to(dtype)
+        grouped = torch.ones(1, dtype=torch.bool, device=device)
+        part_counts = torch.zeros_like(anchor_counts)
+    zero = anchor_counts.new_zeros(1)
+    host = torch.cat(
+        [zero, anchor_counts.cumsum(0), zero, part_counts.cumsum(0), grouped.long()]
+    ).tolist()
+    anchor_offsets = host[: width + 1]
+    part_offsets = host[width + 1 : 2 * width + 2]
+    num_valid = part_offsets[-1]
+
+    # The caller's key space is [anchors (if in_batch); keys]: ``offset`` shifts the keys.
+    offset = n if in_batch else 0
+    if has_keys:
+        if host[-1]:
+            part_order = torch.arange(num_valid, device=device)
+            part_class = part_ids[:num_valid]
+        else:
+            part_class, part_order = torch.sort(part_ids, stable=True)
+            part_class, part_order = part_class[:num_valid], part_order[:num_valid]
+        part_keys = keys if host[-1] and num_valid == keys.shape[0] else keys[part_order]
+        part_keys = part_keys.to(dtype)
+        part_source = part_order + offset
+    else:
+        part_class = labels.new_empty(0)
+        part_keys = anchors.new_empty((0, anchors.shape[1]), dtype=dtype)
+        part_source = labels.new_empty(0)
+
+    positives = (part_counts + (anchor_counts if in_batch else 0)).index_select(0, anchor_class)
     self_column = None
+    if not in_batch:
+        sorted_keys, key_source, key_class = part_keys, part_source, part_class
+        key_offsets = part_offsets
+    elif num_valid == 0:
+        sorted_keys, key_source, key_class = sorted_anchors, anchor_order, anchor_class
+        key_offsets = anchor_offsets
+        self_column = torch.arange(n, device=device)
+    else:
+        # Within class c the anchors come first, then the keys: anchor i lands at
+        # i + (keys of classes < c), key j at j + (anchors of classes <= c).
+        key_offsets = [a + b for a, b in zip(anchor_offsets, part_offsets)]
+        part_start = torch.tensor(part_offsets[:-1], device=device)
+        anchor_end = torch.tensor(anchor_offsets[1:], device=device)
+        self_column = torch.arange(n, device=device) + part_start[anchor_class]
+        key_column = torch.arange(num_valid, device=device) + anchor_end[part_class]
+        total = n + num_valid
+        sorted_keys = sorted_anchors.new_empty((total, anchors.shape[1]))
+        sorted_keys.index_copy_(0, self_column, sorted_anchors)
+        sorted_keys.index_copy_(0, key_column, part_keys)
+        key_source = labels.new_empty(total)
+        key_source.index_copy_(0, self_column, anchor_order)
+        key_source.index_copy_(0, key_column, part_source)
+        key_class = labels.new_empty(total)
+        key_class.index_copy_(0, self_column, anchor_class)
+        key_class.index_copy_(0, key_column, part_class)
     if in_batch:
-        # The first n entries of the caller's key space are the anchors themselves.
-        column_of_source = torch.empty_like(key_perm)
-        column_of_source[key_perm] = torch.arange(key_perm.numel(), device=device)
-        self_column = column_of_source.index_select(0, anchor_order)
         positives = positives - 1
 
     return ContrastLayout(
@@ -135,7 +175,7 @@ def build_layout(
         key_source=key_source,
         key_class=key_class,
         self_column=self_column,
-        positives=positives,
-        anchor_offsets=bounds[: num_classes + 1],
-        key_offsets=bounds[num_classes + 1 :],
+        positives=positives.to(dtype),
+        anchor_offsets=anchor_offsets,
+        key_offsets=key_offsets,
     )
