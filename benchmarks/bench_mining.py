@@ -1,0 +1,191 @@
+"""Chunked hardest mining against a dense top-k: peak memory growth and time on CPU.
+
+N = 1024 anchors against M = 40,000 memory keys (19 classes, about 1/16 of them invalid slots),
+D = 256, fp32; per anchor the ``K_pos = 64`` least similar positives and ``K_neg = 256`` most
+similar negatives. The chunked side is ``mine_keys(miner="hardest")``; the dense side,
+:func:`dense_hardest`, builds the full ``[N, M]`` similarity matrix and takes two top-k of it,
+frugally (one masked copy, the other mask applied in place). Both return the same indices, which
+the script asserts. ``mine_keys(miner="semi-hard")`` is measured alongside, for information.
+
+- Peak memory: growth of the process's peak RSS over one call, each point in a fresh process
+  (``_common.run_child``), after a warm-up call on a small problem; inputs are not counted. The
+  children run with ``MALLOC_MMAP_THRESHOLD_=65536`` (large blocks are returned on free), and
+  each reports its slack, peak minus current RSS before the call (near 0: nothing hidden).
+- Time: the sides alternate in one process, medians of ``--repeats`` calls (DESIGN.md §4).
+
+Run ``python benchmarks/bench_mining.py`` (one thread unless ``--threads``). Writes
+``benchmarks/results/bench_mining.json`` and prints a markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _common import (  # noqa: E402
+    child_spec,
+    measure_peak_growth,
+    metadata,
+    run_child,
+    time_alternating,
+)
+
+from pixcontrast.mining import mine_keys  # noqa: E402
+
+ANCHORS, KEYS, DIM, CLASSES = 1024, 40_000, 256, 19
+NUM_POSITIVES, NUM_NEGATIVES = 64, 256
+MEMORY_TARGET = 0.2  # chunked peak growth <= 1/5 of the dense one
+RESULTS = Path(__file__).parent / "results" / "bench_mining.json"
+SIDES = ("dense top-k", "chunked hardest", "chunked semi-hard")
+
+
+def unit_rows(count: int, g: torch.Generator) -> torch.Tensor:
+    """Random unit vectors, made in place: no temporary copy raises the peak RSS early."""
+    rows = torch.empty(count, DIM).normal_(generator=g)
+    return rows.div_(rows.norm(dim=1, keepdim=True))
+
+
+def problem(
+    seed: int, n: int = ANCHORS, m: int = KEYS
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Unit anchors and memory keys; one key in 16 is an empty slot (label -1)."""
+    g = torch.Generator().manual_seed(seed)
+    anchors = unit_rows(n, g)
+    labels = torch.randint(0, CLASSES, (n,), generator=g)
+    keys = unit_rows(m, g)
+    key_labels = torch.randint(0, CLASSES, (m,), generator=g)
+    key_labels[torch.rand(m, generator=g) < 1 / 16] = -1
+    return anchors, labels, keys, key_labels
+
+
+def dense_hardest(
+    anchors: torch.Tensor, labels: torch.Tensor, keys: torch.Tensor, key_labels: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """BASELINE (not library code): the full [N, M] similarities, then two top-k. Every anchor
+    of the benchmark has enough candidates, so no padding is handled."""
+    scores = anchors @ keys.T
+    same = labels[:, None] == key_labels
+    positives = torch.where(same, scores, torch.inf).topk(NUM_POSITIVES, largest=False).indices
+    scores.masked_fill_(same, -torch.inf).masked_fill_(key_labels < 0, -torch.inf)
+    negatives = scores.topk(NUM_NEGATIVES).indices
+    return positives, negatives
+
+
+def side(name: str, seed: int) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor,
+                                             torch.Tensor], object]:
+    """The callable of one side (the semi-hard side draws with a seeded generator)."""
+    if name == "dense top-k":
+        return dense_hardest
+    miner = "hardest" if name == "chunked hardest" else "semi-hard"
+    return lambda *inputs: mine_keys(
+        *inputs, miner=miner, num_positives=NUM_POSITIVES, num_negatives=NUM_NEGATIVES,
+        generator=torch.Generator().manual_seed(seed),
+    )
+
+
+def rss_and_peak_bytes() -> tuple[int, int]:
+    """(VmRSS, VmHWM) of this process, from ``/proc/self/status`` (Linux)."""
+    fields = {}
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(("VmRSS:", "VmHWM:")):
+            fields[line.split(":")[0]] = int(line.split()[1]) * 1024
+    return fields["VmRSS"], fields["VmHWM"]
+
+
+def memory_child(name: str, threads: int) -> dict:
+    """In a fresh process: peak RSS growth of one call of side ``name``, and the slack (peak
+    minus current RSS) before the call, which would hide part of the growth."""
+    torch.set_num_threads(threads)
+    slack = {}
+
+    def setup() -> Callable[[], object]:
+        fn = side(name, 0)
+        fn(*problem(1, n=32, m=512))  # warm-up: library initialisation, not counted
+        inputs = problem(0)
+        rss, peak = rss_and_peak_bytes()
+        slack["bytes"] = peak - rss
+        return lambda: fn(*inputs)
+
+    growth = measure_peak_growth(setup)
+    return {"side": name, "peak_rss_growth_bytes": growth, "slack_bytes": slack["bytes"]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--threads", type=int, default=1)
+    spec = child_spec(sys.argv)
+    if spec is not None:
+        print(json.dumps(memory_child(spec["side"], spec["threads"])))
+        return
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+
+    # A fixed mmap threshold: every allocation of 64 KiB or more is its own mapping, returned
+    # to the system when freed, so freed-but-resident heap memory cannot absorb the growth.
+    os.environ.setdefault("MALLOC_MMAP_THRESHOLD_", str(1 << 16))
+    children = {
+        name: run_child(Path(__file__), {"side": name, "threads": args.threads})
+        for name in SIDES
+    }
+    memory = {name: child["peak_rss_growth_bytes"] for name, child in children.items()}
+
+    inputs = problem(0)
+    dense_pos, dense_neg = dense_hardest(*inputs)
+    chunked = side("chunked hardest", 0)(*inputs)
+    assert torch.equal(chunked.positive_index, dense_pos), "chunked != dense positives"
+    assert torch.equal(chunked.negative_index, dense_neg), "chunked != dense negatives"
+    fns = {name: functools.partial(side(name, 0), *inputs) for name in SIDES}
+    times = time_alternating(fns, repeats=args.repeats, warmup=1)
+
+    dense_bytes, dense_s = memory["dense top-k"], times["dense top-k"]
+    rows = [
+        {
+            "side": name,
+            "peak_rss_growth_bytes": memory[name],
+            "slack_before_call_bytes": children[name]["slack_bytes"],
+            "memory_vs_dense": memory[name] / dense_bytes,
+            "median_s": times[name],
+            "time_vs_dense": times[name] / dense_s,
+        }
+        for name in SIDES
+    ]
+    ratio = memory["chunked hardest"] / dense_bytes
+    result = {
+        "benchmark": "mining",
+        "metadata": {**metadata(), "load_average": os.getloadavg()},
+        "config": {
+            "anchors": ANCHORS, "keys": KEYS, "dim": DIM, "classes": CLASSES,
+            "num_positives": NUM_POSITIVES, "num_negatives": NUM_NEGATIVES, "dtype": "float32",
+            "repeats": args.repeats, "threads": args.threads,
+            "malloc_mmap_threshold": os.environ["MALLOC_MMAP_THRESHOLD_"],
+        },
+        "memory_target": f"chunked hardest <= {MEMORY_TARGET:g} x dense",
+        "memory_ratio": ratio,
+        "memory_target_met": ratio <= MEMORY_TARGET,
+        "rows": rows,
+    }
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"N={ANCHORS}, M={KEYS}, D={DIM}, {CLASSES} classes, K_pos={NUM_POSITIVES}, "
+          f"K_neg={NUM_NEGATIVES}, {args.threads} thread(s), median of {args.repeats}")
+    print("| side | peak RSS growth (MB) | vs dense | median time (s) | vs dense |")
+    print("|---|---:|---:|---:|---:|")
+    for row in rows:
+        print(f"| {row['side']} | {row['peak_rss_growth_bytes'] / 1e6:.1f} | "
+              f"{row['memory_vs_dense']:.3f} | {row['median_s']:.3f} | "
+              f"{row['time_vs_dense']:.2f}x |")
+    print(f"Target: chunked hardest <= {MEMORY_TARGET:g} x dense peak growth: "
+          f"{'met' if ratio <= MEMORY_TARGET else 'NOT met'} ({ratio:.3f}).")
+
+
+if __name__ == "__main__":
+    main()
