@@ -198,9 +198,9 @@ def _mine_ranked(
 ) -> MinedPairs:
     """Hardest (``fraction=None``) or semi-hard mining, chunked over anchor rows."""
     n, m = x.shape[0], space.size
-    same, valid_total = _same_class_counts(space, labels)
-    positives = same - int(space.in_batch)
-    negatives = valid_total - same
+    class_keys, valid_total = _same_class_counts(space, labels)
+    positives = class_keys - int(space.in_batch)
+    negatives = valid_total - class_keys
     positive_index = labels.new_full((n, num_positives), -1)
     negative_index = labels.new_full((n, num_negatives), -1)
     if n == 0 or m == 0:
