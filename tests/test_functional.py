@@ -145,6 +145,7 @@ def test_torch_matches_reference(variant, mode, reduction, dtype, n, m):
 def test_many_chunks_and_classes_spanning_chunks(variant, monkeypatch):
     # A tiny buffer forces many row chunks, most of them cutting through a class.
     monkeypatch.setattr(torch_fused, "_CHUNK_ELEMENTS", 3 * 50)
+    monkeypatch.setattr(torch_fused, "_MIN_CHUNK_ROWS", 1)
     anchors, labels, keys, key_labels = make_inputs(41, 50, 6, 4, seed=7)
     upstream = torch.rand(41, dtype=torch.float64) + 0.5
     for mode in MODES:

@@ -100,13 +100,13 @@ def scatter_to_inputs(
         grad_anchors = layout.anchors.new_zeros(layout.anchors.shape)
         if grad_x is not None:
             grad_anchors[layout.anchor_order] = grad_x
-    if grad_k is not None:
-        combined = grad_k.new_zeros((offset + spec.num_keys, grad_k.shape[1]))
-        combined[layout.key_source] = grad_k
-        if grad_anchors is not None and layout.in_batch:
-            grad_anchors += combined[:n]
-        if spec.need_key_grad:
-            grad_keys = combined[offset:].to(spec.key_dtype)
+    if grad_k is not None and layout.in_batch and grad_anchors is not None:
+        # An anchor's role as a key: its own column, in sorted-anchor order.
+        grad_anchors[layout.anchor_order] += grad_k.index_select(0, layout.self_column)
+    if grad_k is not None and spec.need_key_grad:
+        grad_keys = grad_k.new_zeros((offset + spec.num_keys, grad_k.shape[1]))
+        grad_keys[layout.key_source] = grad_k
+        grad_keys = grad_keys[offset:].to(spec.key_dtype)
     if grad_anchors is not None:
         grad_anchors = grad_anchors.to(spec.anchor_dtype)
     return grad_anchors, grad_keys

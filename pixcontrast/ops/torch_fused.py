@@ -34,9 +34,11 @@ __all__ = [
     "torch_contrastive_loss",
 ]
 
-# Elements of the one [rows, M] score buffer: 2**24 fp32 values are 64 MiB. Larger chunks make
-# the two products more efficient; the buffer is the only O(rows * M) memory of the backend.
-_CHUNK_ELEMENTS = 1 << 24
+# The one [rows, M] score buffer is the only O(rows * M) memory of the backend: up to 2**25
+# elements (128 MiB in fp32), but at least 256 rows, below which the two products lose
+# efficiency (BLAS re-streams all keys once per chunk).
+_CHUNK_ELEMENTS = 1 << 25
+_MIN_CHUNK_ROWS = 256
 
 
 def _exp_shifted(scores: Tensor, shift: Optional[Tensor]) -> Tensor:
@@ -227,15 +229,20 @@ def sweep(
 
     positive_sums = supcon_positive_sums(layout) if variant == "supcon" else None
 
-    # BLAS runs a skinny [rows, D] x [D, M] product faster on a [D, M] row-major operand than on
-    # the transposed view of the keys; the copy costs one pass over the keys.
-    keys_t = k.T.contiguous()
-    num_chunks = -(-n // max(1, _CHUNK_ELEMENTS // m))
+    num_chunks = -(-n // max(_MIN_CHUNK_ROWS, _CHUNK_ELEMENTS // m))
     step = -(-n // num_chunks)  # equal chunks rather than a small remainder
     buffer = x.new_empty((step, m))  # reused: a fresh allocation per chunk costs page faults
+    # Key gradients of a few column ranges (the anchors' own columns among memory keys) take one
+    # gather and one product per chunk instead of one product per range.
+    gathered = None
+    if grad_k is not None and key_grad_columns != [(0, m)]:
+        gathered = torch.cat(
+            [torch.arange(lo, hi, device=k.device) for lo, hi in key_grad_columns]
+        )
+        grad_gathered = k.new_zeros((gathered.numel(), k.shape[1]))
     for start in range(0, n, step):
         stop = min(start + step, n)
-        scores = torch.mm(scaled[start:stop], keys_t, out=buffer[: stop - start])
+        scores = torch.mm(scaled[start:stop], k.T, out=buffer[: stop - start])
         rows_weight = None if weight is None else weight[start:stop]
         if variant == "paper":
             rows_loss, stats = _paper_rows(layout, scores, start, rows_weight, rho, saved)
@@ -249,8 +256,12 @@ def sweep(
             continue
         if grad_x is not None:
             torch.mm(scores, k, out=grad_x[start:stop])
-        for lo, hi in key_grad_columns or ():
-            grad_k[lo:hi].addmm_(scores[:, lo:hi].T, scaled[start:stop])
+        if gathered is not None:
+            grad_gathered.addmm_(scores.index_select(1, gathered).T, scaled[start:stop])
+        elif grad_k is not None:
+            grad_k.addmm_(scores.T, scaled[start:stop])
+    if gathered is not None:
+        grad_k.index_copy_(0, gathered, grad_gathered)
 
     if grad_x is not None:
         grad_x /= temperature
