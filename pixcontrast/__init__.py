@@ -4,6 +4,7 @@ from .functional import contrastive_loss, resize_labels
 from .heads import ProjectionHead
 from .losses import PixelContrastLoss, RegionContrastLoss
 from .memory import ClassMemoryBank, region_embeddings
+from .mining import MINERS, MinedContrastLoss, MinedPairs, mine_keys, pair_contrastive_loss
 from .samplers import (
     AnchorSample,
     ConfidenceAnchorSampler,
@@ -15,16 +16,21 @@ from .samplers import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "MINERS",
     "AnchorSample",
     "ClassMemoryBank",
     "ConfidenceAnchorSampler",
     "HardAnchorSampler",
+    "MinedContrastLoss",
+    "MinedPairs",
     "PixelContrastLoss",
     "ProjectionHead",
     "RandomAnchorSampler",
     "RegionContrastLoss",
     "__version__",
     "contrastive_loss",
+    "mine_keys",
+    "pair_contrastive_loss",
     "region_embeddings",
     "resize_labels",
     "select_anchors",

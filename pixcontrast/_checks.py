@@ -9,6 +9,9 @@ from torch import Tensor
 
 __all__ = [
     "check_choice",
+    "check_contrast_inputs",
+    "check_count",
+    "check_fraction",
     "check_embeddings",
     "check_finite",
     "check_labels",
@@ -74,3 +77,60 @@ def check_same_device(named: Iterable[tuple[str, Optional[Tensor]]]) -> None:
                 f"{name} is on {tensor.device} but {first_name} is on {first.device}; "
                 "move them to one device"
             )
+
+
+def check_count(value: object, name: str, minimum: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an integer, got {type(value).__name__}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return value
+
+
+def check_fraction(value: object, name: str, allow_zero: bool = True) -> float:
+    """A number in ``[0, 1]`` (``(0, 1]`` when ``allow_zero`` is false)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+    low_ok = value >= 0.0 if allow_zero else value > 0.0
+    if not (low_ok and value <= 1.0):
+        interval = "[0, 1]" if allow_zero else "(0, 1]"
+        raise ValueError(f"{name} must lie in {interval}, got {value}")
+    return float(value)
+
+
+def check_contrast_inputs(
+    anchors: object, labels: object, keys: Optional[object], key_labels: Optional[object]
+) -> None:
+    """The data arguments of a contrastive loss: shapes, dtypes, devices, label range, and
+    finite embeddings."""
+    anchors = check_embeddings(anchors, "anchors", 2)
+    labels = check_labels(labels, "labels", 1)
+    if labels.shape[0] != anchors.shape[0]:
+        raise ValueError(
+            f"labels must have one entry per anchor: got {labels.shape[0]} labels for "
+            f"{anchors.shape[0]} anchors"
+        )
+    if keys is None and key_labels is not None:
+        raise ValueError("key_labels was given without keys")
+    if keys is not None:
+        keys = check_embeddings(keys, "keys", 2)
+        if key_labels is None:
+            raise ValueError("keys requires key_labels")
+        key_labels = check_labels(key_labels, "key_labels", 1)
+        if key_labels.shape[0] != keys.shape[0]:
+            raise ValueError(
+                f"key_labels must have one entry per key: got {key_labels.shape[0]} labels for "
+                f"{keys.shape[0]} keys"
+            )
+        if keys.shape[1] != anchors.shape[1]:
+            raise ValueError(
+                f"keys must have the anchors' dimension D={anchors.shape[1]}, got {keys.shape[1]}"
+            )
+    check_same_device(
+        [("anchors", anchors), ("labels", labels), ("keys", keys), ("key_labels", key_labels)]
+    )
+    if labels.numel() and int(labels.min()) < 0:
+        raise ValueError("labels must be >= 0 (filter ignored pixels out first)")
+    check_finite(anchors, "anchors")
+    if keys is not None:
+        check_finite(keys, "keys")

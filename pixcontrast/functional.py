@@ -79,32 +79,7 @@ def contrastive_loss(
         >>> loss.ndim, x.grad.shape
         (0, torch.Size([6, 8]))
     """
-    _checks.check_embeddings(anchors, "anchors", 2)
-    _checks.check_labels(labels, "labels", 1)
-    if labels.shape[0] != anchors.shape[0]:
-        raise ValueError(
-            f"labels must have one entry per anchor: got {labels.shape[0]} labels for "
-            f"{anchors.shape[0]} anchors"
-        )
-    if keys is None and key_labels is not None:
-        raise ValueError("key_labels was given without keys")
-    if keys is not None:
-        _checks.check_embeddings(keys, "keys", 2)
-        if key_labels is None:
-            raise ValueError("keys requires key_labels")
-        _checks.check_labels(key_labels, "key_labels", 1)
-        if key_labels.shape[0] != keys.shape[0]:
-            raise ValueError(
-                f"key_labels must have one entry per key: got {key_labels.shape[0]} labels for "
-                f"{keys.shape[0]} keys"
-            )
-        if keys.shape[1] != anchors.shape[1]:
-            raise ValueError(
-                f"keys must have the anchors' dimension D={anchors.shape[1]}, got {keys.shape[1]}"
-            )
-    _checks.check_same_device(
-        [("anchors", anchors), ("labels", labels), ("keys", keys), ("key_labels", key_labels)]
-    )
+    _checks.check_contrast_inputs(anchors, labels, keys, key_labels)
     temperature = _checks.check_positive(temperature, "temperature")
     rho = 1.0
     if base_temperature is not None:
@@ -114,11 +89,6 @@ def contrastive_loss(
     _checks.check_choice(backend, "backend", BACKEND_NAMES)
     if in_batch is None:
         in_batch = keys is None
-    if labels.numel() and int(labels.min()) < 0:
-        raise ValueError("labels must be >= 0 (filter ignored pixels out before the loss)")
-    _checks.check_finite(anchors, "anchors")
-    if keys is not None:
-        _checks.check_finite(keys, "keys")
 
     chosen = select_backend(backend, anchors, keys)
     return chosen.loss(

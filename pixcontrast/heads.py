@@ -34,9 +34,8 @@ class ProjectionHead(nn.Module):
 
     def __init__(self, in_channels: int, proj_dim: int = 256, kind: str = "convmlp") -> None:
         super().__init__()
-        for name, value in (("in_channels", in_channels), ("proj_dim", proj_dim)):
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        _checks.check_count(in_channels, "in_channels")
+        _checks.check_count(proj_dim, "proj_dim")
         _checks.check_choice(kind, "kind", ("convmlp", "linear"))
         self.kind = kind
         if kind == "linear":

@@ -30,7 +30,6 @@ from . import _checks
 from .functional import REDUCTIONS, VARIANTS
 from .ops._layout import compute_dtype
 from .ops.pairs import pair_loss
-from .samplers import _check_count
 
 __all__ = ["MINERS", "MinedContrastLoss", "MinedPairs", "mine_keys", "pair_contrastive_loss"]
 
@@ -72,49 +71,6 @@ class _KeySpace:
         return self.labels.numel()
 
 
-def _check_contrast_inputs(
-    anchors: Tensor,
-    labels: Tensor,
-    keys: Optional[Tensor],
-    key_labels: Optional[Tensor],
-    in_batch: Optional[bool],
-) -> bool:
-    """The checks of :func:`~pixcontrast.contrastive_loss` on its data arguments; returns the
-    resolved ``in_batch``."""
-    _checks.check_embeddings(anchors, "anchors", 2)
-    _checks.check_labels(labels, "labels", 1)
-    if labels.shape[0] != anchors.shape[0]:
-        raise ValueError(
-            f"labels must have one entry per anchor: got {labels.shape[0]} labels for "
-            f"{anchors.shape[0]} anchors"
-        )
-    if keys is None and key_labels is not None:
-        raise ValueError("key_labels was given without keys")
-    if keys is not None:
-        _checks.check_embeddings(keys, "keys", 2)
-        if key_labels is None:
-            raise ValueError("keys requires key_labels")
-        _checks.check_labels(key_labels, "key_labels", 1)
-        if key_labels.shape[0] != keys.shape[0]:
-            raise ValueError(
-                f"key_labels must have one entry per key: got {key_labels.shape[0]} labels for "
-                f"{keys.shape[0]} keys"
-            )
-        if keys.shape[1] != anchors.shape[1]:
-            raise ValueError(
-                f"keys must have the anchors' dimension D={anchors.shape[1]}, got {keys.shape[1]}"
-            )
-    _checks.check_same_device(
-        [("anchors", anchors), ("labels", labels), ("keys", keys), ("key_labels", key_labels)]
-    )
-    if labels.numel() and int(labels.min()) < 0:
-        raise ValueError("labels must be >= 0 (filter ignored pixels out before mining)")
-    _checks.check_finite(anchors, "anchors")
-    if keys is not None:
-        _checks.check_finite(keys, "keys")
-    return keys is None if in_batch is None else bool(in_batch)
-
-
 def _key_space(
     anchors: Tensor,
     labels: Tensor,
@@ -132,13 +88,6 @@ def _key_space(
         label_parts.append(key_labels.long())
     key_labels_all = torch.cat(label_parts) if label_parts else labels.new_empty(0).long()
     return _KeySpace(tuple(parts), key_labels_all, in_batch)
-
-
-def _check_fraction(value: float) -> float:
-    fraction = _checks.check_positive(value, "fraction")
-    if fraction > 1:
-        raise ValueError(f"fraction must lie in (0, 1], got {value}")
-    return fraction
 
 
 def _same_class_counts(space: _KeySpace, labels: Tensor) -> tuple[Tensor, Tensor]:
@@ -388,11 +337,12 @@ def mine_keys(
         >>> pairs.positive_index.tolist(), pairs.negative_index.tolist()
         ([[1], [0], [3], [2]], [[3], [3], [1], [0]])
     """
-    in_batch = _check_contrast_inputs(anchors, labels, keys, key_labels, in_batch)
+    _checks.check_contrast_inputs(anchors, labels, keys, key_labels)
+    in_batch = keys is None if in_batch is None else bool(in_batch)
     _checks.check_choice(miner, "miner", MINERS)
-    num_positives = _check_count(num_positives, "num_positives")
-    num_negatives = _check_count(num_negatives, "num_negatives")
-    fraction = _check_fraction(fraction)
+    num_positives = _checks.check_count(num_positives, "num_positives")
+    num_negatives = _checks.check_count(num_negatives, "num_negatives")
+    fraction = _checks.check_fraction(fraction, "fraction", allow_zero=False)
     class_temperature = _checks.check_positive(class_temperature, "class_temperature")
 
     with torch.no_grad():
@@ -525,7 +475,8 @@ def pair_contrastive_loss(
         >>> loss.ndim, x.grad.shape
         (0, torch.Size([6, 8]))
     """
-    in_batch = _check_contrast_inputs(anchors, labels, keys, key_labels, in_batch)
+    _checks.check_contrast_inputs(anchors, labels, keys, key_labels)
+    in_batch = keys is None if in_batch is None else bool(in_batch)
     temperature = _checks.check_positive(temperature, "temperature")
     rho = 1.0
     if base_temperature is not None:
@@ -588,9 +539,9 @@ class MinedContrastLoss(nn.Module):
     ) -> None:
         super().__init__()
         self.miner = _checks.check_choice(miner, "miner", MINERS)
-        self.num_positives = _check_count(num_positives, "num_positives")
-        self.num_negatives = _check_count(num_negatives, "num_negatives")
-        self.fraction = _check_fraction(fraction)
+        self.num_positives = _checks.check_count(num_positives, "num_positives")
+        self.num_negatives = _checks.check_count(num_negatives, "num_negatives")
+        self.fraction = _checks.check_fraction(fraction, "fraction", allow_zero=False)
         self.class_temperature = _checks.check_positive(class_temperature, "class_temperature")
         self.temperature = _checks.check_positive(temperature, "temperature")
         self.base_temperature = base_temperature

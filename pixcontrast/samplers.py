@@ -96,22 +96,6 @@ def random_rank_in_group(groups: Tensor, generator: Optional[torch.Generator]) -
     return rank
 
 
-def _check_count(value: object, name: str, minimum: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an integer, got {type(value).__name__}")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
-    return value
-
-
-def _check_fraction(value: object, name: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
-    if not 0.0 <= value <= 1.0:
-        raise ValueError(f"{name} must lie in [0, 1], got {value}")
-    return float(value)
-
-
 def _check_maps(
     embeddings: Tensor,
     labels: Tensor,
@@ -337,11 +321,13 @@ class HardAnchorSampler:
         hard_fraction: float = 0.5,
         num_classes: Optional[int] = None,
     ) -> None:
-        self.max_samples = _check_count(max_samples, "max_samples")
-        self.max_views = _check_count(max_views, "max_views")
-        self.min_pixels = _check_count(min_pixels, "min_pixels")
-        self.hard_fraction = _check_fraction(hard_fraction, "hard_fraction")
-        self.num_classes = None if num_classes is None else _check_count(num_classes, "num_classes")
+        self.max_samples = _checks.check_count(max_samples, "max_samples")
+        self.max_views = _checks.check_count(max_views, "max_views")
+        self.min_pixels = _checks.check_count(min_pixels, "min_pixels")
+        self.hard_fraction = _checks.check_fraction(hard_fraction, "hard_fraction")
+        if num_classes is not None:
+            num_classes = _checks.check_count(num_classes, "num_classes")
+        self.num_classes = num_classes
 
     def __call__(
         self,
@@ -454,8 +440,8 @@ class ConfidenceAnchorSampler:
     """
 
     def __init__(self, max_views: int = 100, threshold: float = 0.97) -> None:
-        self.max_views = _check_count(max_views, "max_views")
-        self.threshold = _check_fraction(threshold, "threshold")
+        self.max_views = _checks.check_count(max_views, "max_views")
+        self.threshold = _checks.check_fraction(threshold, "threshold")
 
     def __call__(
         self,
