@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from ._layout import compute_dtype
-from .reference import _masked_logsumexp
+from .reference import masked_contrastive_loss
 
 __all__ = ["pair_loss"]
 
@@ -52,26 +52,6 @@ def pair_loss(
     negative = negative_index >= 0
     pos_scores = _selected_scores(x, k, positive_index, temperature)
     neg_scores = _selected_scores(x, k, negative_index, temperature)
-    num_pos = positive.sum(dim=1).to(dtype)
-    has_pos = num_pos > 0
-
-    if variant == "paper":
-        nu = _masked_logsumexp(neg_scores, negative)
-        margin = nu[:, None] - pos_scores
-        per_pair = torch.logaddexp(margin, torch.zeros_like(margin))  # exact softplus
-        per_pair = torch.where(positive, per_pair, torch.zeros_like(per_pair))
-        loss = rho * per_pair.sum(dim=1) / num_pos.clamp(min=1)
-    else:
-        lam = _masked_logsumexp(
-            torch.cat([pos_scores, neg_scores], dim=1), torch.cat([positive, negative], dim=1)
-        )
-        lam = torch.where(has_pos, lam, torch.zeros_like(lam))
-        pos_sum = torch.where(positive, pos_scores, torch.zeros_like(pos_scores)).sum(dim=1)
-        loss = rho * (lam - pos_sum / num_pos.clamp(min=1))
-    loss = torch.where(has_pos, loss, torch.zeros_like(loss))
-
-    if reduction == "none":
-        return loss
-    if reduction == "sum":
-        return loss.sum()
-    return loss.sum() / has_pos.sum().clamp(min=1)
+    return masked_contrastive_loss(
+        pos_scores, positive, neg_scores, negative, rho, variant, reduction
+    )

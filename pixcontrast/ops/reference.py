@@ -14,7 +14,7 @@ from torch import Tensor
 
 from ._layout import compute_dtype
 
-__all__ = ["reference_contrastive_loss"]
+__all__ = ["masked_contrastive_loss", "reference_contrastive_loss"]
 
 
 def _masked_logsumexp(scores: Tensor, mask: Tensor) -> Tensor:
@@ -57,21 +57,38 @@ def reference_contrastive_loss(
     if in_batch:
         valid[:, :n] &= ~torch.eye(n, dtype=torch.bool, device=x.device)
     same = labels[:, None] == c[None, :]
-    pos = same & valid
-    num_pos = pos.sum(dim=1).to(dtype)
-    has_pos = num_pos > 0
+    return masked_contrastive_loss(
+        scores, same & valid, scores, ~same & valid, rho, variant, reduction
+    )
 
+
+def masked_contrastive_loss(
+    pos_scores: Tensor,
+    positive: Tensor,
+    neg_scores: Tensor,
+    negative: Tensor,
+    rho: float,
+    variant: str,
+    reduction: str,
+) -> Tensor:
+    """DESIGN.md §1 from scores and masks: the positives of row ``a`` are ``pos_scores[a]``
+    where ``positive[a]``, its negatives ``neg_scores[a]`` where ``negative[a]``. The dense
+    reference passes one score matrix twice; the pair loss passes the selected scores."""
+    num_pos = positive.sum(dim=1).to(pos_scores.dtype)
+    has_pos = num_pos > 0
+    nu = _masked_logsumexp(neg_scores, negative)
     if variant == "paper":
-        nu = _masked_logsumexp(scores, ~same & valid)
-        margin = nu[:, None] - scores
+        margin = nu[:, None] - pos_scores
         per_pair = torch.logaddexp(margin, torch.zeros_like(margin))  # exact softplus
-        per_pair = torch.where(pos, per_pair, torch.zeros_like(per_pair))
+        per_pair = torch.where(positive, per_pair, torch.zeros_like(per_pair))
         loss = rho * per_pair.sum(dim=1) / num_pos.clamp(min=1)
     else:
-        lam = _masked_logsumexp(scores, valid)
-        lam = torch.where(has_pos, lam, torch.zeros_like(lam))
-        pos_scores = torch.where(pos, scores, torch.zeros_like(scores)).sum(dim=1)
-        loss = rho * (lam - pos_scores / num_pos.clamp(min=1))
+        # log-sum-exp over positives and negatives; rows without positives are masked out
+        # before logaddexp so that no -inf - -inf reaches the gradient.
+        lam_pos = _masked_logsumexp(pos_scores, positive)
+        lam = torch.logaddexp(torch.where(has_pos, lam_pos, torch.zeros_like(lam_pos)), nu)
+        pos_sum = torch.where(positive, pos_scores, torch.zeros_like(pos_scores)).sum(dim=1)
+        loss = rho * (lam - pos_sum / num_pos.clamp(min=1))
     loss = torch.where(has_pos, loss, torch.zeros_like(loss))
 
     if reduction == "none":
