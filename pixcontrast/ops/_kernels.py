@@ -81,6 +81,20 @@ def _score_gradient(
 
 
 @triton.jit
+def _load_row_terms(
+    pos_lo_ptr, pos_hi_ptr, self_col_ptr, lse_ptr, neg_coef_ptr, pos_coef_ptr, rows, row_ok
+):
+    """Per-row inputs of ``_score_gradient``: positive block, self column, coefficients."""
+    pos_lo = tl.load(pos_lo_ptr + rows, mask=row_ok, other=0)
+    pos_hi = tl.load(pos_hi_ptr + rows, mask=row_ok, other=0)
+    self_col = tl.load(self_col_ptr + rows, mask=row_ok, other=-1)
+    lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
+    neg_coef = tl.load(neg_coef_ptr + rows, mask=row_ok, other=0.0)
+    pos_coef = tl.load(pos_coef_ptr + rows, mask=row_ok, other=0.0)
+    return pos_lo, pos_hi, self_col, lse, neg_coef, pos_coef
+
+
+@triton.jit
 def contrast_forward_kernel(
     x_ptr, k_ptr, pos_lo_ptr, pos_hi_ptr, self_col_ptr,
     lse_ptr, softplus_sum_ptr, sigmoid_sum_ptr,
@@ -157,12 +171,9 @@ def contrast_anchor_grad_kernel(
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < num_rows
     x = _load_rows(x_ptr, rows, num_rows, stride_x, dim, BLOCK_D)
-    pos_lo = tl.load(pos_lo_ptr + rows, mask=row_ok, other=0)
-    pos_hi = tl.load(pos_hi_ptr + rows, mask=row_ok, other=0)
-    self_col = tl.load(self_col_ptr + rows, mask=row_ok, other=-1)
-    lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
-    neg_coef = tl.load(neg_coef_ptr + rows, mask=row_ok, other=0.0)
-    pos_coef = tl.load(pos_coef_ptr + rows, mask=row_ok, other=0.0)
+    pos_lo, pos_hi, self_col, lse, neg_coef, pos_coef = _load_row_terms(
+        pos_lo_ptr, pos_hi_ptr, self_col_ptr, lse_ptr, neg_coef_ptr, pos_coef_ptr, rows, row_ok
+    )
 
     acc = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     for start in range(0, num_cols, BLOCK_M):
@@ -202,12 +213,9 @@ def contrast_key_grad_kernel(
         rows = start + tl.arange(0, BLOCK_N)
         row_ok = rows < num_rows
         x = _load_rows(x_ptr, rows, num_rows, stride_x, dim, BLOCK_D)
-        pos_lo = tl.load(pos_lo_ptr + rows, mask=row_ok, other=0)
-        pos_hi = tl.load(pos_hi_ptr + rows, mask=row_ok, other=0)
-        self_col = tl.load(self_col_ptr + rows, mask=row_ok, other=-1)
-        lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
-        neg_coef = tl.load(neg_coef_ptr + rows, mask=row_ok, other=0.0)
-        pos_coef = tl.load(pos_coef_ptr + rows, mask=row_ok, other=0.0)
+        pos_lo, pos_hi, self_col, lse, neg_coef, pos_coef = _load_row_terms(
+            pos_lo_ptr, pos_hi_ptr, self_col_ptr, lse_ptr, neg_coef_ptr, pos_coef_ptr, rows, row_ok
+        )
         scores = tl.dot(x, tl.trans(k), input_precision=PRECISION) * scale
         grad = _score_gradient(
             scores, cols, col_stop, lse, neg_coef, pos_coef, pos_lo, pos_hi, self_col, IS_PAPER
