@@ -41,6 +41,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.ticker  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from _common import (  # noqa: E402
@@ -56,6 +57,8 @@ from tqdm import tqdm  # noqa: E402
 import pixcontrast  # noqa: E402
 
 HERE = Path(__file__).resolve()
+COLORS = {"reference": "tab:green", "torch": "tab:purple", "triton": "tab:red", "pml": "tab:orange",
+          "floor": "tab:blue"}
 TEMPERATURE = 0.1
 LOSS_PROVIDERS = ("reference", "torch", "triton")
 
@@ -294,15 +297,17 @@ def plot(rows: list[dict], path: Path) -> bool:
             xs = [x for x, _ in points]
             label = provider if provider == "floor" else f"{provider} ({variant})"
             style = "--" if variant == "supcon" else "-"
-            row_axes[0].plot(xs, [1e3 * r["time_s"] for _, r in points], style, marker="o",
-                             label=label)
+            look = dict(marker="o", color=COLORS[provider], label=label)
+            row_axes[0].plot(xs, [1e3 * r["time_s"] for _, r in points], style, **look)
             if provider != "floor":
-                row_axes[1].plot(xs, [r["peak_bytes"] / 2**20 for _, r in points], style,
-                                 marker="o", label=label)
+                row_axes[1].plot(xs, [r["peak_bytes"] / 2**20 for _, r in points], style, **look)
         other = "N" if axis == "m" else "M"
         for ax, ylabel in zip(row_axes, ["time (ms)", "peak memory growth (MiB)"]):
             ax.set(xscale="log", yscale="log", xlabel=axis.upper(), ylabel=ylabel,
                    title=f"fwd+bwd, {other} = {fixed}")
+            ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+            ax.set_xticks(sorted({r[axis] for r in full if r[fixed_key] == fixed}))
+            ax.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
             ax.grid(True, which="both", alpha=0.3)
             if ax.lines:
                 ax.legend(fontsize=8)
