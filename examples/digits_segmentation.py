@@ -22,7 +22,7 @@ class, one panel per mode).
 
 Usage::
 
-    python examples/digits_segmentation.py            # about 5 minutes on 2 CPU cores
+    python examples/digits_segmentation.py            # 10 minutes on a busy 2-core machine
     python examples/digits_segmentation.py --smoke    # a few steps, for CI
 """
 
