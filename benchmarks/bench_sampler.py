@@ -3,9 +3,15 @@
 Batch of B = 8 embedding maps 128 x 256, D = 256, 19 classes (plus ignored pixels), predictions
 that are wrong on about 30% of the pixels; ``HardAnchorSampler(1024, 100)``. The baseline,
 :func:`loop_baseline`, is the released code's structure (per image ``unique``, per class
-``nonzero`` of hard and easy pixels, ``randperm``), minus its defects. Both sides return the same
-things (anchor embeddings, labels, flat indices) and share the strided embedding gather, which is
-also timed alone. Sides alternate in one process, medians of ``--repeats`` calls (DESIGN.md §4).
+``nonzero`` of hard and easy pixels, ``randperm``), minus its defects; the script checks that
+both sides draw the same number of anchors per (image, class, hard). Both sides return the same
+things (anchor embeddings, labels, flat indices) and share the embedding gather
+(:func:`~pixcontrast.samplers.gather_pixels` given the anchors per image), which is also timed
+alone, at the anchors of 16 draws in turn. Each side is also timed on D = 0 embeddings: the
+same selection with nothing to gather. Sides alternate in one process, medians of ``--repeats``
+calls (DESIGN.md §4), of wall time and of CPU (process) time; one thread by default
+(``--threads``): the machines are shared, and at one thread the CPU time leaves out the waits
+for a core.
 
 Run ``python benchmarks/bench_sampler.py``. Writes ``benchmarks/results/bench_sampler.json`` and
 prints a markdown table.
@@ -16,13 +22,16 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import sys
+import time
 from pathlib import Path
+from typing import Callable
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import metadata, time_alternating  # noqa: E402
+from _common import metadata  # noqa: E402
 
 from pixcontrast.samplers import HardAnchorSampler, gather_pixels  # noqa: E402
 
@@ -51,8 +60,9 @@ def loop_baseline(
     n_view = min(MAX_SAMPLES // max(pairs, 1), MAX_VIEWS)
     quota_hard = n_view // 2
     quota_easy = n_view - quota_hard
-    chosen = []
+    chosen, per_image = [], []
     for i in range(b):
+        per_image.append(0)
         for c in classes[i]:
             in_class = y[i] == c
             hard = (in_class & (p[i] != c)).nonzero().squeeze(1)
@@ -63,8 +73,9 @@ def loop_baseline(
             hard = hard[torch.randperm(n_hard, generator=generator)[:take_hard]]
             easy = easy[torch.randperm(n_easy, generator=generator)[:take_easy]]
             chosen.append(torch.cat([hard, easy]) + i * h * w)
+            per_image[i] += take_hard + take_easy
     indices = torch.sort(torch.cat(chosen)).values
-    return gather_pixels(embeddings, indices), labels.reshape(-1)[indices], indices
+    return gather_pixels(embeddings, indices, per_image), labels.reshape(-1)[indices], indices
 
 
 def batch(seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -80,14 +91,48 @@ def batch(seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return embeddings, labels, predictions
 
 
+def time_wall_and_cpu(
+    fns: dict[str, Callable[[], object]], repeats: int, warmup: int
+) -> dict[str, tuple[float, float]]:
+    """Median wall and CPU (process) seconds of each callable, run in the rotating order of
+    ``_common.time_alternating``. At one thread the CPU time leaves out the time the process
+    waited for a core, most of the noise on a shared machine."""
+    names = list(fns)
+    for _ in range(warmup):
+        for name in names:
+            fns[name]()
+    wall: dict[str, list[float]] = {name: [] for name in names}
+    cpu: dict[str, list[float]] = {name: [] for name in names}
+    for r in range(repeats):
+        for name in names[r % len(names) :] + names[: r % len(names)]:
+            start_wall, start_cpu = time.perf_counter(), time.process_time()
+            fns[name]()
+            cpu[name].append(time.process_time() - start_cpu)
+            wall[name].append(time.perf_counter() - start_wall)
+    return {
+        name: (statistics.median(wall[name]), statistics.median(cpu[name])) for name in names
+    }
+
+
+def group_counts(
+    indices: torch.Tensor, labels: torch.Tensor, predictions: torch.Tensor
+) -> torch.Tensor:
+    """Anchors per (image, class, hard) of a selection: equal for both sides (same rule)."""
+    hw = HEIGHT * WIDTH
+    y, p = labels.reshape(-1)[indices], predictions.reshape(-1)[indices]
+    key = ((indices // hw) * CLASSES + y) * 2 + (p != y).long()
+    return torch.bincount(key, minlength=BATCH * CLASSES * 2)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--repeats", type=int, default=21)
+    parser.add_argument("--repeats", type=int, default=31)
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
     embeddings, labels, predictions = batch(0)
+    no_channels = embeddings[:, :0]  # D = 0: the same selection with nothing to gather
     samplers = {
         "HardAnchorSampler()": HardAnchorSampler(MAX_SAMPLES, MAX_VIEWS),
         "HardAnchorSampler(num_classes=19)": HardAnchorSampler(
@@ -95,39 +140,74 @@ def main() -> None:
         ),
     }
     g = torch.Generator().manual_seed(1)
-    reference = samplers["HardAnchorSampler()"](embeddings, labels, predictions, IGNORE, g)
+    draws = [samplers["HardAnchorSampler()"](embeddings, labels, predictions, IGNORE, g)
+             for _ in range(16)]
     _, _, baseline_indices = loop_baseline(embeddings, labels, predictions, g)
-    assert baseline_indices.numel() == reference.indices.numel()
-    fixed = reference.indices
+    assert torch.equal(group_counts(baseline_indices, labels, predictions),
+                       group_counts(draws[0].indices, labels, predictions))
+    # the gather alone, at the anchors of 16 draws in turn (fresh pixels, as in each side's call)
+    gathers = [
+        (draw.indices, torch.bincount(draw.indices // (HEIGHT * WIDTH), minlength=BATCH).tolist())
+        for draw in draws
+    ]
+    turn = iter(range(10**9))
 
-    fns = {"loop baseline": lambda: loop_baseline(embeddings, labels, predictions, g)}
+    def gather_only() -> torch.Tensor:
+        indices, counts = gathers[next(turn) % len(gathers)]
+        return gather_pixels(embeddings, indices, counts)
+
+    baseline, selection_baseline = "loop baseline", "loop baseline, selection only (D = 0)"
+    fns = {
+        baseline: lambda: loop_baseline(embeddings, labels, predictions, g),
+        selection_baseline: lambda: loop_baseline(no_channels, labels, predictions, g),
+    }
+    versus = {baseline: baseline, selection_baseline: selection_baseline}
     for name, sampler in samplers.items():
         fns[name] = lambda s=sampler: s(embeddings, labels, predictions, IGNORE, g)
-    fns["gather only (shared by both)"] = lambda: gather_pixels(embeddings, fixed)
-    times = time_alternating(fns, repeats=args.repeats, warmup=2)
+        fns[f"{name}, selection only (D = 0)"] = (
+            lambda s=sampler: s(no_channels, labels, predictions, IGNORE, g)
+        )
+        versus[name] = baseline
+        versus[f"{name}, selection only (D = 0)"] = selection_baseline
+    fns["gather only (shared by both sides)"] = gather_only
+    times = time_wall_and_cpu(fns, repeats=args.repeats, warmup=2)
 
-    base = times["loop baseline"]
-    rows = [
-        {"side": name, "median_ms": 1e3 * t, "speedup_vs_baseline": base / t}
-        for name, t in times.items()
-    ]
+    rows = []
+    for name, (wall, cpu) in times.items():
+        other = versus.get(name)
+        rows.append({
+            "side": name,
+            "median_ms": 1e3 * wall,
+            "median_cpu_ms": 1e3 * cpu,
+            "versus": other,
+            "speedup": times[other][0] / wall if other else None,
+            "speedup_cpu": times[other][1] / cpu if other else None,
+        })
     result = {
         "benchmark": "sampler",
         "metadata": {**metadata(), "load_average": os.getloadavg()},
         "config": {
             "batch": BATCH, "dim": DIM, "height": HEIGHT, "width": WIDTH, "classes": CLASSES,
-            "max_samples": MAX_SAMPLES, "max_views": MAX_VIEWS, "anchors": fixed.numel(),
-            "repeats": args.repeats, "threads": args.threads,
+            "max_samples": MAX_SAMPLES, "max_views": MAX_VIEWS,
+            "anchors": draws[0].indices.numel(), "repeats": args.repeats,
+            "threads": args.threads,
         },
         "speedup_target": SPEEDUP_TARGET,
         "rows": rows,
     }
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"| side | median ms | speed-up vs loop baseline (target >= {SPEEDUP_TARGET:g}x) |")
-    print("|---|---:|---:|")
+    print(f"{args.threads} thread(s), load average {os.getloadavg()[0]:.1f}; "
+          f"target: HardAnchorSampler >= {SPEEDUP_TARGET:g}x faster than the loop baseline")
+    print("| side | median wall ms | median CPU ms | speed-up wall / CPU | versus |")
+    print("|---|---:|---:|---:|---|")
     for row in rows:
-        print(f"| {row['side']} | {row['median_ms']:.1f} | {row['speedup_vs_baseline']:.1f}x |")
+        speedup = (
+            "" if row["versus"] is None
+            else f"{row['speedup']:.1f}x / {row['speedup_cpu']:.1f}x"
+        )
+        print(f"| {row['side']} | {row['median_ms']:.2f} | {row['median_cpu_ms']:.2f} | "
+              f"{speedup} | {row['versus'] or ''} |")
 
 
 if __name__ == "__main__":

@@ -18,9 +18,10 @@ with ``embeddings [B, D, h, w]``, ``labels [B, h, w]`` (class ids at the embeddi
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from . import _checks
@@ -39,7 +40,10 @@ __all__ = [
 
 DEFAULT_NUM_CLASSES = 1024
 """Class ids a sampler accepts when it is not told ``num_classes``: ``[0, 1024)``. Selection
-keeps ``2 * num_classes`` counters per image, so a tight ``num_classes`` is also faster."""
+keeps about ``18 * num_classes`` counters per image, so a tight ``num_classes`` is also faster."""
+
+_LEVELS = 8  # random levels of a pixel in select_anchors
+_FIRST_EXPONENT = 127  # float32 exponent field of 1.0, select_anchors's level 0
 
 
 @dataclass
@@ -68,12 +72,24 @@ class AnchorSample:
     num_easy: int
 
 
-def gather_pixels(embeddings: Tensor, indices: Tensor) -> Tensor:
+def gather_pixels(
+    embeddings: Tensor, indices: Tensor, counts: Optional[Sequence[int]] = None
+) -> Tensor:
     """Rows ``[N, D]`` of ``embeddings [B, D, h, w]`` at flat pixel ``indices``, without copying
-    the whole map."""
+    the whole map.
+
+    Given ``counts``, how many of ``indices`` fall in each image (which must then come grouped
+    by image, in image order, as increasing indices do), each image's ``[D, h * w]`` map is read
+    with one ``index_select`` along its pixels, walking every channel row in order: faster than
+    the general gather used without ``counts``, which takes the indices in any order.
+    """
     b, d, h, w = embeddings.shape
     flat = embeddings.reshape(b, d, h * w)
-    return flat[indices // (h * w), :, indices % (h * w)]
+    if counts is None or b == 0:  # (an empty batch has no image map to read)
+        return flat[indices // (h * w), :, indices % (h * w)]
+    pixels = (indices % (h * w)).split(list(counts))
+    rows = [flat[image].index_select(1, part) for image, part in enumerate(pixels)]
+    return torch.cat(rows, dim=1).t().contiguous()
 
 
 def _rank_in_sorted_groups(sorted_groups: Tensor) -> Tensor:
@@ -170,10 +186,16 @@ def select_anchors(
       than ``n_view`` pixels gives all of them.
 
     It never loops over images or classes and synchronises with the host once (to learn how
-    many anchors there are). Counts live in a table of ``B * num_classes * 2`` (image, class,
-    hard) slots. Each group draws the pixels of smallest i.i.d. uniform keys: a cheap pass keeps
-    a superset of them (``key < (2 * take + 8) / size``, or the whole group in the rare case that
-    this keeps too few) and only those candidates are sorted.
+    many anchors there are). Every pixel gets a random level ``j`` in ``0..7`` with
+    ``P(level <= j) = 2^(j + 1) / 256`` (from one random byte), and one histogram over (level,
+    image, label value, hard) gives both the size of every hard or easy group and, per group,
+    the fewest lowest levels that together hold the ``take`` pixels it gives. The pixels at those
+    levels are its candidates (typically ``take`` to ``2 * take`` of them, and about
+    ``size / 128`` at least), and the draw is the ``take`` candidates of smallest fresh uniform
+    key: a uniform draw, since given the level counts the candidates are a uniform subset of the
+    group. The histogram has ``9 * B * 2`` counters (``* 4`` with ``eligible``) per label value
+    from ``min(-1, ignore_index)`` to ``max(num_classes, ignore_index)`` (``num_classes + 2``
+    values when ``ignore_index`` lies more than 1024 outside them).
 
     Args:
         embeddings: ``[B, D, h, w]`` pixel embeddings.
@@ -202,60 +224,81 @@ def select_anchors(
         ([0, 0, 1], 3)
     """
     b, _, h, w = embeddings.shape
+    n = b * h * w
     device = labels.device
+    random_device = generator.device if generator is not None else device
     width = DEFAULT_NUM_CLASSES if num_classes is None else num_classes
-    groups = b * width * 2
-    skipped, bad = groups, groups + 1  # table slots of pixels not counted / out of range
     with torch.no_grad():
-        flat = labels.reshape(b, h * w)
-        labelled = flat != ignore_index
-        inside = (flat >= 0) & (flat < width)
-        counted = labelled & inside
-        if eligible is not None:
-            counted &= eligible.reshape(b, h * w)
-        # group id of a pixel: (image * width + class) * 2 + hard
-        offsets = torch.arange(0, groups, 2 * width, device=device).view(b, 1)
-        group = (flat * 2).add_(offsets)
+        flat = labels.reshape(b, h * w).long()  # (room for the clamp bounds below)
+        # a table column per label value in [low, high]; other values are clamped onto low or
+        # high, which are never class ids
+        low, high = min(-1, ignore_index), max(width, ignore_index)
+        ignored = ignore_index  # the label of ignored pixels in `flat`
+        if high - low > width + 1024:  # a far-away ignore_index: relabel to the next column
+            flat = flat.clamp(-1, width).masked_fill_(flat == ignore_index, width + 1)
+            ignored, low, high = width + 1, -1, width + 1
+        span = high - low + 1
+        # slot of a pixel: (image * span + label - low) * states + hard + 2 * (not eligible)
+        states = 2 if eligible is None else 4
+        slots = b * span * states
+        fits_int32 = (_FIRST_EXPONENT + _LEVELS) * slots <= torch.iinfo(torch.int32).max
+        index_dtype = torch.int32 if fits_int32 else torch.int64
+
+        # a random level per pixel, from one random byte with its lowest bit set: the byte's
+        # float exponent is _FIRST_EXPONENT + level, P(level <= j) = 2^(j + 1) / 256
+        words = torch.empty((n + 7) // 8, dtype=torch.int64, device=random_device)
+        words.random_(-(2**63), None, generator=generator).bitwise_or_(0x0101010101010101)
+        bin_ = words.to(device).view(torch.uint8)[:n].float().view(torch.int32)
+        bin_ = bin_.bitwise_right_shift_(23).to(index_dtype).view(b, h * w)
+        # histogram bin of a pixel: (1 + level) * slots + slot, built in place (fresh memory
+        # for every temporary costs page faults that show in the sampler's time)
+        image_start = torch.arange(b, dtype=index_dtype, device=device).view(b, 1)
+        image_start.mul_(span * states).sub_(low * states + (_FIRST_EXPONENT - 1) * slots)
+        bin_.mul_(slots).add_(image_start).add_(flat.clamp(low, high).to(index_dtype), alpha=states)
         if hard is not None:
-            group += hard.reshape(b, h * w)
-        group = torch.where(counted, group, torch.where(labelled & ~inside, bad, skipped))
-        group = group.reshape(-1)
+            bin_.add_(hard.reshape(b, h * w))
+        if eligible is not None:
+            bin_.add_(~eligible.reshape(b, h * w), alpha=2)
+        bin_ = bin_.view(-1)
+        histogram = torch.zeros((_LEVELS + 1) * slots, dtype=torch.int32, device=device)
+        histogram.index_add_(0, bin_, histogram.new_ones(1).expand(n))
+        # [_LEVELS + 1, b, span, states]: pixels of a slot below each level (row 0: none; the
+        # last row: all of them)
+        below = histogram.view(_LEVELS + 1, b, span, states).cumsum_(dim=0)
+        members = below[-1]
 
-        def count(mask: Optional[Tensor]) -> Tensor:
-            """Pixels per group slot (only where ``mask``; all pixels for ``None``)."""
-            table = torch.zeros(groups + 2, dtype=torch.int32, device=device)
-            ones = table.new_ones(1).expand(group.numel()) if mask is None else mask.int()
-            return table.index_add_(0, group, ones)
-
-        table = count(None)
-        members = table[:groups].view(-1, 2)  # per (image, class): [easy, hard]
-        qualifies = members.sum(dim=1) >= min_pixels
+        classes = slice(-low, width - low)  # the columns of class ids
+        per_column = members.sum(dim=(0, 2))
+        per_column[classes] = 0
+        per_column[ignored - low] = 0
+        num_bad = per_column.sum()
+        counted = members[:, classes, :2]  # per (image, class): [easy, hard]
+        if 0 <= ignored < width:
+            counted = counted.clone()
+            counted[:, ignored] = 0
+        qualifies = counted.sum(dim=2) >= min_pixels
         if max_samples is None:
             n_view = torch.tensor(max_views, device=device)
         else:
             n_view = (max_samples // qualifies.sum().clamp(min=1)).clamp(max=max_views)
         quota_hard = torch.floor(n_view.double() * hard_fraction).long()
         quota = torch.stack([n_view - quota_hard, quota_hard])
-        short = (quota - members).clamp(min=0)
-        take = torch.minimum(members, quota + short.flip(1)) * qualifies[:, None]
-        take = take.view(-1)
+        short = (quota - counted).clamp(min=0)
+        take = torch.minimum(counted, quota + short.flip(2)) * qualifies.unsqueeze(2)
+        num_easy_hard = take.sum(dim=(0, 1))
+        per_image = take.sum(dim=(1, 2))
+        # per slot [b, span, states]: nothing from other columns or ineligible pixels
+        take = F.pad(take.int(), (0, states - 2, -low, high - width + 1))
 
-        # a group draws the `take` pixels of smallest uniform key; a cheap first pass keeps a
-        # superset of them (key < (2 take + 8) / members), or the whole group in the rare case
-        # that this keeps too few
-        threshold = torch.zeros(groups + 2, device=device)
-        threshold[:groups] = (take * 2 + 8) / table[:groups].clamp(min=1) * (take > 0)
-        keys = torch.rand(
-            group.numel(), generator=generator,
-            device=generator.device if generator is not None else device,
-        ).to(device)
-        candidates = keys < threshold.index_select(0, group)
-        too_few = count(candidates)[:groups] < take
-        threshold[:groups] = torch.where(too_few, 2.0, threshold[:groups])
-        candidates = keys < threshold.index_select(0, group)
-        hard_easy = take.view(-1, 2).sum(dim=0)
-        stats = torch.cat([candidates.sum().view(1), hard_easy, table[bad:]])
-        num_candidates, num_easy, num_hard, num_bad = stats.tolist()  # the one synchronisation
+        # a slot's candidates: its pixels at the lowest levels, up to the first level that
+        # brings their number to `take`
+        is_candidate_bin = torch.zeros((_LEVELS + 1) * slots, dtype=torch.bool, device=device)
+        chosen_levels = is_candidate_bin[slots:].view(_LEVELS, b, span, states)
+        torch.lt(below[:-1], take, out=chosen_levels)
+        candidates = below.gather(0, chosen_levels.sum(dim=0, keepdim=True)).view(-1)
+        stats = torch.cat([candidates.sum().view(1), num_easy_hard, num_bad.view(1), per_image])
+        # the one synchronisation
+        num_candidates, num_easy, num_hard, num_bad, *per_image = stats.tolist()
         if num_bad:
             raise ValueError(
                 f"labels must lie in [0, num_classes={width}) or equal ignore_index="
@@ -263,15 +306,22 @@ def select_anchors(
                 "dimension for ConfidenceAnchorSampler)"
             )
 
-        chosen = torch.nonzero_static(candidates, size=num_candidates).squeeze(1)
-        order = torch.argsort(keys[chosen], stable=True)
-        chosen = chosen[order]
-        chosen = chosen[torch.argsort(group[chosen], stable=True)]
-        keep = _rank_in_sorted_groups(group[chosen]) < take[group[chosen]]
-        picked = torch.nonzero_static(keep, size=num_hard + num_easy).squeeze(1)
-        indices = torch.sort(chosen[picked]).values
+        chosen = torch.nonzero_static(
+            is_candidate_bin.index_select(0, bin_), size=num_candidates
+        ).squeeze(1)
+        chosen_slot = bin_.index_select(0, chosen).long() % slots
+        # order the candidates by slot, at random within a slot; keep a slot's first `take`
+        key = torch.rand(num_candidates, dtype=torch.float64, generator=generator,
+                         device=random_device).to(device)
+        order = torch.argsort(chosen_slot + key)
+        position = torch.empty_like(order).scatter_(
+            0, order, torch.arange(num_candidates, device=device)
+        )
+        end = candidates.cumsum(0) - candidates + take.view(-1)  # a slot's first rank not kept
+        keep = position < end[chosen_slot]
+        indices = chosen[torch.nonzero_static(keep, size=num_easy + num_hard).squeeze(1)]
     return AnchorSample(
-        embeddings=gather_pixels(embeddings, indices),
+        embeddings=gather_pixels(embeddings, indices, per_image),
         labels=labels.reshape(-1)[indices].long(),
         indices=indices,
         num_hard=num_hard,

@@ -13,6 +13,7 @@ from pixcontrast.samplers import (
     ConfidenceAnchorSampler,
     HardAnchorSampler,
     RandomAnchorSampler,
+    gather_pixels,
     select_anchors,
 )
 
@@ -291,3 +292,100 @@ def test_select_anchors_eligible_mask():
         torch.randn(1, 2, 1, 6), labels, eligible=eligible, max_samples=None, max_views=10
     )
     assert sample.indices.tolist() == [0, 2, 4]
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_large_groups_match_the_rule(seed):
+    # groups of hundreds of pixels and quotas of a few: the draw starts from a small random
+    # subset of each group (its lowest random levels), which must still give the exact counts
+    g = torch.Generator().manual_seed(seed)
+    b, h, w = 2, 48, 64
+    labels = torch.randint(0, 5, (b, h // 8, w // 8), generator=g)
+    labels = labels.repeat_interleave(8, 1).repeat_interleave(8, 2)
+    labels[torch.rand(b, h, w, generator=g) < 0.1] = IGNORE
+    predictions = torch.where(
+        torch.rand(b, h, w, generator=g) < 0.3, torch.randint(0, 5, (b, h, w), generator=g),
+        labels,
+    )
+    embeddings = torch.randn(b, 3, h, w, generator=g)
+    sampler = HardAnchorSampler(40, 10, num_classes=5)
+    sample = sampler(embeddings, labels, predictions, IGNORE, g)
+    want = expected_counts(labels, predictions, 40, 10, 1, 0.5)
+    assert observed_counts(sample, labels, predictions) == Counter(want)
+    assert sample.indices.unique().numel() == sample.indices.numel()
+    flat = embeddings.permute(0, 2, 3, 1).reshape(-1, 3)
+    assert torch.equal(sample.embeddings, flat[sample.indices])
+
+
+def test_draws_are_uniform_in_a_large_group():
+    # 4 of 4096 pixels: by 16 blocks of 256 pixels, 1000 draws give 250 hits per block
+    labels = torch.zeros(1, 1, 4096, dtype=torch.long)
+    g = torch.Generator().manual_seed(0)
+    hits = torch.zeros(16)
+    for _ in range(1000):
+        sample = RandomAnchorSampler(4, 4)(torch.randn(1, 1, 1, 4096), labels, generator=g)
+        hits += torch.bincount(sample.indices // 256, minlength=16)
+    # binomial sd = sqrt(4000 * (1 / 16) * (15 / 16)) ~ 15.3
+    assert (hits - 250).abs().max() < 80
+
+
+def test_draws_are_uniform_subsets():
+    # 2 of 5 pixels: each of the 10 pairs with probability 1 / 10
+    labels = torch.zeros(1, 1, 5, dtype=torch.long)
+    g = torch.Generator().manual_seed(0)
+    pairs = Counter(
+        tuple(RandomAnchorSampler(2, 2)(torch.randn(1, 1, 1, 5), labels, generator=g)
+              .indices.tolist())
+        for _ in range(3000)
+    )
+    assert len(pairs) == 10
+    # binomial sd = sqrt(3000 * 0.1 * 0.9) ~ 16.4
+    assert all(abs(count - 300) < 82 for count in pairs.values())
+
+
+@pytest.mark.parametrize("ignore_index", [10**6, -(10**6)])
+def test_far_away_ignore_index(ignore_index):
+    labels = torch.tensor([[[0, ignore_index, 1, 2, ignore_index, 2]]])
+    sampler = HardAnchorSampler(100, 100, num_classes=3)
+    sample = sampler(torch.randn(1, 2, 1, 6), labels, ignore_index=ignore_index)
+    assert sample.indices.tolist() == [0, 2, 3, 5]
+    labels[0, 0, 0] = 3
+    with pytest.raises(ValueError, match=f"ignore_index={ignore_index}; 1 pixels"):
+        sampler(torch.randn(1, 2, 1, 6), labels, ignore_index=ignore_index)
+
+
+def test_empty_batch():
+    embeddings = torch.randn(0, 3, 4, 4, requires_grad=True)
+    labels = torch.zeros(0, 4, 4, dtype=torch.long)
+    sample = HardAnchorSampler()(embeddings, labels, labels)
+    assert sample.embeddings.shape == (0, 3) and sample.num_easy == 0
+    assert sample.embeddings.requires_grad
+
+
+def test_gather_pixels_with_counts():
+    embeddings = torch.randn(3, 4, 5, 6, dtype=torch.float64, requires_grad=True)
+    indices = torch.tensor([2, 7, 29, 61, 62, 89])  # images 0, 0, 0, 2, 2, 2
+    fast = gather_pixels(embeddings, indices, [3, 0, 3])
+    general = gather_pixels(embeddings, indices)
+    flat = embeddings.detach().permute(0, 2, 3, 1).reshape(-1, 4)
+    assert torch.equal(fast, flat[indices]) and torch.equal(general, flat[indices])
+    assert fast.is_contiguous()
+    upstream = torch.randn(6, 4, dtype=torch.float64)
+    (grad_fast,) = torch.autograd.grad(fast, embeddings, upstream)
+    (grad_general,) = torch.autograd.grad(general, embeddings, upstream)
+    assert torch.equal(grad_fast, grad_general)
+
+
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.int8, torch.int16, torch.int32])
+def test_narrow_label_dtypes(dtype):
+    labels = torch.tensor([[[0, 0, 1, 2]], [[2, 2, 1, IGNORE]]])
+    predictions = torch.tensor([[[0, 1, 1, 2]], [[2, 0, 1, 0]]])
+    embeddings = torch.randn(2, 3, 1, 4)
+    sampler = HardAnchorSampler(40, 2)
+    want = sampler(embeddings, labels, predictions, generator=torch.Generator().manual_seed(0))
+    ignore = IGNORE if dtype == torch.uint8 else -1
+    narrow = torch.where(labels == IGNORE, ignore, labels).to(dtype)
+    got = sampler(embeddings, narrow, predictions.to(dtype), ignore,
+                  torch.Generator().manual_seed(0))
+    assert torch.equal(got.indices, want.indices) and torch.equal(got.labels, want.labels)
+    assert (got.num_hard, got.num_easy) == (want.num_hard, want.num_easy)
