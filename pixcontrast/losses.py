@@ -8,13 +8,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import _checks
+from . import _checks, distributed
 from ._dispatch import BACKEND_NAMES
 from .functional import VARIANTS, contrastive_loss, resize_labels
 from .memory import ClassMemoryBank, region_embeddings
 from .samplers import AnchorSample, HardAnchorSampler
 
-__all__ = ["PixelContrastLoss", "RegionContrastLoss", "prepare_pixel_inputs"]
+__all__ = ["GATHER_MODES", "PixelContrastLoss", "RegionContrastLoss", "prepare_pixel_inputs"]
+
+GATHER_MODES = ("none", "keys")
 
 
 def prepare_pixel_inputs(
@@ -82,6 +84,39 @@ def prepare_pixel_inputs(
     return resize_labels(labels, (h, w)), predicted
 
 
+def _anchors_with_positives(
+    labels: Tensor, key_labels: Optional[Tensor], in_batch: bool
+) -> Tensor:
+    """How many anchors have a positive: the denominator of ``contrastive_loss``'s mean."""
+    found = torch.zeros_like(labels, dtype=torch.bool)
+    if key_labels is not None:
+        found = torch.isin(labels, key_labels)  # labels are >= 0: invalid keys never match
+    if in_batch and labels.numel():
+        _, inverse, counts = torch.unique(labels, return_inverse=True, return_counts=True)
+        found |= counts[inverse] > 1
+    return found.sum()
+
+
+def _join(parts: list[tuple[Tensor, Tensor]]) -> tuple[Optional[Tensor], Optional[Tensor]]:
+    """``(keys, key_labels)`` of several key sets, ``(None, None)`` for none."""
+    if not parts:
+        return None, None
+    if len(parts) == 1:
+        return parts[0]
+    return torch.cat([keys for keys, _ in parts]), torch.cat([labels for _, labels in parts])
+
+
+def _rank_keys(keys: Tensor, key_labels: Tensor, own: bool) -> list[tuple[Tensor, Tensor]]:
+    """Every rank's ``(keys, key_labels)`` in rank order, this rank's own only when ``own``; the
+    keys carry gradients back to the rank that owns them."""
+    parts = list(
+        zip(distributed.all_gather_with_grad(keys), distributed.all_gather(key_labels))
+    )
+    if not own:
+        del parts[distributed.get_rank()]
+    return parts
+
+
 class PixelContrastLoss(nn.Module):
     r"""Supervised pixel-to-pixel contrastive loss over a batch of segmentation embeddings.
 
@@ -100,6 +135,21 @@ class PixelContrastLoss(nn.Module):
 
     The memory is a submodule: it follows ``.to()`` and is part of ``state_dict()``. When two
     losses share one memory, let only one of them enqueue.
+
+    Under ``DistributedDataParallel`` with ``gather="keys"``, every rank's anchors are also
+    contrasted with the anchors of all other ranks, which reach it through
+    :func:`~pixcontrast.distributed.all_gather_with_grad` (their gradients flow back to the rank
+    that owns them), so each anchor sees the same keys as in one process on the concatenated
+    batch. The loss a rank returns is :func:`~pixcontrast.distributed.mean_across_ranks` of its
+    anchors' summed losses: the sum times the world size :math:`W` over the number of anchors with
+    a positive on all ranks. DDP's averaging of gradients (sum over ranks, divided by :math:`W`)
+    then gives the parameter gradients of one process computing the mean over the concatenated
+    batch (up to rounding), and the mean over ranks of the returned losses is that loss. (The
+    embedding gradients on each rank, before DDP's division, are :math:`W` times the
+    single-process ones.) The sampler still runs per rank, so ``max_samples`` is a budget per rank.
+    Every rank must call the loss at every step, since it runs collectives; without a process
+    group ``gather="keys"`` is ``gather="none"``. The memory bank synchronises its entries
+    across ranks on its own (see :class:`~pixcontrast.ClassMemoryBank`).
 
     Args:
         temperature: :math:`\tau`.
@@ -121,6 +171,8 @@ class PixelContrastLoss(nn.Module):
         use_pixel_memory: contrast with the memory's pixel keys.
         use_region_memory: contrast with the memory's region keys.
         enqueue: enqueue each batch into ``memory`` after computing the loss.
+        gather: ``"none"`` (contrast within this process's batch) or ``"keys"`` (contrast with
+            the anchors of every rank of the default process group, see above).
 
     Shape:
         - embeddings: ``[B, D, h, w]``
@@ -169,6 +221,7 @@ class PixelContrastLoss(nn.Module):
         use_pixel_memory: bool = True,
         use_region_memory: bool = True,
         enqueue: bool = True,
+        gather: str = "none",
     ) -> None:
         super().__init__()
         self.temperature = _checks.check_positive(temperature, "temperature")
@@ -204,6 +257,7 @@ class PixelContrastLoss(nn.Module):
         self.use_pixel_memory = bool(use_pixel_memory)
         self.use_region_memory = bool(use_region_memory)
         self.enqueue = bool(enqueue)
+        self.gather = _checks.check_choice(gather, "gather", GATHER_MODES)
         self.last_sample: Optional[AnchorSample] = None
 
     def prepare(
@@ -247,14 +301,17 @@ class PixelContrastLoss(nn.Module):
         )
 
     def contrast_keys(
-        self, embeddings: Tensor, labels: Tensor
+        self, embeddings: Tensor, labels: Tensor, sample: AnchorSample
     ) -> tuple[Optional[Tensor], Optional[Tensor], bool]:
-        """``(keys, key_labels, in_batch)`` for the anchors of a prepared batch: the memory's
-        keys (if any) besides the anchors themselves."""
-        if self.memory is None or not (self.use_pixel_memory or self.use_region_memory):
-            return None, None, True
-        keys, key_labels = self.memory.keys(self.use_pixel_memory, self.use_region_memory)
-        return keys, key_labels, True
+        """``(keys, key_labels, in_batch)`` for the ``sample`` of a prepared batch: besides the
+        anchors themselves, the other ranks' anchors (``gather="keys"``) and the memory's keys
+        (if any)."""
+        parts = []
+        if self.gather == "keys":
+            parts += _rank_keys(sample.embeddings, sample.labels, own=False)
+        if self.memory is not None and (self.use_pixel_memory or self.use_region_memory):
+            parts.append(self.memory.keys(self.use_pixel_memory, self.use_region_memory))
+        return (*_join(parts), True)
 
     def forward(
         self,
@@ -266,7 +323,7 @@ class PixelContrastLoss(nn.Module):
         embeddings, labels, predicted = self.prepare(embeddings, labels, predictions)
         sample = self._draw(embeddings, labels, predicted, predictions, generator)
         self.last_sample = sample
-        keys, key_labels, in_batch = self.contrast_keys(embeddings, labels)
+        keys, key_labels, in_batch = self.contrast_keys(embeddings, labels, sample)
         loss = contrastive_loss(
             sample.embeddings,
             sample.labels,
@@ -276,9 +333,12 @@ class PixelContrastLoss(nn.Module):
             temperature=self.temperature,
             base_temperature=self.base_temperature,
             variant=self.variant,
-            reduction="mean",
+            reduction="mean" if self.gather == "none" else "sum",
             backend=self.backend,
         )
+        if self.gather == "keys":
+            count = _anchors_with_positives(sample.labels, key_labels, in_batch)
+            loss = distributed.mean_across_ranks(loss, count)
         if self.memory is not None and self.enqueue:
             self.memory.enqueue(embeddings.detach(), labels, generator)
         return loss
@@ -287,7 +347,7 @@ class PixelContrastLoss(nn.Module):
         text = (
             f"temperature={self.temperature}, base_temperature={self.base_temperature}, "
             f"variant={self.variant!r}, ignore_index={self.ignore_index}, "
-            f"backend={self.backend!r}"
+            f"backend={self.backend!r}, gather={self.gather!r}"
         )
         if self.memory is not None:
             text += (
@@ -306,11 +366,13 @@ class RegionContrastLoss(PixelContrastLoss):
     keys of ``memory`` (previous steps, no gradient). An anchor's positives are the regions of its
     class, its own image's included; anchors are not keys of each other (``in_batch=False``).
     Sampling, resizing, variants and the memory's order (keys taken first, batch enqueued after
-    unless ``enqueue=False``) are those of :class:`PixelContrastLoss`.
+    unless ``enqueue=False``) are those of :class:`PixelContrastLoss`. With ``gather="keys"``
+    the batch regions of every rank are keys (with gradient to the rank that owns them) and the
+    loss is scaled for DDP as in :class:`PixelContrastLoss`.
 
     Args:
         temperature, base_temperature, variant, max_samples, max_views, ignore_index, normalize,
-        backend, sampler, num_classes, enqueue: as for :class:`PixelContrastLoss`.
+        backend, sampler, num_classes, enqueue, gather: as for :class:`PixelContrastLoss`.
         memory: a :class:`~pixcontrast.ClassMemoryBank` whose region keys are contrasted too.
         use_batch_regions: contrast with the regions of the current batch.
 
@@ -342,32 +404,29 @@ class RegionContrastLoss(PixelContrastLoss):
         memory: Optional[ClassMemoryBank] = None,
         use_batch_regions: bool = True,
         enqueue: bool = True,
+        gather: str = "none",
     ) -> None:
         if not use_batch_regions and memory is None:
             raise ValueError("use_batch_regions=False needs a memory to take region keys from")
         super().__init__(
             temperature, base_temperature, variant, max_samples, max_views, ignore_index,
             normalize, backend, sampler, num_classes, memory, use_pixel_memory=False,
-            use_region_memory=memory is not None, enqueue=enqueue,
+            use_region_memory=memory is not None, enqueue=enqueue, gather=gather,
         )
         self.use_batch_regions = bool(use_batch_regions)
 
     def contrast_keys(
-        self, embeddings: Tensor, labels: Tensor
+        self, embeddings: Tensor, labels: Tensor, sample: AnchorSample
     ) -> tuple[Optional[Tensor], Optional[Tensor], bool]:
-        """``(keys, key_labels, False)``: batch regions first, then the memory's regions."""
-        keys, key_labels = [], []
+        """``(keys, key_labels, False)``: batch regions first (of every rank in rank order with
+        ``gather="keys"``), then the memory's regions."""
+        parts = []
         if self.use_batch_regions:
-            regions, region_labels = region_embeddings(embeddings, labels, self.ignore_index)
-            keys.append(regions)
-            key_labels.append(region_labels)
+            regions = region_embeddings(embeddings, labels, self.ignore_index)
+            parts += _rank_keys(*regions, own=True) if self.gather == "keys" else [regions]
         if self.memory is not None:
-            stored, stored_labels = self.memory.keys(pixels=False, regions=True)
-            keys.append(stored)
-            key_labels.append(stored_labels)
-        if len(keys) == 1:
-            return keys[0], key_labels[0], False
-        return torch.cat(keys), torch.cat(key_labels), False
+            parts.append(self.memory.keys(pixels=False, regions=True))
+        return (*_join(parts), False)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", use_batch_regions={self.use_batch_regions}"

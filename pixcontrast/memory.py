@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import _checks
+from . import _checks, distributed
 from .functional import resize_labels
 from .samplers import gather_pixels, random_rank_in_group
 
@@ -130,9 +130,22 @@ class ClassMemoryBank(nn.Module):
 
     The only randomness (which pixels are enqueued) comes from the ``generator`` argument of
     :meth:`enqueue`: restoring the state dict and the generator's state resumes a run exactly.
-    The memory does not gather across processes: under distributed training enqueue the same
-    (all-gathered) batch on every rank, and keep the memory out of buffer broadcasting
-    (``DistributedDataParallel(..., broadcast_buffers=False)`` or outside the wrapped model).
+
+    Under :mod:`torch.distributed` (a process group of several ranks) and with ``gather=True``,
+    :meth:`enqueue` is a collective: each rank selects the entries of its own batch (pixels with
+    its own ``generator``, regions), then the selected entries of all ranks are all-gathered and
+    written in rank order on every rank. Banks that start identical (fresh, or loaded from one
+    checkpoint) therefore stay identical after every step, and hold what one process would hold
+    after enqueuing the ranks' batches one after the other, in rank order, each with its rank's
+    ``generator``. Every rank must call :meth:`enqueue` at every step, with a batch or an empty
+    one. With ``gather=False`` each rank keeps a memory of its own batches.
+
+    ``DistributedDataParallel(broadcast_buffers=True)`` (its default) copies rank 0's buffers to
+    all ranks before each forward of the wrapped module. For a gathered bank that copy changes
+    nothing, since the banks are already identical, but it sends the whole ``queue`` at every
+    step; for a bank with ``gather=False`` it throws the other ranks' entries away. Keep the bank
+    out of the wrapped module (hold the loss outside it, as usual) or pass
+    ``broadcast_buffers=False``.
 
     Args:
         num_classes: number of classes ``C``; labels lie in ``[0, C)`` or equal ``ignore_index``.
@@ -141,6 +154,7 @@ class ClassMemoryBank(nn.Module):
         regions_per_class: slots of each class's region ring (``0`` disables region memory).
         pixels_per_image: most pixels enqueued per image and class.
         ignore_index: label of pixels never enqueued.
+        gather: under :mod:`torch.distributed`, enqueue every rank's entries on every rank.
 
     Example:
         >>> bank = ClassMemoryBank(num_classes=3, dim=8, pixels_per_class=20, regions_per_class=4)
@@ -166,6 +180,7 @@ class ClassMemoryBank(nn.Module):
         regions_per_class: int = 5000,
         pixels_per_image: int = 10,
         ignore_index: int = 255,
+        gather: bool = True,
     ) -> None:
         super().__init__()
         for name, value, low in (
@@ -189,6 +204,7 @@ class ClassMemoryBank(nn.Module):
         self.regions_per_class = regions_per_class
         self.pixels_per_image = pixels_per_image
         self.ignore_index = int(ignore_index)
+        self.gather = bool(gather)
         slots = pixels_per_class + regions_per_class
         self.register_buffer("queue", torch.zeros(num_classes, slots, dim))
         for name in ("pixel_pointer", "pixel_count", "region_pointer", "region_count"):
@@ -246,7 +262,8 @@ class ClassMemoryBank(nn.Module):
             labels: ``[B, H, W]`` class ids, nearest-resized to ``(h, w)``.
             generator: CPU random source of the pixel choice, for reproducible runs.
 
-        A batch without any labelled pixel changes nothing.
+        A batch without any labelled pixel adds nothing (under :mod:`torch.distributed` with
+        ``gather=True``, the other ranks' entries are still added).
         """
         labels = self.check_batch(embeddings, labels)
         embeddings = embeddings.detach()
@@ -254,23 +271,25 @@ class ClassMemoryBank(nn.Module):
         b, _, h, w = embeddings.shape
         flat = labels.reshape(-1).long()
         valid = flat != self.ignore_index
-        if not bool(valid.any()):
-            return
         if self.pixels_per_class:
             image = torch.arange(b, device=flat.device).repeat_interleave(h * w)
             group = image * (self.num_classes + 1) + torch.where(valid, flat, self.num_classes)
             rank = random_rank_in_group(group, generator)
             chosen = (valid & (rank < self.pixels_per_image)).nonzero().squeeze(1)
-            _push(
-                self.pixel_queue, self.pixel_pointer, self.pixel_count,
-                gather_pixels(embeddings, chosen), flat[chosen],
-            )
+            self._write(self.pixel_queue, self.pixel_pointer, self.pixel_count,
+                       gather_pixels(embeddings, chosen), flat[chosen])
         if self.regions_per_class:
-            regions, region_labels = region_embeddings(embeddings, labels, self.ignore_index)
-            _push(
-                self.region_queue, self.region_pointer, self.region_count,
-                regions, region_labels,
-            )
+            self._write(self.region_queue, self.region_pointer, self.region_count,
+                       *region_embeddings(embeddings, labels, self.ignore_index))
+
+    def _write(
+        self, ring: Tensor, pointer: Tensor, count: Tensor, values: Tensor, classes: Tensor
+    ) -> None:
+        """:func:`_push` this rank's entries, or with ``gather`` those of every rank."""
+        if self.gather:
+            values = torch.cat(distributed.all_gather(values.to(ring.dtype)))
+            classes = torch.cat(distributed.all_gather(classes))
+        _push(ring, pointer, count, values, classes)
 
     def keys(self, pixels: bool = True, regions: bool = True) -> tuple[Tensor, Tensor]:
         """The filled slots as keys for :func:`~pixcontrast.contrastive_loss`.
@@ -304,5 +323,6 @@ class ClassMemoryBank(nn.Module):
             f"num_classes={self.num_classes}, dim={self.dim}, "
             f"pixels_per_class={self.pixels_per_class}, "
             f"regions_per_class={self.regions_per_class}, "
-            f"pixels_per_image={self.pixels_per_image}, ignore_index={self.ignore_index}"
+            f"pixels_per_image={self.pixels_per_image}, ignore_index={self.ignore_index}, "
+            f"gather={self.gather}"
         )
