@@ -8,22 +8,18 @@ gradients for the anchors only (memory keys are detached).
 - Peak memory: growth of the process's peak RSS over one forward + backward, each point in a fresh
   process (``--point memory``), after a small warm-up call that loads the math libraries.
 - Time: the torch backend against the products no implementation can avoid, ``x @ k.T`` and one
-  ``[N, M] @ [M, D]`` (k: the N + M keys), alternated in one process; medians and their ratio.
+  ``[N, M] @ [M, D]`` (k: the N + M keys), alternated in one fresh process; medians and their
+  ratio.
 
 Run ``python benchmarks/bench_memory.py`` (add ``--skip-reference`` to leave out the dense
-reference, which needs several GB). Writes ``benchmarks/results/bench_memory.json`` and prints a
-markdown table.
+reference, which needs several GB; ``--threads`` sets torch's intra-op threads). Writes
+``benchmarks/results/bench_memory.json`` and prints a markdown table.
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import platform
-import resource
-import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -31,9 +27,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-import pixcontrast
-from pixcontrast.functional import contrastive_loss
-from pixcontrast.memory import ClassMemoryBank
+sys.path.insert(0, str(Path(__file__).parent))
+from _common import child_spec, metadata, peak_rss_bytes, run_child, time_alternating  # noqa: E402
+
+from pixcontrast.functional import contrastive_loss  # noqa: E402
+from pixcontrast.memory import ClassMemoryBank  # noqa: E402
 
 NUM_CLASSES, DIM, SLOTS, ANCHORS = 19, 256, 5000, 1024
 MEMORY_TARGET_BYTES = 1.5e9
@@ -68,10 +66,6 @@ def loss_step(bank: ClassMemoryBank, x, labels, variant: str, backend: str) -> N
     x.grad = None
 
 
-def peak_rss_bytes() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
-
-
 def memory_point(variant: str, backend: str) -> dict:
     """Runs in a fresh process: peak RSS growth of one forward + backward."""
     small = ClassMemoryBank(NUM_CLASSES, DIM, pixels_per_class=8, regions_per_class=8)
@@ -101,58 +95,24 @@ def time_point(variant: str, repeats: int) -> dict:
     bank = full_bank(0)
     x, labels = anchors(1)
     all_keys = torch.cat([x.detach(), bank.keys()[0]])
-    loss_step(bank, x, labels, variant, "torch")  # warm-up
-    floor_step(x, all_keys)
-    fused, floor = [], []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        loss_step(bank, x, labels, variant, "torch")
-        fused.append(time.perf_counter() - start)
-        start = time.perf_counter()
-        floor_step(x, all_keys)
-        floor.append(time.perf_counter() - start)
-    fused_s, floor_s = statistics.median(fused), statistics.median(floor)
+    times = time_alternating(
+        {
+            "fused": lambda: loss_step(bank, x, labels, variant, "torch"),
+            "floor": lambda: floor_step(x, all_keys),
+        },
+        repeats,
+    )
     return {
         "point": "time", "variant": variant, "backend": "torch", "repeats": repeats,
-        "fused_seconds": fused, "floor_seconds": floor, "fused_median_s": fused_s,
-        "floor_median_s": floor_s, "ratio": fused_s / floor_s,
+        "fused_median_s": times["fused"], "floor_median_s": times["floor"],
+        "ratio": times["fused"] / times["floor"],
     }
 
 
-def run_fresh(*args: str) -> dict:
-    output = subprocess.run(
-        [sys.executable, __file__, *args], check=True, capture_output=True, text=True
-    ).stdout
-    return json.loads(output.strip().splitlines()[-1])
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
-def metadata() -> dict:
-    try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
-            cwd=Path(__file__).parent,
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        commit = "unknown"
-    return {
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "pixcontrast": pixcontrast.__version__, "commit": commit, "torch": torch.__version__,
-        "python": platform.python_version(), "cpu": cpu_name(),
-        "torch_threads": torch.get_num_threads(), "platform": platform.platform(),
-        "config": {"num_classes": NUM_CLASSES, "dim": DIM, "pixels_per_class": SLOTS,
-                   "regions_per_class": SLOTS, "memory_keys": 2 * NUM_CLASSES * SLOTS,
-                   "anchors": ANCHORS, "temperature": 0.1, "dtype": "float32"},
-    }
+def config() -> dict:
+    return {"num_classes": NUM_CLASSES, "dim": DIM, "pixels_per_class": SLOTS,
+            "regions_per_class": SLOTS, "memory_keys": 2 * NUM_CLASSES * SLOTS,
+            "anchors": ANCHORS, "temperature": 0.1, "dtype": "float32"}
 
 
 def table(points: list[dict]) -> str:
@@ -181,33 +141,36 @@ def table(points: list[dict]) -> str:
 
 
 def main() -> None:
+    spec = child_spec(sys.argv)
+    if spec is not None:
+        torch.set_num_threads(spec["threads"])
+        if spec["point"] == "memory":
+            print(json.dumps(memory_point(spec["variant"], spec["backend"])))
+        else:
+            print(json.dumps(time_point(spec["variant"], spec["repeats"])))
+        return
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--point", choices=["memory", "time"], help="run one point and print it")
-    parser.add_argument("--variant", default="paper", choices=["paper", "supcon"])
-    parser.add_argument("--backend", default="torch", choices=["torch", "reference"])
     parser.add_argument("--variants", nargs="+", default=["paper", "supcon"])
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--skip-reference", action="store_true")
     args = parser.parse_args()
 
-    if args.point == "memory":
-        print(json.dumps(memory_point(args.variant, args.backend)))
-        return
-    if args.point == "time":
-        print(json.dumps(time_point(args.variant, args.repeats)))
-        return
-
+    script = Path(__file__)
+    base = {"threads": args.threads, "repeats": args.repeats}
     points = []
     for variant in args.variants:
-        points.append(run_fresh("--point", "memory", "--variant", variant))
+        points.append(run_child(script, {**base, "point": "memory", "variant": variant,
+                                         "backend": "torch"}))
     if not args.skip_reference:
-        points.append(run_fresh("--point", "memory", "--variant", "paper", "--backend",
-                                "reference"))
+        points.append(run_child(script, {**base, "point": "memory", "variant": "paper",
+                                         "backend": "reference"}, timeout=1800))
     for variant in args.variants:
-        points.append(run_fresh("--point", "time", "--variant", variant,
-                                "--repeats", str(args.repeats)))
+        points.append(run_child(script, {**base, "point": "time", "variant": variant,
+                                         "backend": "torch"}, timeout=1800))
+    info = {**metadata(), "torch_threads": args.threads, "config": config()}
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps({"metadata": metadata(), "points": points}, indent=2) + "\n")
+    RESULTS.write_text(json.dumps({"metadata": info, "points": points}, indent=2) + "\n")
     print(table(points))
 
 
