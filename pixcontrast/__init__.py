@@ -1,5 +1,6 @@
 """pixcontrast: supervised pixel-wise contrastive learning for semantic segmentation."""
 
+from . import distributed
 from .functional import contrastive_loss, resize_labels
 from .heads import ProjectionHead
 from .losses import PixelContrastLoss, RegionContrastLoss
@@ -29,6 +30,7 @@ __all__ = [
     "RegionContrastLoss",
     "__version__",
     "contrastive_loss",
+    "distributed",
     "mine_keys",
     "pair_contrastive_loss",
     "region_embeddings",

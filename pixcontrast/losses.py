@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Optional
 
 import torch
@@ -262,17 +263,20 @@ class PixelContrastLoss(nn.Module):
 
     def prepare(
         self, embeddings: Tensor, labels: Tensor, predictions: Optional[Tensor] = None
-    ) -> tuple[Tensor, Tensor, Optional[Tensor]]:
-        """Validated ``(embeddings, labels, predicted labels)`` at the embeddings' resolution,
-        the embeddings normalised when ``normalize`` (still connected to the graph)."""
+    ) -> tuple[Tensor, Optional[Tensor]]:
+        """Validate a batch; ``(labels, predicted labels)`` at the embeddings' resolution."""
         labels, predicted = prepare_pixel_inputs(
             embeddings, labels, predictions, self.ignore_index, self.num_classes
         )
+        _checks.check_finite(embeddings, "embeddings")
         if self.memory is not None:
             self.memory.check_batch(embeddings, labels)
-        if self.normalize:
-            embeddings = F.normalize(embeddings, p=2, dim=1)
-        return embeddings, labels, predicted
+        return labels, predicted
+
+    def unit(self, embeddings: Tensor) -> Tensor:
+        """``embeddings`` L2-normalised over channels when ``normalize`` (rows ``[N, D]`` or maps
+        ``[B, D, h, w]``), else unchanged."""
+        return F.normalize(embeddings, p=2, dim=1) if self.normalize else embeddings
 
     def sample(
         self,
@@ -281,8 +285,8 @@ class PixelContrastLoss(nn.Module):
         predictions: Optional[Tensor] = None,
         generator: Optional[torch.Generator] = None,
     ) -> AnchorSample:
-        """The anchors ``forward`` would contrast (after resizing and normalising)."""
-        embeddings, labels, predicted = self.prepare(embeddings, labels, predictions)
+        """The anchors ``forward`` would contrast (after resizing, with normalised embeddings)."""
+        labels, predicted = self.prepare(embeddings, labels, predictions)
         return self._draw(embeddings, labels, predicted, predictions, generator)
 
     def _draw(
@@ -296,9 +300,11 @@ class PixelContrastLoss(nn.Module):
         logits = None
         if predictions is not None and predictions.dim() == 4:
             logits = predictions.detach()
-        return self.sampler(
+        sample = self.sampler(
             embeddings, labels, predicted, self.ignore_index, generator, logits=logits
         )
+        # Normalising the N sampled rows instead of the whole map gives the same anchors.
+        return dataclasses.replace(sample, embeddings=self.unit(sample.embeddings))
 
     def contrast_keys(
         self, embeddings: Tensor, labels: Tensor, sample: AnchorSample
@@ -320,7 +326,7 @@ class PixelContrastLoss(nn.Module):
         predictions: Optional[Tensor] = None,
         generator: Optional[torch.Generator] = None,
     ) -> Tensor:
-        embeddings, labels, predicted = self.prepare(embeddings, labels, predictions)
+        labels, predicted = self.prepare(embeddings, labels, predictions)
         sample = self._draw(embeddings, labels, predicted, predictions, generator)
         self.last_sample = sample
         keys, key_labels, in_batch = self.contrast_keys(embeddings, labels, sample)
@@ -340,7 +346,7 @@ class PixelContrastLoss(nn.Module):
             count = _anchors_with_positives(sample.labels, key_labels, in_batch)
             loss = distributed.mean_across_ranks(loss, count)
         if self.memory is not None and self.enqueue:
-            self.memory.enqueue(embeddings.detach(), labels, generator)
+            self.memory.enqueue(self.unit(embeddings.detach()), labels, generator)
         return loss
 
     def extra_repr(self) -> str:
@@ -422,7 +428,7 @@ class RegionContrastLoss(PixelContrastLoss):
         ``gather="keys"``), then the memory's regions."""
         parts = []
         if self.use_batch_regions:
-            regions = region_embeddings(embeddings, labels, self.ignore_index)
+            regions = region_embeddings(self.unit(embeddings), labels, self.ignore_index)
             parts += _rank_keys(*regions, own=True) if self.gather == "keys" else [regions]
         if self.memory is not None:
             parts.append(self.memory.keys(pixels=False, regions=True))
