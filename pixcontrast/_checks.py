@@ -8,6 +8,7 @@ import torch
 from torch import Tensor
 
 __all__ = [
+    "check_pixel_maps",
     "check_choice",
     "check_contrast_inputs",
     "check_count",
@@ -134,3 +135,17 @@ def check_contrast_inputs(
     check_finite(anchors, "anchors")
     if keys is not None:
         check_finite(keys, "keys")
+
+
+def check_pixel_maps(embeddings: object, labels: object) -> tuple[Tensor, Tensor]:
+    """Embedding maps ``[B, D, h, w]`` and integer label maps ``[B, h, w]`` of the same batch and
+    resolution."""
+    embeddings = check_embeddings(embeddings, "embeddings", 4)
+    labels = check_labels(labels, "labels", 3)
+    b, _, h, w = embeddings.shape
+    if tuple(labels.shape) != (b, h, w):
+        raise ValueError(
+            f"labels must be [B, h, w] = {[b, h, w]} (the embeddings' batch and resolution), "
+            f"got {list(labels.shape)}"
+        )
+    return embeddings, labels

@@ -10,7 +10,7 @@ from torch import Tensor
 from . import _checks
 from ._dispatch import BACKEND_NAMES, select_backend
 
-__all__ = ["contrastive_loss", "resize_labels", "VARIANTS", "REDUCTIONS"]
+__all__ = ["contrastive_loss", "loss_options", "resize_labels", "VARIANTS", "REDUCTIONS"]
 
 VARIANTS = ("paper", "supcon")
 REDUCTIONS = ("mean", "sum", "none")
@@ -80,12 +80,7 @@ def contrastive_loss(
         (0, torch.Size([6, 8]))
     """
     _checks.check_contrast_inputs(anchors, labels, keys, key_labels)
-    temperature = _checks.check_positive(temperature, "temperature")
-    rho = 1.0
-    if base_temperature is not None:
-        rho = temperature / _checks.check_positive(base_temperature, "base_temperature")
-    _checks.check_choice(variant, "variant", VARIANTS)
-    _checks.check_choice(reduction, "reduction", REDUCTIONS)
+    temperature, rho = loss_options(temperature, base_temperature, variant, reduction)
     _checks.check_choice(backend, "backend", BACKEND_NAMES)
     if in_batch is None:
         in_batch = keys is None
@@ -94,6 +89,20 @@ def contrastive_loss(
     return chosen.loss(
         anchors, labels, keys, key_labels, bool(in_batch), temperature, rho, variant, reduction
     )
+
+
+def loss_options(
+    temperature: float, base_temperature: Optional[float], variant: str, reduction: str
+) -> tuple[float, float]:
+    """Validate the options every contrastive loss shares; returns ``(temperature, rho)`` with
+    ``rho = temperature / base_temperature`` (1 without a base temperature)."""
+    temperature = _checks.check_positive(temperature, "temperature")
+    rho = 1.0
+    if base_temperature is not None:
+        rho = temperature / _checks.check_positive(base_temperature, "base_temperature")
+    _checks.check_choice(variant, "variant", VARIANTS)
+    _checks.check_choice(reduction, "reduction", REDUCTIONS)
+    return temperature, rho
 
 
 def resize_labels(labels: Tensor, size: tuple[int, int]) -> Tensor:

@@ -51,13 +51,8 @@ def region_embeddings(
         >>> regions.shape[1], bool((region_labels[1:] >= region_labels[:-1]).all())
         (8, True)
     """
-    _checks.check_embeddings(embeddings, "embeddings", 4)
-    _checks.check_labels(labels, "labels", 3)
+    _checks.check_pixel_maps(embeddings, labels)
     b, d, h, w = embeddings.shape
-    if tuple(labels.shape) != (b, h, w):
-        raise ValueError(
-            f"labels must have shape {(b, h, w)} to match embeddings, got {tuple(labels.shape)}"
-        )
     flat = labels.reshape(b, h * w).long()
     valid = flat != ignore_index
     classes = torch.unique(flat[valid])

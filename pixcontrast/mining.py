@@ -27,7 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from . import _checks
-from .functional import REDUCTIONS, VARIANTS
+from .functional import loss_options
 from .ops._layout import compute_dtype
 from .ops.pairs import pair_loss
 
@@ -477,12 +477,7 @@ def pair_contrastive_loss(
     """
     _checks.check_contrast_inputs(anchors, labels, keys, key_labels)
     in_batch = keys is None if in_batch is None else bool(in_batch)
-    temperature = _checks.check_positive(temperature, "temperature")
-    rho = 1.0
-    if base_temperature is not None:
-        rho = temperature / _checks.check_positive(base_temperature, "base_temperature")
-    _checks.check_choice(variant, "variant", VARIANTS)
-    _checks.check_choice(reduction, "reduction", REDUCTIONS)
+    temperature, rho = loss_options(temperature, base_temperature, variant, reduction)
     labels = labels.long()
     dtype = compute_dtype(anchors.dtype)
     space = _key_space(anchors, labels, keys, key_labels, in_batch, dtype)
@@ -543,10 +538,10 @@ class MinedContrastLoss(nn.Module):
         self.num_negatives = _checks.check_count(num_negatives, "num_negatives")
         self.fraction = _checks.check_fraction(fraction, "fraction", allow_zero=False)
         self.class_temperature = _checks.check_positive(class_temperature, "class_temperature")
-        self.temperature = _checks.check_positive(temperature, "temperature")
+        self.temperature, _ = loss_options(temperature, base_temperature, variant, reduction)
         self.base_temperature = base_temperature
-        self.variant = _checks.check_choice(variant, "variant", VARIANTS)
-        self.reduction = _checks.check_choice(reduction, "reduction", REDUCTIONS)
+        self.variant = variant
+        self.reduction = reduction
 
     def forward(
         self,

@@ -119,14 +119,8 @@ def _check_maps(
     logits: Optional[Tensor],
 ) -> tuple[Optional[Tensor], Optional[Tensor]]:
     """Validate a sampler's inputs; return ``predictions`` and ``logits`` at ``(h, w)``."""
-    _checks.check_embeddings(embeddings, "embeddings", 4)
-    _checks.check_labels(labels, "labels", 3)
+    _checks.check_pixel_maps(embeddings, labels)
     b, _, h, w = embeddings.shape
-    if tuple(labels.shape) != (b, h, w):
-        raise ValueError(
-            f"labels must be [B, h, w] = {[b, h, w]} (the embeddings' batch and resolution), "
-            f"got {list(labels.shape)}"
-        )
     if predictions is not None:
         _checks.check_labels(predictions, "predictions", 3)
     if logits is not None:
