@@ -44,16 +44,32 @@ def test_digits_segmentation_smoke(tmp_path: Path) -> None:
     for (mode, seed), run in runs.items():
         assert 0.0 <= run["miou"] <= 1.0
         assert len(run["curve"]["ce"]) == config["steps"]
-        assert all(math.isfinite(v) for v in run["curve"]["ce"] + run["curve"]["contrast"])
+        assert all(math.isfinite(v) for v in run["curve"]["ce"])
         if mode == "ce":
             assert all(v == 0.0 for v in run["curve"]["contrast"])
+            assert run["first_contrast_step"] is None
         else:
-            assert all(v > 0.0 for v in run["curve"]["contrast"])
+            # the term is off (NaN in the curve) during the warm-up, then on and positive
+            first = run["first_contrast_step"]
+            assert 1 < first <= config["steps"]
+            contrast = run["curve"]["contrast"]
+            assert all(math.isnan(v) for v in contrast[: first - 1])
+            assert all(math.isfinite(v) and v > 0.0 for v in contrast[first - 1 :])
             # Same seed, same initialisation and first batch: the modes differ only by the term.
             assert run["curve"]["ce"][0] == pytest.approx(runs[("ce", seed)]["curve"]["ce"][0])
     for mode in modes:
         values = [runs[(mode, s)]["miou"] for s in config["seeds"]]
         assert result["summary"][mode]["mean"] == pytest.approx(sum(values) / len(values))
+
+
+def test_digits_segmentation_without_warmup(tmp_path: Path) -> None:
+    example = load_example("digits_segmentation")
+    result = example.main(["--smoke", "--steps", "2", "--contrast-warmup", "0",
+                           "--output", str(tmp_path)])
+    for run in result["runs"]:
+        if run["mode"] != "ce":
+            assert run["first_contrast_step"] == 1
+            assert all(math.isfinite(v) and v > 0.0 for v in run["curve"]["contrast"])
 
 
 def test_scenes_are_labelled_from_their_digits() -> None:
