@@ -7,8 +7,8 @@ size in a fresh process per point, on CUDA ``torch.cuda.max_memory_allocated``.
 API:
 
 - :func:`metadata` -> dict of versions, CPU/GPU model, thread count and date, for result JSONs.
-- :func:`time_alternating` (fns, repeats, warmup) -> median seconds per name, the callables run
-  in rotating order within each repeat.
+- :func:`time_wall_and_cpu` (fns, repeats, warmup) -> median wall and CPU seconds per name, the
+  callables run in rotating order within each repeat; :func:`time_alternating`, the wall part.
 - :func:`time_cuda` (fn) -> median seconds of a CUDA callable through ``triton.testing.do_bench``.
 - :func:`peak_rss_bytes` -> the process's peak resident set size so far (``VmHWM`` on
   Linux, ``getrusage`` elsewhere).
@@ -44,6 +44,7 @@ __all__ = [
     "peak_rss_bytes",
     "run_child",
     "time_alternating",
+    "time_wall_and_cpu",
     "time_cuda",
 ]
 
@@ -88,22 +89,33 @@ def metadata() -> dict:
     }
 
 
-def time_alternating(
+def time_wall_and_cpu(
     fns: dict[str, Callable[[], object]], repeats: int, warmup: int = 1
-) -> dict[str, float]:
-    """Median wall time (seconds) of each callable; in repeat ``r`` the order is rotated by ``r``
-    so that no callable always runs first or after the same neighbour."""
+) -> dict[str, tuple[float, float]]:
+    """Median wall and CPU (process) seconds of each callable; in repeat ``r`` the order is
+    rotated by ``r`` so that no callable always runs first or after the same neighbour. At one
+    thread the CPU time leaves out the time the process waited for a core, most of the noise on
+    a shared machine."""
     names = list(fns)
     for _ in range(warmup):
         for name in names:
             fns[name]()
-    samples: dict[str, list[float]] = {name: [] for name in names}
+    wall: dict[str, list[float]] = {name: [] for name in names}
+    cpu: dict[str, list[float]] = {name: [] for name in names}
     for r in range(repeats):
         for name in names[r % len(names) :] + names[: r % len(names)]:
-            start = time.perf_counter()
+            start_wall, start_cpu = time.perf_counter(), time.process_time()
             fns[name]()
-            samples[name].append(time.perf_counter() - start)
-    return {name: statistics.median(values) for name, values in samples.items()}
+            cpu[name].append(time.process_time() - start_cpu)
+            wall[name].append(time.perf_counter() - start_wall)
+    return {name: (statistics.median(wall[name]), statistics.median(cpu[name])) for name in names}
+
+
+def time_alternating(
+    fns: dict[str, Callable[[], object]], repeats: int, warmup: int = 1
+) -> dict[str, float]:
+    """Median wall time (seconds) of each callable, timed as by :func:`time_wall_and_cpu`."""
+    return {name: both[0] for name, both in time_wall_and_cpu(fns, repeats, warmup).items()}
 
 
 def time_cuda(fn: Callable[[], object]) -> float:

@@ -22,16 +22,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
-import time
 from pathlib import Path
-from typing import Callable
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import metadata  # noqa: E402
+from _common import metadata, time_wall_and_cpu  # noqa: E402
 
 from pixcontrast.samplers import HardAnchorSampler, gather_pixels  # noqa: E402
 
@@ -89,29 +86,6 @@ def batch(seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     predictions = torch.where(wrong, torch.randint(0, CLASSES, labels.shape, generator=g), labels)
     predictions[labels == IGNORE] = 0
     return embeddings, labels, predictions
-
-
-def time_wall_and_cpu(
-    fns: dict[str, Callable[[], object]], repeats: int, warmup: int
-) -> dict[str, tuple[float, float]]:
-    """Median wall and CPU (process) seconds of each callable, run in the rotating order of
-    ``_common.time_alternating``. At one thread the CPU time leaves out the time the process
-    waited for a core, most of the noise on a shared machine."""
-    names = list(fns)
-    for _ in range(warmup):
-        for name in names:
-            fns[name]()
-    wall: dict[str, list[float]] = {name: [] for name in names}
-    cpu: dict[str, list[float]] = {name: [] for name in names}
-    for r in range(repeats):
-        for name in names[r % len(names) :] + names[: r % len(names)]:
-            start_wall, start_cpu = time.perf_counter(), time.process_time()
-            fns[name]()
-            cpu[name].append(time.process_time() - start_cpu)
-            wall[name].append(time.perf_counter() - start_wall)
-    return {
-        name: (statistics.median(wall[name]), statistics.median(cpu[name])) for name in names
-    }
 
 
 def group_counts(
