@@ -102,6 +102,18 @@ def _rank_in_sorted_groups(sorted_groups: Tensor) -> Tensor:
     return position - torch.cummax(torch.where(first, position, 0), dim=0).values
 
 
+# torch.nonzero_static exists on CPU since torch 2.1 and on CUDA since 2.6.
+_NONZERO_STATIC_ANY_DEVICE = torch.__version__ >= "2.6"
+
+
+def _true_positions(mask: Tensor, count: int) -> Tensor:
+    """Positions of the ``count`` true entries of a 1-D mask whose count the host already knows:
+    no synchronisation where ``nonzero_static`` runs on the mask's device."""
+    if mask.device.type == "cpu" or _NONZERO_STATIC_ANY_DEVICE:
+        return torch.nonzero_static(mask, size=count).squeeze(1)
+    return mask.nonzero().squeeze(1)
+
+
 def random_rank_in_group(groups: Tensor, generator: Optional[torch.Generator]) -> Tensor:
     """A uniformly random rank ``0..count-1`` for each element within its group id."""
     n = groups.numel()
@@ -300,9 +312,7 @@ def select_anchors(
                 "dimension for ConfidenceAnchorSampler)"
             )
 
-        chosen = torch.nonzero_static(
-            is_candidate_bin.index_select(0, bin_), size=num_candidates
-        ).squeeze(1)
+        chosen = _true_positions(is_candidate_bin.index_select(0, bin_), num_candidates)
         chosen_slot = bin_.index_select(0, chosen).long() % slots
         # order the candidates by slot, at random within a slot; keep a slot's first `take`
         key = torch.rand(num_candidates, dtype=torch.float64, generator=generator,
@@ -313,7 +323,7 @@ def select_anchors(
         )
         end = candidates.cumsum(0) - candidates + take.view(-1)  # a slot's first rank not kept
         keep = position < end[chosen_slot]
-        indices = chosen[torch.nonzero_static(keep, size=num_easy + num_hard).squeeze(1)]
+        indices = chosen[_true_positions(keep, num_easy + num_hard)]
     return AnchorSample(
         embeddings=gather_pixels(embeddings, indices, per_image),
         labels=labels.reshape(-1)[indices].long(),
