@@ -100,10 +100,11 @@ def check_fraction(value: object, name: str, allow_zero: bool = True) -> float:
 
 
 def check_contrast_inputs(
-    anchors: object, labels: object, keys: Optional[object], key_labels: Optional[object]
-) -> None:
+    anchors: object, labels: object, keys: object, key_labels: object
+) -> tuple[tuple[Tensor, ...], Optional[Tensor]]:
     """The data arguments of a contrastive loss: shapes, dtypes, devices, label range, and
-    finite embeddings."""
+    finite embeddings. ``keys`` and ``key_labels`` are a tensor each, or sequences of matching
+    parts; returns ``(key parts, concatenated key labels or None)``."""
     anchors = check_embeddings(anchors, "anchors", 2)
     labels = check_labels(labels, "labels", 1)
     if labels.shape[0] != anchors.shape[0]:
@@ -113,28 +114,43 @@ def check_contrast_inputs(
         )
     if keys is None and key_labels is not None:
         raise ValueError("key_labels was given without keys")
-    if keys is not None:
-        keys = check_embeddings(keys, "keys", 2)
-        if key_labels is None:
-            raise ValueError("keys requires key_labels")
-        key_labels = check_labels(key_labels, "key_labels", 1)
-        if key_labels.shape[0] != keys.shape[0]:
+    if keys is not None and key_labels is None:
+        raise ValueError("keys requires key_labels")
+    single = keys is None or isinstance(keys, Tensor)
+    key_parts = () if keys is None else (keys,) if single else tuple(keys)
+    label_parts = () if key_labels is None else (key_labels,) if single else tuple(key_labels)
+    if not single and (
+        isinstance(key_labels, Tensor) or len(label_parts) != len(key_parts) or not key_parts
+    ):
+        raise ValueError(
+            "key_labels must be a sequence with one label tensor per part of keys when keys is "
+            "a sequence of tensors"
+        )
+    named = [("anchors", anchors), ("labels", labels)]
+    for i, (part, part_labels) in enumerate(zip(key_parts, label_parts)):
+        suffix = "" if single else f"[{i}]"
+        part = check_embeddings(part, f"keys{suffix}", 2)
+        part_labels = check_labels(part_labels, f"key_labels{suffix}", 1)
+        if part_labels.shape[0] != part.shape[0]:
             raise ValueError(
-                f"key_labels must have one entry per key: got {key_labels.shape[0]} labels for "
-                f"{keys.shape[0]} keys"
+                f"key_labels{suffix} must have one entry per key: got {part_labels.shape[0]} "
+                f"labels for {part.shape[0]} keys"
             )
-        if keys.shape[1] != anchors.shape[1]:
+        if part.shape[1] != anchors.shape[1]:
             raise ValueError(
-                f"keys must have the anchors' dimension D={anchors.shape[1]}, got {keys.shape[1]}"
+                f"keys{suffix} must have the anchors' dimension D={anchors.shape[1]}, got "
+                f"{part.shape[1]}"
             )
-    check_same_device(
-        [("anchors", anchors), ("labels", labels), ("keys", keys), ("key_labels", key_labels)]
-    )
+        named += [(f"keys{suffix}", part), (f"key_labels{suffix}", part_labels)]
+    check_same_device(named)
     if labels.numel() and int(labels.min()) < 0:
         raise ValueError("labels must be >= 0 (filter ignored pixels out first)")
     check_finite(anchors, "anchors")
-    if keys is not None:
-        check_finite(keys, "keys")
+    for name, tensor in named[2::2]:
+        check_finite(tensor, name)
+    if not label_parts:
+        return key_parts, None
+    return key_parts, label_parts[0] if single else torch.cat(label_parts)
 
 
 def check_pixel_maps(embeddings: object, labels: object) -> tuple[Tensor, Tensor]:

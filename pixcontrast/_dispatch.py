@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 from torch import Tensor
 
@@ -38,11 +38,11 @@ class Backend:
 
     name: str
     loss: LossFn
-    unsupported: Callable[[Tensor, Optional[Tensor]], list[str]]
+    unsupported: Callable[[Tensor, Sequence[Tensor]], list[str]]
     auto_devices: Optional[tuple[str, ...]] = None
 
 
-def _anything(anchors: Tensor, keys: Optional[Tensor]) -> list[str]:
+def _anything(anchors: Tensor, keys: Sequence[Tensor]) -> list[str]:
     return []
 
 
@@ -71,8 +71,9 @@ def _requested(name: str) -> str:
     return override
 
 
-def select_backend(name: str, anchors: Tensor, keys: Optional[Tensor]) -> Backend:
-    """The backend that will run ``name`` on these inputs (``name`` already validated)."""
+def select_backend(name: str, anchors: Tensor, keys: Sequence[Tensor]) -> Backend:
+    """The backend that will run ``name`` on these inputs (``name`` already validated; ``keys``
+    the key parts)."""
     name = _requested(name)
     if name == "auto":
         for candidate in AUTO_ORDER:

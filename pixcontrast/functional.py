@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Sequence, Union
 
 import torch
 from torch import Tensor
@@ -19,8 +19,8 @@ REDUCTIONS = ("mean", "sum", "none")
 def contrastive_loss(
     anchors: Tensor,
     labels: Tensor,
-    keys: Optional[Tensor] = None,
-    key_labels: Optional[Tensor] = None,
+    keys: Union[Tensor, Sequence[Tensor], None] = None,
+    key_labels: Union[Tensor, Sequence[Tensor], None] = None,
     *,
     in_batch: Optional[bool] = None,
     temperature: float = 0.1,
@@ -50,9 +50,13 @@ def contrastive_loss(
     Args:
         anchors: ``[N, D]`` float embeddings (normalise them first if you want cosine similarity).
         labels: ``[N]`` integer class ids, all ``>= 0``.
-        keys: ``[M, D]`` extra keys (e.g. a memory bank), or ``None``.
-        key_labels: ``[M]`` integer class ids of ``keys``; a negative id marks an invalid key
-            (an empty memory slot), which is excluded everywhere. Required with ``keys``.
+        keys: ``[M, D]`` extra keys (e.g. a memory bank), or ``None``. A sequence of tensors
+            ``[M_i, D]`` is contrasted as their concatenation, and only the parts that require
+            grad get a gradient (a memory's keys cost no key-gradient product next to keys
+            that need one).
+        key_labels: ``[M]`` integer class ids of ``keys`` (a sequence of ``[M_i]`` for a
+            sequence of keys); a negative id marks an invalid key (an empty memory slot), which
+            is excluded everywhere. Required with ``keys``.
         in_batch: whether the anchors are keys as well (self-pairs excluded). Defaults to ``True``
             without ``keys`` and ``False`` with them.
         temperature: :math:`\tau > 0`.
@@ -79,15 +83,16 @@ def contrastive_loss(
         >>> loss.ndim, x.grad.shape
         (0, torch.Size([6, 8]))
     """
-    _checks.check_contrast_inputs(anchors, labels, keys, key_labels)
+    key_parts, key_labels = _checks.check_contrast_inputs(anchors, labels, keys, key_labels)
     temperature, rho = loss_options(temperature, base_temperature, variant, reduction)
     _checks.check_choice(backend, "backend", BACKEND_NAMES)
     if in_batch is None:
         in_batch = keys is None
 
-    chosen = select_backend(backend, anchors, keys)
+    chosen = select_backend(backend, anchors, key_parts)
     return chosen.loss(
-        anchors, labels, keys, key_labels, bool(in_batch), temperature, rho, variant, reduction
+        anchors, labels, key_parts, key_labels, bool(in_batch), temperature, rho, variant,
+        reduction,
     )
 
 

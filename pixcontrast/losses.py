@@ -86,25 +86,24 @@ def prepare_pixel_inputs(
 
 
 def _anchors_with_positives(
-    labels: Tensor, key_labels: Optional[Tensor], in_batch: bool
+    labels: Tensor, key_labels: Optional[list], in_batch: bool
 ) -> Tensor:
     """How many anchors have a positive: the denominator of ``contrastive_loss``'s mean."""
     found = torch.zeros_like(labels, dtype=torch.bool)
-    if key_labels is not None:
-        found = torch.isin(labels, key_labels)  # labels are >= 0: invalid keys never match
+    for part in key_labels or ():
+        found |= torch.isin(labels, part)  # labels are >= 0: invalid keys never match
     if in_batch and labels.numel():
         _, inverse, counts = torch.unique(labels, return_inverse=True, return_counts=True)
         found |= counts[inverse] > 1
     return found.sum()
 
 
-def _join(parts: list[tuple[Tensor, Tensor]]) -> tuple[Optional[Tensor], Optional[Tensor]]:
-    """``(keys, key_labels)`` of several key sets, ``(None, None)`` for none."""
+def _join(parts: list[tuple[Tensor, Tensor]]) -> tuple[Optional[list], Optional[list]]:
+    """``(keys, key_labels)`` of several key sets as ``contrastive_loss``'s sequences of parts
+    (so that detached memory keys get no gradient work), ``(None, None)`` for none."""
     if not parts:
         return None, None
-    if len(parts) == 1:
-        return parts[0]
-    return torch.cat([keys for keys, _ in parts]), torch.cat([labels for _, labels in parts])
+    return [keys for keys, _ in parts], [labels for _, labels in parts]
 
 
 def _rank_keys(keys: Tensor, key_labels: Tensor, own: bool) -> list[tuple[Tensor, Tensor]]:

@@ -337,6 +337,8 @@ def mine_keys(
         >>> pairs.positive_index.tolist(), pairs.negative_index.tolist()
         ([[1], [0], [3], [2]], [[3], [3], [1], [0]])
     """
+    if keys is not None:
+        _checks.check_tensor(keys, "keys")
     _checks.check_contrast_inputs(anchors, labels, keys, key_labels)
     in_batch = keys is None if in_batch is None else bool(in_batch)
     _checks.check_choice(miner, "miner", MINERS)
@@ -475,6 +477,8 @@ def pair_contrastive_loss(
         >>> loss.ndim, x.grad.shape
         (0, torch.Size([6, 8]))
     """
+    if keys is not None:
+        _checks.check_tensor(keys, "keys")
     _checks.check_contrast_inputs(anchors, labels, keys, key_labels)
     in_batch = keys is None if in_batch is None else bool(in_batch)
     temperature, rho = loss_options(temperature, base_temperature, variant, reduction)

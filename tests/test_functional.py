@@ -379,3 +379,74 @@ def test_keys_grouped_by_class_match_shuffled_keys_and_reference(variant, in_bat
         torch.testing.assert_close(g, r, rtol=1e-9, atol=1e-10)
     torch.testing.assert_close(shuffled[0], ref[0], rtol=1e-9, atol=1e-10)
     torch.testing.assert_close(shuffled[2][torch.argsort(perm)], ref[2], rtol=1e-9, atol=1e-10)
+
+
+def _triton_or_skip():
+    from pixcontrast.ops import triton_fused
+
+    reasons = triton_fused.unsupported(torch.zeros(1, 4), ())
+    if reasons:
+        pytest.skip("; ".join(reasons))
+
+
+@pytest.mark.parametrize("backend", ["torch", "reference", "triton"])
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("in_batch", [False, True])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_key_parts_get_gradients_only_where_required(backend, variant, in_batch, reduction):
+    # keys given as [part that needs a gradient, detached part (a memory)]: the result is that of
+    # the concatenation, the first part gets its gradient, the second none.
+    if backend == "triton":
+        _triton_or_skip()
+    dtype = torch.float32 if backend == "triton" else torch.float64
+    anchors, labels, keys, key_labels = make_inputs(29, 50, 6, 4, dtype=dtype, seed=13)
+    up = torch.rand(29, dtype=dtype) + 0.5 if reduction == "none" else torch.full((), 1.7)
+    up = up.to(dtype)
+    kw = dict(in_batch=in_batch, temperature=0.4, variant=variant, reduction=reduction)
+    a_ref, k_ref = anchors.clone().requires_grad_(True), keys.clone().requires_grad_(True)
+    ref = contrastive_loss(a_ref, labels, k_ref, key_labels, backend="reference", **kw)
+    (ref * up).sum().backward()
+
+    a = anchors.clone().requires_grad_(True)
+    first, memory = keys[:20].clone().requires_grad_(True), keys[20:].clone()
+    loss = contrastive_loss(a, labels, [first, memory], [key_labels[:20], key_labels[20:]],
+                            backend=backend, **kw)
+    (loss * up).sum().backward()
+    tol = dict(rtol=1e-9, atol=1e-10) if dtype == torch.float64 else dict(rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(loss, ref.detach(), **tol)
+    torch.testing.assert_close(a.grad, a_ref.grad, **tol)
+    torch.testing.assert_close(first.grad, k_ref.grad[:20], **tol)
+    assert memory.grad is None
+
+
+def test_mixed_key_parts_visit_only_the_columns_that_need_a_gradient():
+    from pixcontrast.ops._autograd import key_grad_columns
+    from pixcontrast.ops._layout import build_layout
+
+    anchors, labels, keys, key_labels = make_inputs(17, 40, 5, 3, seed=21)
+    parts = (keys[:15], keys[15:])
+    layout = build_layout(anchors, labels, parts, key_labels, in_batch=True)
+    for need_anchor, need_parts, wanted_sources in [
+        (True, (True, False), lambda s: s < 17 + 15),
+        (False, (True, False), lambda s: (s >= 17) & (s < 17 + 15)),
+        (True, (False, True), lambda s: (s < 17) | (s >= 17 + 15)),
+        (False, (False, True), lambda s: s >= 17 + 15),
+    ]:
+        columns = key_grad_columns(layout, need_anchor, need_parts)
+        visited = torch.zeros(layout.keys.shape[0], dtype=torch.bool)
+        for lo, hi in columns:
+            visited[lo:hi] = True
+        assert torch.equal(visited, wanted_sources(layout.key_source))
+
+
+def test_key_parts_errors_name_the_argument():
+    x, y = torch.randn(4, 3), torch.tensor([0, 0, 1, 1])
+    k, c = torch.randn(5, 3), torch.tensor([0, 1, 0, 1, 0])
+    with pytest.raises(ValueError, match="key_labels"):
+        contrastive_loss(x, y, [k, k], c)
+    with pytest.raises(ValueError, match="key_labels"):
+        contrastive_loss(x, y, [k, k], [c])
+    with pytest.raises(ValueError, match=r"keys\[1\]"):
+        contrastive_loss(x, y, [k, torch.randn(5, 2)], [c, c])
+    with pytest.raises(ValueError, match=r"key_labels\[0\]"):
+        contrastive_loss(x, y, [k, k], [c[:2], c])

@@ -130,8 +130,8 @@ def test_sweep_statistics_match_torch(variant):
     """The saved per-anchor statistics are part of the contract: the same as the torch path's."""
     case = Case(variant, 37, 65, 40, True, "none")
     anchors, labels, keys, key_labels = _inputs(case, seed=1)
-    layout = build_layout(anchors, labels, keys, key_labels, in_batch=True)
-    columns = key_grad_columns(layout, need_anchor_grad=True, need_key_grad=False)
+    layout = build_layout(anchors, labels, (keys,), key_labels, in_batch=True)
+    columns = key_grad_columns(layout, need_anchor_grad=True, need_part_grad=(False,))
     weight = torch.rand(case.n, device=DEVICE) * (layout.positives > 0)
     args = (layout, case.temperature, 1.0, variant, weight, True, columns)
     loss, stats, grad_x, grad_k = triton_fused.sweep(*args)
@@ -153,8 +153,8 @@ def test_only_requested_key_columns_get_a_gradient():
     kernel visits only the anchors' columns: the memory columns stay exactly zero."""
     case = Case("paper", 37, 65, 16, True, "mean")
     anchors, labels, keys, key_labels = _inputs(case, seed=2)
-    layout = build_layout(anchors, labels, keys, key_labels, in_batch=True)
-    columns = key_grad_columns(layout, need_anchor_grad=True, need_key_grad=False)
+    layout = build_layout(anchors, labels, (keys,), key_labels, in_batch=True)
+    columns = key_grad_columns(layout, need_anchor_grad=True, need_part_grad=(False,))
     weight = torch.ones(case.n, device=DEVICE)
     _, _, _, grad_k = triton_fused.sweep(layout, 0.1, 1.0, "paper", weight, True, columns)
     visited = torch.zeros(layout.keys.shape[0], dtype=torch.bool, device=DEVICE)
@@ -166,7 +166,7 @@ def test_only_requested_key_columns_get_a_gradient():
 
 def test_auto_takes_torch_for_cpu_tensors():
     x = torch.randn(5, 8)
-    assert _dispatch.select_backend("auto", x, None).name == "torch"
+    assert _dispatch.select_backend("auto", x, ()).name == "torch"
 
 
 def test_explicit_triton_lists_every_reason(monkeypatch):
@@ -183,19 +183,19 @@ def test_explicit_triton_lists_every_reason(monkeypatch):
 @pytest.mark.skipif(not INTERPRETED, reason="bf16 is only refused by the interpreter")
 def test_interpreter_refuses_bf16():
     x = torch.randn(5, 8, dtype=torch.bfloat16)
-    assert any("interpreter" in r for r in triton_fused.unsupported(x, None))
+    assert any("interpreter" in r for r in triton_fused.unsupported(x, ()))
 
 
 def test_environment_override(monkeypatch):
     x = torch.randn(5, 8, device=DEVICE)
     monkeypatch.setenv(_dispatch.ENV_VAR, "reference")
-    assert _dispatch.select_backend("auto", x, None).name == "reference"
-    assert _dispatch.select_backend("torch", x, None).name == "torch"  # code wins
+    assert _dispatch.select_backend("auto", x, ()).name == "reference"
+    assert _dispatch.select_backend("torch", x, ()).name == "torch"  # code wins
     monkeypatch.setenv(_dispatch.ENV_VAR, "triton")
-    assert _dispatch.select_backend("auto", x, None).name == "triton"
+    assert _dispatch.select_backend("auto", x, ()).name == "triton"
     monkeypatch.setenv(_dispatch.ENV_VAR, "cuda")
     with pytest.raises(ValueError, match="PIXCONTRAST_BACKEND='cuda'"):
-        _dispatch.select_backend("auto", x, None)
+        _dispatch.select_backend("auto", x, ())
 
 
 def test_without_interpreter_cpu_never_touches_triton():

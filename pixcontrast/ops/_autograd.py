@@ -25,6 +25,7 @@ from ._layout import ContrastLayout, build_layout
 __all__ = [
     "AnchorStatistics",
     "ContrastFunction",
+    "apply_contrast",
     "InputSpec",
     "Sweep",
     "key_grad_columns",
@@ -52,22 +53,39 @@ Sweep = Callable[..., tuple[Tensor, AnchorStatistics, Optional[Tensor], Optional
 
 
 def key_grad_columns(
-    layout: ContrastLayout, need_anchor_grad: bool, need_key_grad: bool
+    layout: ContrastLayout, need_anchor_grad: bool, need_part_grad: tuple[bool, ...]
 ) -> Optional[list[tuple[int, int]]]:
-    """Sorted key columns that need a gradient.
+    """Ranges of sorted key columns that need a gradient (``None``: none).
 
-    All columns when the caller's keys need one (or every key is an anchor). When only the
-    anchors do, just the anchors' own columns: the stable sort puts them first in each class
-    block, so the product ``G^T x`` skips the (possibly huge) memory keys.
+    All columns when every caller key part needs one (or every key is an anchor). When only the
+    anchors do, just their own columns: the stable sort puts them first in each class block, so
+    the product ``G^T x`` skips the (possibly huge) memory keys. When some key parts need a
+    gradient and others do not, the runs of columns that come from the former (one host
+    synchronisation).
     """
     num_keys = layout.keys.shape[0]
-    num_anchor_keys = layout.anchors.shape[0] if layout.in_batch else 0
-    if need_key_grad or (num_anchor_keys == num_keys and need_anchor_grad):
+    n = layout.anchors.shape[0]
+    in_batch_grad = layout.in_batch and need_anchor_grad
+    if need_part_grad and all(need_part_grad) or (n == num_keys and in_batch_grad):
         return [(0, num_keys)]
-    if not (layout.in_batch and need_anchor_grad):
-        return None
-    a, kk = layout.anchor_offsets, layout.key_offsets
-    return [(kk[c], kk[c] + a[c + 1] - a[c]) for c in range(layout.num_classes) if a[c + 1] > a[c]]
+    if not any(need_part_grad):
+        if not in_batch_grad:
+            return None
+        a, kk = layout.anchor_offsets, layout.key_offsets
+        return [
+            (kk[c], kk[c] + a[c + 1] - a[c]) for c in range(layout.num_classes) if a[c + 1] > a[c]
+        ]
+    device = layout.key_source.device
+    flags = [torch.full((n,), in_batch_grad, device=device)] if layout.in_batch else []
+    flags += [
+        torch.full((size,), need, device=device)
+        for size, need in zip(layout.key_part_sizes, need_part_grad)
+    ]
+    wanted = torch.cat(flags)[layout.key_source]
+    edges = torch.diff(wanted.to(torch.int8), prepend=wanted.new_zeros(1, dtype=torch.int8),
+                       append=wanted.new_zeros(1, dtype=torch.int8))
+    bounds = edges.nonzero().squeeze(1).tolist()  # alternating run starts and stops
+    return list(zip(bounds[::2], bounds[1::2]))
 
 
 def reduction_weights(layout: ContrastLayout, reduction: str) -> Tensor:
@@ -83,19 +101,20 @@ class InputSpec:
     """What backward needs to know of the caller's tensors (not the tensors themselves)."""
 
     anchor_dtype: torch.dtype
-    num_keys: int
-    key_dtype: Optional[torch.dtype]
+    key_dtypes: tuple[torch.dtype, ...]
     need_anchor_grad: bool
-    need_key_grad: bool
+    need_part_grad: tuple[bool, ...]
 
 
 def scatter_to_inputs(
     layout: ContrastLayout, spec: InputSpec, grad_x: Optional[Tensor], grad_k: Optional[Tensor]
-) -> tuple[Optional[Tensor], Optional[Tensor]]:
-    """Map sorted-space gradients back to the caller's anchors and keys (dtype included)."""
+) -> tuple[Optional[Tensor], tuple[Optional[Tensor], ...]]:
+    """Map sorted-space gradients back to the caller's anchors and key parts (dtypes
+    included)."""
     n = layout.anchors.shape[0]
     offset = n if layout.in_batch else 0
-    grad_anchors = grad_keys = None
+    grad_anchors = None
+    grad_parts: tuple[Optional[Tensor], ...] = (None,) * len(spec.need_part_grad)
     if spec.need_anchor_grad:
         grad_anchors = layout.anchors.new_zeros(layout.anchors.shape)
         if grad_x is not None:
@@ -103,13 +122,17 @@ def scatter_to_inputs(
     if grad_k is not None and layout.in_batch and grad_anchors is not None:
         # An anchor's role as a key: its own column, in sorted-anchor order.
         grad_anchors[layout.anchor_order] += grad_k.index_select(0, layout.self_column)
-    if grad_k is not None and spec.need_key_grad:
-        grad_keys = grad_k.new_zeros((offset + spec.num_keys, grad_k.shape[1]))
-        grad_keys[layout.key_source] = grad_k
-        grad_keys = grad_keys[offset:].to(spec.key_dtype)
+    if grad_k is not None and any(spec.need_part_grad):
+        combined = grad_k.new_zeros((offset + sum(layout.key_part_sizes), grad_k.shape[1]))
+        combined[layout.key_source] = grad_k
+        parts = combined[offset:].split(list(layout.key_part_sizes))
+        grad_parts = tuple(
+            part.to(dtype) if need else None
+            for part, dtype, need in zip(parts, spec.key_dtypes, spec.need_part_grad)
+        )
     if grad_anchors is not None:
         grad_anchors = grad_anchors.to(spec.anchor_dtype)
-    return grad_anchors, grad_keys
+    return grad_anchors, grad_parts
 
 
 def unsort(layout: ContrastLayout, per_anchor: Tensor) -> Tensor:
@@ -130,7 +153,6 @@ class ContrastFunction(torch.autograd.Function):
     def forward(
         ctx,
         anchors: Tensor,
-        keys: Optional[Tensor],
         labels: Tensor,
         key_labels: Optional[Tensor],
         in_batch: bool,
@@ -140,19 +162,21 @@ class ContrastFunction(torch.autograd.Function):
         reduction: str,
         grad_enabled: bool,
         sweep: Sweep,
+        *key_parts: Tensor,
     ) -> Tensor:
-        layout = build_layout(anchors, labels, keys, key_labels, in_batch)
+        layout = build_layout(anchors, labels, key_parts, key_labels, in_batch)
         spec = InputSpec(
             anchor_dtype=anchors.dtype,
-            num_keys=0 if keys is None else keys.shape[0],
-            key_dtype=None if keys is None else keys.dtype,
+            key_dtypes=tuple(part.dtype for part in key_parts),
             need_anchor_grad=grad_enabled and ctx.needs_input_grad[0],
-            need_key_grad=grad_enabled and ctx.needs_input_grad[1],
+            need_part_grad=tuple(
+                grad_enabled and need for need in ctx.needs_input_grad[_NUM_OPTIONS:]
+            ),
         )
-        columns = key_grad_columns(layout, spec.need_anchor_grad, spec.need_key_grad)
+        columns = key_grad_columns(layout, spec.need_anchor_grad, spec.need_part_grad)
         ctx.layout, ctx.spec, ctx.columns = layout, spec, columns
         ctx.config = (temperature, rho, variant, sweep)
-        any_grad = spec.need_anchor_grad or spec.need_key_grad
+        any_grad = spec.need_anchor_grad or any(spec.need_part_grad)
         if reduction != "none":
             weight = reduction_weights(layout, reduction)
             loss, _, grad_x, grad_k = sweep(
@@ -171,8 +195,10 @@ class ContrastFunction(torch.autograd.Function):
         layout = ctx.layout
         if ctx.fused is not None:
             scale = grad_output.to(layout.anchors.dtype)
-            grad_anchors, grad_keys = (
-                None if g is None else g * scale.to(g.dtype) for g in ctx.fused
+            grad_anchors, grad_parts = ctx.fused
+            grad_anchors = None if grad_anchors is None else grad_anchors * scale
+            grad_parts = tuple(
+                None if g is None else g * scale.to(g.dtype) for g in grad_parts
             )
         else:
             temperature, rho, variant, sweep = ctx.config
@@ -182,5 +208,29 @@ class ContrastFunction(torch.autograd.Function):
                 layout, temperature, rho, variant, weight, ctx.spec.need_anchor_grad,
                 ctx.columns, saved=ctx.stats,
             )
-            grad_anchors, grad_keys = scatter_to_inputs(layout, ctx.spec, grad_x, grad_k)
-        return grad_anchors, grad_keys, None, None, None, None, None, None, None, None, None
+            grad_anchors, grad_parts = scatter_to_inputs(layout, ctx.spec, grad_x, grad_k)
+        return (grad_anchors,) + (None,) * (_NUM_OPTIONS - 1) + grad_parts
+
+
+# Arguments of ContrastFunction.forward before the key parts, anchors included.
+_NUM_OPTIONS = 10
+
+
+def apply_contrast(
+    anchors: Tensor,
+    labels: Tensor,
+    keys: tuple[Tensor, ...],
+    key_labels: Optional[Tensor],
+    in_batch: bool,
+    temperature: float,
+    rho: float,
+    variant: str,
+    reduction: str,
+    sweep: Sweep,
+) -> Tensor:
+    """``contrastive_loss`` through :class:`ContrastFunction` with a backend's ``sweep``;
+    ``keys`` are the caller's key parts (their labels concatenated in ``key_labels``)."""
+    return ContrastFunction.apply(
+        anchors, labels, key_labels, in_batch, temperature, rho, variant, reduction,
+        torch.is_grad_enabled(), sweep, *keys,
+    )

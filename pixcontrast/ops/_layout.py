@@ -10,7 +10,7 @@ Invalid keys (negative labels) are dropped here, once, so no backend ever sees t
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -39,6 +39,8 @@ class ContrastLayout:
         positives: ``[N]`` ``|P(a)|`` in the compute dtype.
         anchor_offsets: host list, ``C + 1`` class boundaries in ``anchors``.
         key_offsets: host list, ``C + 1`` class boundaries in ``keys``.
+        key_part_sizes: rows of each of the caller's key parts (concatenated after the anchors
+            in the caller's key space).
     """
 
     anchors: Tensor
@@ -51,6 +53,7 @@ class ContrastLayout:
     positives: Tensor
     anchor_offsets: list[int]
     key_offsets: list[int]
+    key_part_sizes: tuple[int, ...]
 
     @property
     def num_classes(self) -> int:
@@ -74,7 +77,7 @@ class ContrastLayout:
 def build_layout(
     anchors: Tensor,
     labels: Tensor,
-    keys: Optional[Tensor],
+    key_parts: Sequence[Tensor],
     key_labels: Optional[Tensor],
     in_batch: bool,
 ) -> ContrastLayout:
@@ -91,6 +94,9 @@ def build_layout(
     device = anchors.device
     n = anchors.shape[0]
     labels = labels.long()
+    keys = None
+    if key_parts:
+        keys = key_parts[0] if len(key_parts) == 1 else torch.cat([k.to(dtype) for k in key_parts])
 
     classes, anchor_ids = torch.unique(labels, return_inverse=True)  # sorted, host-synchronised
     num_anchor_classes = classes.numel()
@@ -178,4 +184,5 @@ def build_layout(
         positives=positives.to(dtype),
         anchor_offsets=anchor_offsets,
         key_offsets=key_offsets,
+        key_part_sizes=tuple(part.shape[0] for part in key_parts),
     )

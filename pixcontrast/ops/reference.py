@@ -29,7 +29,7 @@ def _masked_logsumexp(scores: Tensor, mask: Tensor) -> Tensor:
 def reference_contrastive_loss(
     anchors: Tensor,
     labels: Tensor,
-    keys: Optional[Tensor],
+    keys: tuple[Tensor, ...],
     key_labels: Optional[Tensor],
     in_batch: bool,
     temperature: float,
@@ -46,8 +46,8 @@ def reference_contrastive_loss(
     if in_batch:
         key_parts.append(x)
         label_parts.append(labels)
-    if keys is not None and key_labels is not None:
-        key_parts.append(keys.to(dtype))
+    if keys and key_labels is not None:
+        key_parts += [part.to(dtype) for part in keys]
         label_parts.append(key_labels.long())
     k = torch.cat(key_parts) if key_parts else x.new_zeros((0, x.shape[1]))
     c = torch.cat(label_parts) if label_parts else labels.new_zeros(0)

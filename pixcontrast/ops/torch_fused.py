@@ -23,7 +23,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ._autograd import AnchorStatistics, ContrastFunction
+from ._autograd import AnchorStatistics, apply_contrast
 from ._layout import ContrastLayout
 
 __all__ = [
@@ -275,7 +275,7 @@ def sweep(
 def torch_contrastive_loss(
     anchors: Tensor,
     labels: Tensor,
-    keys: Optional[Tensor],
+    keys: tuple[Tensor, ...],
     key_labels: Optional[Tensor],
     in_batch: bool,
     temperature: float,
@@ -283,7 +283,6 @@ def torch_contrastive_loss(
     variant: str,
     reduction: str,
 ) -> Tensor:
-    return ContrastFunction.apply(
-        anchors, keys, labels, key_labels, in_batch, temperature, rho, variant, reduction,
-        torch.is_grad_enabled(), sweep,
+    return apply_contrast(
+        anchors, labels, keys, key_labels, in_batch, temperature, rho, variant, reduction, sweep
     )

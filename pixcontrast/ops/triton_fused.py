@@ -16,12 +16,12 @@ from __future__ import annotations
 
 import functools
 from types import ModuleType
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 from torch import Tensor
 
-from ._autograd import AnchorStatistics, ContrastFunction
+from ._autograd import AnchorStatistics, apply_contrast
 from ._layout import ContrastLayout
 from .torch_fused import add_supcon_positive_gradient, supcon_positive_sums
 
@@ -45,11 +45,11 @@ def _load_kernels() -> tuple[Optional[ModuleType], bool, str]:
     return _kernels, bool(triton.knobs.runtime.interpret), ""
 
 
-def unsupported(anchors: Tensor, keys: Optional[Tensor]) -> list[str]:
+def unsupported(anchors: Tensor, keys: Sequence[Tensor]) -> list[str]:
     """Every reason why the Triton backend cannot take these inputs (empty: it can)."""
     kernels, interpreted, import_error = _load_kernels()
     reasons = [import_error] if kernels is None else []
-    tensors = [("anchors", anchors)] + ([] if keys is None else [("keys", keys)])
+    tensors = [("anchors", anchors)] + [("keys", part) for part in keys]
     for name, tensor in tensors:
         if tensor.device.type != "cuda" and not interpreted:
             reasons.append(
@@ -65,10 +65,10 @@ def unsupported(anchors: Tensor, keys: Optional[Tensor]) -> list[str]:
     return reasons
 
 
-def _operand_dtype(anchors: Tensor, keys: Optional[Tensor]) -> torch.dtype:
+def _operand_dtype(anchors: Tensor, keys: Sequence[Tensor]) -> torch.dtype:
     """Products take half-precision operands when every input is in that dtype (the layout's fp32
     copy converts back exactly), and fp32 otherwise."""
-    dtypes = {anchors.dtype} | ({keys.dtype} if keys is not None else set())
+    dtypes = {anchors.dtype} | {part.dtype for part in keys}
     return dtypes.pop() if len(dtypes) == 1 else torch.float32
 
 
@@ -225,7 +225,7 @@ def sweep(
 def triton_contrastive_loss(
     anchors: Tensor,
     labels: Tensor,
-    keys: Optional[Tensor],
+    keys: tuple[Tensor, ...],
     key_labels: Optional[Tensor],
     in_batch: bool,
     temperature: float,
@@ -234,7 +234,7 @@ def triton_contrastive_loss(
     reduction: str,
 ) -> Tensor:
     fused_sweep = functools.partial(sweep, operand_dtype=_operand_dtype(anchors, keys))
-    return ContrastFunction.apply(
-        anchors, keys, labels, key_labels, in_batch, temperature, rho, variant, reduction,
-        torch.is_grad_enabled(), fused_sweep,
+    return apply_contrast(
+        anchors, labels, keys, key_labels, in_batch, temperature, rho, variant, reduction,
+        fused_sweep,
     )
