@@ -226,6 +226,7 @@ def apply_contrast(
     rho: float,
     variant: str,
     reduction: str,
+    *,
     sweep: Sweep,
 ) -> Tensor:
     """``contrastive_loss`` through :class:`ContrastFunction` with a backend's ``sweep``;

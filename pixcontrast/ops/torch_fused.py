@@ -18,6 +18,7 @@ key sums, so it costs no pass over the buffer at all.
 
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
@@ -272,17 +273,5 @@ def sweep(
     return loss, AnchorStatistics(normalizer, positive_weight), grad_x, grad_k
 
 
-def torch_contrastive_loss(
-    anchors: Tensor,
-    labels: Tensor,
-    keys: tuple[Tensor, ...],
-    key_labels: Optional[Tensor],
-    in_batch: bool,
-    temperature: float,
-    rho: float,
-    variant: str,
-    reduction: str,
-) -> Tensor:
-    return apply_contrast(
-        anchors, labels, keys, key_labels, in_batch, temperature, rho, variant, reduction, sweep
-    )
+# The torch backend: the shared autograd glue driven by this module's sweep.
+torch_contrastive_loss = functools.partial(apply_contrast, sweep=sweep)

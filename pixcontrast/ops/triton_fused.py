@@ -236,5 +236,5 @@ def triton_contrastive_loss(
     fused_sweep = functools.partial(sweep, operand_dtype=_operand_dtype(anchors, keys))
     return apply_contrast(
         anchors, labels, keys, key_labels, in_batch, temperature, rho, variant, reduction,
-        fused_sweep,
+        sweep=fused_sweep,
     )
