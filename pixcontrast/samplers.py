@@ -72,6 +72,37 @@ class AnchorSample:
     num_easy: int
 
 
+class _GatherByImage(torch.autograd.Function):
+    """Rows ``[N, D]`` of ``flat [B, D, P]`` at per-image pixel positions.
+
+    Autograd through ``flat[image].index_select(...)`` would give every image's ``select`` a
+    zero gradient the size of the whole batch; the backward here fills one.
+    """
+
+    @staticmethod
+    def forward(ctx, flat: Tensor, pixels: tuple[Tensor, ...]) -> Tensor:  # type: ignore[override]
+        ctx.pixels, ctx.shape = pixels, flat.shape
+        out = flat.new_empty(sum(part.numel() for part in pixels), flat.shape[1])
+        start = 0
+        for image, part in enumerate(pixels):
+            stop = start + part.numel()
+            # [D, n] read channel row by channel row, written transposed into the rows
+            out[start:stop].t().copy_(flat[image].index_select(1, part))
+            start = stop
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
+        grad_flat = grad.new_zeros(ctx.shape)
+        start = 0
+        for image, part in enumerate(ctx.pixels):
+            stop = start + part.numel()
+            grad_flat[image].index_add_(1, part, grad[start:stop].t())
+            start = stop
+        return grad_flat, None
+
+
 def gather_pixels(
     embeddings: Tensor, indices: Tensor, counts: Optional[Sequence[int]] = None
 ) -> Tensor:
@@ -81,15 +112,15 @@ def gather_pixels(
     Given ``counts``, how many of ``indices`` fall in each image (which must then come grouped
     by image, in image order, as increasing indices do), each image's ``[D, h * w]`` map is read
     with one ``index_select`` along its pixels, walking every channel row in order: faster than
-    the general gather used without ``counts``, which takes the indices in any order.
+    the general gather used without ``counts``, which takes the indices in any order. Either way
+    the backward pass writes one gradient map, the size of ``embeddings``.
     """
     b, d, h, w = embeddings.shape
     flat = embeddings.reshape(b, d, h * w)
     if counts is None or b == 0:  # (an empty batch has no image map to read)
         return flat[indices // (h * w), :, indices % (h * w)]
-    pixels = (indices % (h * w)).split(list(counts))
-    rows = [flat[image].index_select(1, part) for image, part in enumerate(pixels)]
-    return torch.cat(rows, dim=1).t().contiguous()
+    pixels = tuple((indices % (h * w)).split(list(counts)))
+    return _GatherByImage.apply(flat, pixels)
 
 
 def _rank_in_sorted_groups(sorted_groups: Tensor) -> Tensor:

@@ -376,6 +376,30 @@ def test_gather_pixels_with_counts():
     assert torch.equal(grad_fast, grad_general)
 
 
+def test_gather_pixels_channels_last():
+    embeddings = torch.randn(2, 5, 3, 4, dtype=torch.float64).to(
+        memory_format=torch.channels_last).requires_grad_()
+    indices = torch.tensor([1, 11, 12, 20])
+    fast = gather_pixels(embeddings, indices, [2, 2])
+    assert torch.equal(fast, embeddings.detach().permute(0, 2, 3, 1).reshape(-1, 5)[indices])
+    upstream = torch.randn(4, 5, dtype=torch.float64)
+    (grad_fast,) = torch.autograd.grad(fast, embeddings, upstream)
+    (grad_general,) = torch.autograd.grad(gather_pixels(embeddings, indices), embeddings, upstream)
+    assert torch.equal(grad_fast, grad_general)
+
+
+def test_gather_pixels_backward_allocates_one_gradient_map():
+    embeddings = torch.randn(6, 8, 16, 16, requires_grad=True)
+    indices = torch.tensor([3, 300, 600, 900, 1000, 1300, 1536])
+    rows = gather_pixels(embeddings, indices, [1, 1, 1, 2, 1, 1])
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU],
+                                profile_memory=True) as prof:
+        rows.backward(torch.randn_like(rows))
+    allocated = sum(max(event.self_cpu_memory_usage, 0) for event in prof.events())
+    map_bytes = embeddings.numel() * embeddings.element_size()
+    assert map_bytes <= allocated < 1.5 * map_bytes  # not one zero map per image
+
+
 @pytest.mark.parametrize("dtype", [torch.uint8, torch.int8, torch.int16, torch.int32])
 def test_narrow_label_dtypes(dtype):
     labels = torch.tensor([[[0, 0, 1, 2]], [[2, 2, 1, IGNORE]]])
