@@ -143,6 +143,15 @@ def peak_rss_bytes() -> int:
     return peak if sys.platform == "darwin" else peak * 1024
 
 
+def rss_and_peak_bytes() -> tuple[int, int]:
+    """(VmRSS, VmHWM) of this process, from ``/proc/self/status`` (Linux)."""
+    fields = {}
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(("VmRSS:", "VmHWM:")):
+            fields[line.split(":")[0]] = int(line.split()[1]) * 1024
+    return fields["VmRSS"], fields["VmHWM"]
+
+
 def measure_peak_growth(setup: Callable[[], Callable[[], object]], device: str = "cpu") -> int:
     """Bytes by which one call of ``setup()``'s callable raises the peak memory.
 
@@ -162,6 +171,27 @@ def measure_peak_growth(setup: Callable[[], Callable[[], object]], device: str =
     before = peak_rss_bytes()
     fn()
     return max(0, peak_rss_bytes() - before)
+
+
+def peak_growth_and_slack(
+    warm_up: Callable[[], object], setup: Callable[[], Callable[[], object]], threads: int
+) -> dict:
+    """In a fresh process (see :func:`run_child`): after ``warm_up()`` (library initialisation,
+    not counted), the peak RSS growth of one call of ``setup()``'s callable, and the slack (peak
+    minus current RSS) before that call, which would hide part of the growth (near 0: nothing
+    hidden)."""
+    torch.set_num_threads(threads)
+    slack = {}
+
+    def prepared() -> Callable[[], object]:
+        warm_up()
+        run = setup()
+        rss, peak = rss_and_peak_bytes()
+        slack["bytes"] = peak - rss
+        return run
+
+    growth = measure_peak_growth(prepared)
+    return {"peak_rss_growth_bytes": growth, "slack_bytes": slack["bytes"]}
 
 
 def child_spec(argv: list[str]) -> Optional[dict]:

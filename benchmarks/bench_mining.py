@@ -32,8 +32,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from _common import (  # noqa: E402
     child_spec,
-    measure_peak_growth,
     metadata,
+    peak_growth_and_slack,
     run_child,
     time_alternating,
 )
@@ -91,31 +91,16 @@ def side(name: str, seed: int) -> Callable[[torch.Tensor, torch.Tensor, torch.Te
     )
 
 
-def rss_and_peak_bytes() -> tuple[int, int]:
-    """(VmRSS, VmHWM) of this process, from ``/proc/self/status`` (Linux)."""
-    fields = {}
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(("VmRSS:", "VmHWM:")):
-            fields[line.split(":")[0]] = int(line.split()[1]) * 1024
-    return fields["VmRSS"], fields["VmHWM"]
-
-
 def memory_child(name: str, threads: int) -> dict:
-    """In a fresh process: peak RSS growth of one call of side ``name``, and the slack (peak
-    minus current RSS) before the call, which would hide part of the growth."""
-    torch.set_num_threads(threads)
-    slack = {}
+    """In a fresh process: peak RSS growth of one call of side ``name``, and the slack."""
+    fn = side(name, 0)
 
     def setup() -> Callable[[], object]:
-        fn = side(name, 0)
-        fn(*problem(1, n=32, m=512))  # warm-up: library initialisation, not counted
         inputs = problem(0)
-        rss, peak = rss_and_peak_bytes()
-        slack["bytes"] = peak - rss
         return lambda: fn(*inputs)
 
-    growth = measure_peak_growth(setup)
-    return {"side": name, "peak_rss_growth_bytes": growth, "slack_bytes": slack["bytes"]}
+    warm_up = functools.partial(fn, *problem(1, n=32, m=512))
+    return {"side": name, **peak_growth_and_slack(warm_up, setup, threads)}
 
 
 def main() -> None:

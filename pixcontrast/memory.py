@@ -32,8 +32,10 @@ def region_embeddings(
         r_{bc} = \frac{m_{bc}}{\lVert m_{bc} \rVert_2}, \qquad
         m_{bc} = \frac{1}{|\Omega_{bc}|} \sum_{i \in \Omega_{bc}} x_i
 
-    Computed with one batched product against the one-hot class map (no copy of the embeddings,
-    no loop over images or classes); gradients flow to ``embeddings``.
+    Computed with one scatter-add of the pixels into per-(image, class) sums: one pass over the
+    embeddings whatever the number of classes, no copy of them (except to float32 for 16-bit
+    inputs, whose sums are accumulated in float32), no loop over images or classes; gradients
+    flow to ``embeddings``.
 
     Args:
         embeddings: ``[B, D, h, w]`` pixel embeddings.
@@ -56,15 +58,18 @@ def region_embeddings(
     flat = labels.reshape(b, h * w).long()
     valid = flat != ignore_index
     classes = torch.unique(flat[valid])
-    compact = torch.searchsorted(classes, flat).clamp(max=max(classes.numel() - 1, 0))
-    one_hot = (compact[..., None] == torch.arange(classes.numel(), device=flat.device)) & valid[
-        ..., None
-    ]
-    one_hot = one_hot.to(embeddings.dtype)  # [B, h*w, K]
-    sums = torch.bmm(embeddings.reshape(b, d, h * w), one_hot)  # [B, D, K]
-    counts = one_hot.sum(dim=1)  # [B, K]
+    k = classes.numel()
+    # column of a pixel: its class's rank among `classes`, or k (dropped) when ignored
+    column = torch.where(valid, torch.searchsorted(classes, flat), k)
+    accumulate = torch.promote_types(embeddings.dtype, torch.float32)
+    sums = embeddings.new_zeros((b, d, k + 1), dtype=accumulate).scatter_add_(
+        2, column[:, None, :].expand(b, d, h * w), embeddings.reshape(b, d, h * w).to(accumulate)
+    )[..., :k]  # [B, D, K]
+    counts = torch.zeros((b, k + 1), dtype=accumulate, device=flat.device).scatter_add_(
+        1, column, torch.ones((), dtype=accumulate, device=flat.device).expand(b, h * w)
+    )[:, :k]  # [B, K]
     present = (counts > 0).T  # [K, B]: class-major order
-    means = sums.permute(2, 0, 1)[present] / counts.T[present][:, None]
+    means = (sums.permute(2, 0, 1)[present] / counts.T[present][:, None]).to(embeddings.dtype)
     region_labels = classes[:, None].expand(-1, b)[present]
     return F.normalize(means, p=2, dim=1), region_labels
 

@@ -152,6 +152,20 @@ def test_region_embeddings_match_loops_and_gradients() -> None:
     torch.testing.assert_close(stored, expected.detach())
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_region_embeddings_many_classes_and_16_bit(dtype) -> None:
+    generator = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 6, 37, 61, dtype=torch.float64, generator=generator)
+    labels = torch.randint(0, 40, (2, 37, 61), generator=generator)
+    labels[1, :20] = 7  # a region of more than 1,220 pixels
+    labels[0, :, :3] = IGNORE
+    regions, region_labels = region_embeddings(x.to(dtype), labels, IGNORE)
+    expected, expected_labels = loop_regions(x.to(dtype).double(), labels)
+    assert regions.dtype == dtype and region_labels.tolist() == expected_labels
+    tolerance = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}[dtype]
+    torch.testing.assert_close(regions.double(), expected, rtol=0, atol=tolerance)
+
+
 def test_enqueued_pixels_belong_to_their_class_and_follow_the_generator() -> None:
     labels = torch.randint(0, 3, (2, 8, 8), generator=torch.Generator().manual_seed(2))
     labels[:, :, :2] = IGNORE

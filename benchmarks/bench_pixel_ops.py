@@ -1,0 +1,198 @@
+"""The per-pixel operations of a training step, forward + backward, against the plain-autograd
+way of writing them: time and peak memory growth on CPU.
+
+Batch of B = 8 embedding maps 128 x 256, D = 256, fp32, requiring gradients; the upstream
+gradient is random. Two operations, each against a baseline written here:
+
+- ``gather``: the anchor rows of a ``HardAnchorSampler(1024, 100)`` draw.
+  :func:`~pixcontrast.samplers.gather_pixels` (one ``index_select`` per image, a backward that
+  fills one gradient map) against :func:`per_image_autograd`, the same reads left to autograd,
+  whose backward gives every image's ``select`` a zero gradient of the whole batch's size.
+- ``regions, K classes`` (K = 19 and 150, the class counts of Cityscapes and ADE20K):
+  :func:`~pixcontrast.memory.region_embeddings` (one scatter-add of the pixels) against
+  :func:`one_hot_product`, a batched product with the ``[B, h * w, K]`` one-hot class map, whose
+  cost grows with K.
+
+Each pair is checked to give the same output and gradient. Time: the providers of an operation
+alternate in one process, medians of ``--repeats`` calls (DESIGN.md §4). Peak memory: growth of
+the peak RSS over one call, in a fresh process per point (``_common.run_child``) with
+``MALLOC_MMAP_THRESHOLD_=65536``, after a warm-up call on a small problem; inputs and the
+upstream gradient are not counted.
+
+Run ``python benchmarks/bench_pixel_ops.py`` (one thread unless ``--threads``). Writes
+``benchmarks/results/bench_pixel_ops.json`` and prints a markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _common import (  # noqa: E402
+    child_spec,
+    metadata,
+    peak_growth_and_slack,
+    run_child,
+    time_alternating,
+)
+
+from pixcontrast.memory import region_embeddings  # noqa: E402
+from pixcontrast.samplers import HardAnchorSampler, gather_pixels  # noqa: E402
+
+BATCH, DIM, HEIGHT, WIDTH, IGNORE = 8, 256, 128, 256, 255
+RESULTS = Path(__file__).parent / "results" / "bench_pixel_ops.json"
+
+
+def per_image_autograd(
+    embeddings: torch.Tensor, indices: torch.Tensor, counts: list[int]
+) -> torch.Tensor:
+    """BASELINE (not library code): gather_pixels's reads, differentiated by autograd."""
+    b, d, h, w = embeddings.shape
+    flat = embeddings.reshape(b, d, h * w)
+    pixels = (indices % (h * w)).split(counts)
+    return torch.cat([flat[i].index_select(1, part) for i, part in enumerate(pixels)], 1).t()
+
+
+def one_hot_product(
+    embeddings: torch.Tensor, labels: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """BASELINE (not library code): region_embeddings as a product with the one-hot map."""
+    b, d, h, w = embeddings.shape
+    flat = labels.reshape(b, h * w)
+    valid = flat != IGNORE
+    classes = torch.unique(flat[valid])
+    one_hot = ((flat[..., None] == classes) & valid[..., None]).to(embeddings.dtype)
+    sums = torch.bmm(embeddings.reshape(b, d, h * w), one_hot)  # [B, D, K]
+    counts = one_hot.sum(dim=1)  # [B, K]
+    present = (counts > 0).T
+    means = sums.permute(2, 0, 1)[present] / counts.T[present][:, None]
+    return F.normalize(means, dim=1), classes[:, None].expand(-1, b)[present]
+
+
+def maps(
+    seed: int, classes: int, height: int = HEIGHT, width: int = WIDTH
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Embeddings (requiring grad), a blocky label map with 5% ignored pixels, predictions
+    wrong on about 30% of the pixels."""
+    g = torch.Generator().manual_seed(seed)
+    embeddings = torch.empty(BATCH, DIM, height, width).normal_(generator=g).requires_grad_()
+    cells = torch.randint(0, classes, (BATCH, height // 16, width // 16), generator=g)
+    labels = cells.repeat_interleave(16, 1).repeat_interleave(16, 2)
+    labels[torch.rand(labels.shape, generator=g) < 0.05] = IGNORE
+    wrong = torch.rand(labels.shape, generator=g) < 0.3
+    predictions = torch.where(wrong, torch.randint(0, classes, labels.shape, generator=g), labels)
+    return embeddings, labels, predictions
+
+
+OPERATIONS = {
+    "gather": (19, {"gather_pixels": gather_pixels, "per-image autograd": per_image_autograd}),
+    "regions, 19 classes": (
+        19, {"region_embeddings": region_embeddings, "one-hot product": one_hot_product}
+    ),
+    "regions, 150 classes": (
+        150, {"region_embeddings": region_embeddings, "one-hot product": one_hot_product}
+    ),
+}
+
+
+def step(operation: str, provider: str, seed: int, small: bool = False) -> Callable[[], tuple]:
+    """Forward + backward of one provider on fresh inputs; returns (output, gradient)."""
+    classes, providers = OPERATIONS[operation]
+    size = (32, 32) if small else (HEIGHT, WIDTH)
+    embeddings, labels, predictions = maps(seed, classes, *size)
+    fn = providers[provider]
+    if operation == "gather":
+        sample = HardAnchorSampler(1024, 100)(
+            embeddings.detach(), labels, predictions, IGNORE, torch.Generator().manual_seed(seed)
+        )
+        counts = torch.bincount(sample.indices // (size[0] * size[1]), minlength=BATCH).tolist()
+        inputs = (embeddings, sample.indices, counts)
+    else:
+        inputs = (embeddings, labels)
+        image = torch.arange(BATCH).view(-1, 1, 1)
+        counts = [torch.unique((image * classes + labels)[labels != IGNORE]).numel()]  # regions
+    g = torch.Generator().manual_seed(seed + 1)
+    upstream = torch.empty(sum(counts), DIM).normal_(generator=g)
+
+    def run() -> tuple:
+        out = fn(*inputs)
+        rows = out if operation == "gather" else out[0]
+        (grad,) = torch.autograd.grad(rows, embeddings, upstream)
+        return rows.detach(), grad
+
+    return run
+
+
+def memory_child(operation: str, provider: str, threads: int) -> dict:
+    """In a fresh process: peak RSS growth of one call, and the slack."""
+    warm_up = step(operation, provider, 1, small=True)
+    return peak_growth_and_slack(warm_up, lambda: step(operation, provider, 0), threads)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=1)
+    spec = child_spec(sys.argv)
+    if spec is not None:
+        print(json.dumps(memory_child(spec["operation"], spec["provider"], spec["threads"])))
+        return
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    os.environ.setdefault("MALLOC_MMAP_THRESHOLD_", str(1 << 16))
+
+    rows = []
+    for operation, (_, providers) in OPERATIONS.items():
+        library, baseline = providers
+        runs = {provider: step(operation, provider, 0) for provider in providers}
+        (out, grad), (base_out, base_grad) = runs[library](), runs[baseline]()
+        torch.testing.assert_close(out, base_out, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(grad, base_grad, rtol=1e-4, atol=1e-5)
+        del out, grad, base_out, base_grad
+        times = time_alternating(runs, repeats=args.repeats, warmup=1)
+        del runs
+        for provider in providers:
+            child = run_child(Path(__file__), {
+                "operation": operation, "provider": provider, "threads": args.threads
+            })
+            rows.append({
+                "operation": operation, "provider": provider, "median_s": times[provider],
+                "speedup": times[baseline] / times[provider], **child,
+            })
+        base_bytes = rows[-1]["peak_rss_growth_bytes"]
+        for row in rows[-2:]:
+            row["memory_vs_baseline"] = row["peak_rss_growth_bytes"] / base_bytes
+
+    result = {
+        "benchmark": "pixel_ops",
+        "metadata": {**metadata(), "load_average": os.getloadavg()},
+        "config": {
+            "batch": BATCH, "dim": DIM, "height": HEIGHT, "width": WIDTH, "dtype": "float32",
+            "repeats": args.repeats, "threads": args.threads,
+            "malloc_mmap_threshold": os.environ["MALLOC_MMAP_THRESHOLD_"],
+        },
+        "rows": rows,
+    }
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"B={BATCH}, D={DIM}, {HEIGHT} x {WIDTH}, forward + backward, {args.threads} "
+          f"thread(s), median of {args.repeats}, load average {os.getloadavg()[0]:.1f}")
+    print("| operation | provider | median time (ms) | speed-up | peak RSS growth (MB) | "
+          "vs baseline |")
+    print("|---|---|---:|---:|---:|---:|")
+    for row in rows:
+        print(f"| {row['operation']} | {row['provider']} | {1e3 * row['median_s']:.1f} | "
+              f"{row['speedup']:.2f}x | {row['peak_rss_growth_bytes'] / 1e6:.0f} | "
+              f"{row['memory_vs_baseline']:.2f} |")
+
+
+if __name__ == "__main__":
+    main()
