@@ -12,6 +12,9 @@ gradient is random. Two operations, each against a baseline written here:
   :func:`~pixcontrast.memory.region_embeddings` (one scatter-add of the pixels) against
   :func:`one_hot_product`, a batched product with the ``[B, h * w, K]`` one-hot class map, whose
   cost grows with K.
+- ``regions of normalised pixels``, as the losses and the memory bank take them when they
+  normalise: ``region_embeddings(..., normalize_pixels=True)`` against
+  :func:`normalized_one_hot_product`, ``F.normalize`` of the whole map first.
 
 Each pair is checked to give the same output and gradient. Time: the providers of an operation
 alternate in one process, medians of ``--repeats`` calls (DESIGN.md §4). Peak memory: growth of
@@ -26,6 +29,7 @@ Run ``python benchmarks/bench_pixel_ops.py`` (one thread unless ``--threads``). 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import sys
@@ -77,6 +81,13 @@ def one_hot_product(
     return F.normalize(means, dim=1), classes[:, None].expand(-1, b)[present]
 
 
+def normalized_one_hot_product(
+    embeddings: torch.Tensor, labels: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """BASELINE (not library code): the normalised map, then :func:`one_hot_product`."""
+    return one_hot_product(F.normalize(embeddings, dim=1), labels)
+
+
 def maps(
     seed: int, classes: int, height: int = HEIGHT, width: int = WIDTH
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -100,6 +111,10 @@ OPERATIONS = {
     "regions, 150 classes": (
         150, {"region_embeddings": region_embeddings, "one-hot product": one_hot_product}
     ),
+    "regions of normalised pixels, 19 classes": (19, {
+        "region_embeddings": functools.partial(region_embeddings, normalize_pixels=True),
+        "F.normalize, one-hot product": normalized_one_hot_product,
+    }),
 }
 
 

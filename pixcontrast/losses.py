@@ -345,7 +345,7 @@ class PixelContrastLoss(nn.Module):
             count = _anchors_with_positives(sample.labels, key_labels, in_batch)
             loss = distributed.mean_across_ranks(loss, count)
         if self.memory is not None and self.enqueue:
-            self.memory.enqueue(self.unit(embeddings.detach()), labels, generator)
+            self.memory.enqueue(embeddings, labels, generator, normalize=self.normalize)
         return loss
 
     def extra_repr(self) -> str:
@@ -427,7 +427,9 @@ class RegionContrastLoss(PixelContrastLoss):
         ``gather="keys"``), then the memory's regions."""
         parts = []
         if self.use_batch_regions:
-            regions = region_embeddings(self.unit(embeddings), labels, self.ignore_index)
+            regions = region_embeddings(
+                embeddings, labels, self.ignore_index, normalize_pixels=self.normalize
+            )
             parts += _rank_keys(*regions, own=True) if self.gather == "keys" else [regions]
         if self.memory is not None:
             parts.append(self.memory.keys(pixels=False, regions=True))

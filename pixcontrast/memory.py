@@ -20,8 +20,79 @@ from .samplers import gather_pixels, random_rank_in_group
 __all__ = ["ClassMemoryBank", "region_embeddings"]
 
 
+_NORM_EPS = 1e-12  # F.normalize's: a pixel embedding x becomes x / max(|x|, eps)
+_SCATTER_CHANNELS = 16  # channels per block when scattering scaled pixel embeddings
+
+
+def _channel_dot(a: Tensor, b: Tensor, dtype: torch.dtype) -> Tensor:
+    """``sum_d a[:, d] * b[:, d]`` of two ``[B, D, P]`` maps, as ``[B, P]`` in ``dtype``.
+
+    On CPU a loop of in-place products over the channels, each a contiguous ``[B, P]`` plane: no
+    temporary the size of the map, several times faster there than a reduction over the
+    channel dimension.
+    """
+    if a.device.type != "cpu":
+        return (a.to(dtype) * b.to(dtype)).sum(dim=1)
+    out = torch.zeros((a.shape[0], a.shape[2]), dtype=dtype, device=a.device)
+    for channel in range(a.shape[1]):
+        out.addcmul_(a[:, channel].to(dtype), b[:, channel].to(dtype))
+    return out
+
+
+class _RegionSums(torch.autograd.Function):
+    r"""Per (image, column) sums ``[B, D, K]`` of the pixel embeddings ``flat [B, D, P]``, or of
+    their L2-normalised versions, without a copy of the (normalised) map.
+
+    ``column [B, P]`` holds each pixel's column in ``[0, K]``; column ``K`` is dropped.
+
+    Backward: with :math:`g_i` the output gradient at pixel :math:`i`'s column, unnormalised
+    sums give :math:`\partial L / \partial x_i = g_i`. Normalised ones sum
+    :math:`u_i = s_i x_i`, :math:`s_i = 1 / \max(\lVert x_i \rVert, \epsilon)`, and
+    :math:`\partial u_i / \partial x_i = s_i (I - u_i u_i^\top)` where
+    :math:`\lVert x_i \rVert > \epsilon` (:math:`s_i I` otherwise), so
+    :math:`\partial L / \partial x_i = s_i g_i - s_i^3 (x_i \cdot g_i)\, x_i`: one gathered
+    gradient map, updated in place.
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx, flat: Tensor, column: Tensor, width: int, normalize: bool
+    ) -> Tensor:
+        b, d, p = flat.shape
+        accumulate = torch.promote_types(flat.dtype, torch.float32)
+        scale = None
+        if normalize:
+            norm = _channel_dot(flat, flat, accumulate).sqrt_()
+            scale = norm.clamp(min=_NORM_EPS).reciprocal_()
+            # where |x| <= eps the scale is constant, and so is the Jacobian's second term
+            ctx.unit_sphere = norm > _NORM_EPS
+        sums = flat.new_zeros((b, d, width + 1), dtype=accumulate)
+        index = column[:, None, :]
+        for start in range(0, d, _SCATTER_CHANNELS):
+            block = flat[:, start : start + _SCATTER_CHANNELS].to(accumulate)
+            if scale is not None:
+                block = block * scale[:, None]
+            sums[:, start : start + block.shape[1]].scatter_add_(
+                2, index.expand(b, block.shape[1], p), block
+            )
+        ctx.save_for_backward(flat, column, scale)
+        return sums[..., :width]
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_sums: Tensor) -> tuple[Tensor, None, None, None]:  # type: ignore[override]
+        flat, column, scale = ctx.saved_tensors
+        b, d, p = flat.shape
+        grad = F.pad(grad_sums, (0, 1)).gather(2, column[:, None, :].expand(b, d, p))
+        if scale is not None:
+            coefficient = _channel_dot(flat, grad, grad.dtype).mul_(scale.pow(3))
+            coefficient.masked_fill_(~ctx.unit_sphere, 0)
+            grad.mul_(scale[:, None]).addcmul_(flat, coefficient[:, None], value=-1)
+        return grad.to(flat.dtype), None, None, None
+
+
 def region_embeddings(
-    embeddings: Tensor, labels: Tensor, ignore_index: int = 255
+    embeddings: Tensor, labels: Tensor, ignore_index: int = 255, normalize_pixels: bool = False
 ) -> tuple[Tensor, Tensor]:
     r"""Re-normalised mean embedding of every (image, class) region of a batch.
 
@@ -30,17 +101,22 @@ def region_embeddings(
 
     .. math::
         r_{bc} = \frac{m_{bc}}{\lVert m_{bc} \rVert_2}, \qquad
-        m_{bc} = \frac{1}{|\Omega_{bc}|} \sum_{i \in \Omega_{bc}} x_i
+        m_{bc} = \frac{1}{|\Omega_{bc}|} \sum_{i \in \Omega_{bc}} u_i
 
-    Computed with one scatter-add of the pixels into per-(image, class) sums: one pass over the
-    embeddings whatever the number of classes, no copy of them (except to float32 for 16-bit
-    inputs, whose sums are accumulated in float32), no loop over images or classes; gradients
-    flow to ``embeddings``.
+    with :math:`u_i = x_i`, or with ``normalize_pixels`` :math:`u_i = x_i / \max(\lVert x_i
+    \rVert_2, \epsilon)` as ``F.normalize(embeddings, dim=1)`` gives, without building that
+    normalised map.
+
+    Computed with a scatter-add of the pixels into per-(image, class) sums: one pass over the
+    embeddings whatever the number of classes, no copy of them, no loop over images or classes
+    (sums of 16-bit inputs are accumulated in float32); gradients flow to ``embeddings``, and
+    the backward pass writes one gradient map.
 
     Args:
         embeddings: ``[B, D, h, w]`` pixel embeddings.
         labels: ``[B, h, w]`` class ids at the embeddings' resolution.
         ignore_index: label of pixels that belong to no region.
+        normalize_pixels: average the L2-normalised pixel embeddings.
 
     Returns:
         ``(regions [R, D], region_labels [R])``, one row per (image, class) present, ordered by
@@ -61,12 +137,9 @@ def region_embeddings(
     k = classes.numel()
     # column of a pixel: its class's rank among `classes`, or k (dropped) when ignored
     column = torch.where(valid, torch.searchsorted(classes, flat), k)
-    accumulate = torch.promote_types(embeddings.dtype, torch.float32)
-    sums = embeddings.new_zeros((b, d, k + 1), dtype=accumulate).scatter_add_(
-        2, column[:, None, :].expand(b, d, h * w), embeddings.reshape(b, d, h * w).to(accumulate)
-    )[..., :k]  # [B, D, K]
-    counts = torch.zeros((b, k + 1), dtype=accumulate, device=flat.device).scatter_add_(
-        1, column, torch.ones((), dtype=accumulate, device=flat.device).expand(b, h * w)
+    sums = _RegionSums.apply(embeddings.reshape(b, d, h * w), column, k, normalize_pixels)
+    counts = torch.zeros((b, k + 1), dtype=sums.dtype, device=flat.device).scatter_add_(
+        1, column, torch.ones((), dtype=sums.dtype, device=flat.device).expand(b, h * w)
     )[:, :k]  # [B, K]
     present = (counts > 0).T  # [K, B]: class-major order
     means = (sums.permute(2, 0, 1)[present] / counts.T[present][:, None]).to(embeddings.dtype)
@@ -252,15 +325,22 @@ class ClassMemoryBank(nn.Module):
 
     @torch.no_grad()
     def enqueue(
-        self, embeddings: Tensor, labels: Tensor, generator: Optional[torch.Generator] = None
+        self,
+        embeddings: Tensor,
+        labels: Tensor,
+        generator: Optional[torch.Generator] = None,
+        *,
+        normalize: bool = False,
     ) -> None:
         """Add a batch to the memory (the embeddings are detached; nothing is differentiated).
 
         Args:
-            embeddings: ``[B, dim, h, w]`` pixel embeddings, as the loss sees them (normalised
-                when the loss normalises).
+            embeddings: ``[B, dim, h, w]`` pixel embeddings.
             labels: ``[B, H, W]`` class ids, nearest-resized to ``(h, w)``.
             generator: CPU random source of the pixel choice, for reproducible runs.
+            normalize: store what ``F.normalize(embeddings, dim=1)`` would give (the chosen
+                pixels normalised, regions averaged over normalised pixels) without building
+                that map: the losses pass their ``normalize``.
 
         A batch without any labelled pixel adds nothing (under :mod:`torch.distributed` with
         ``gather=True``, the other ranks' entries are still added).
@@ -276,11 +356,14 @@ class ClassMemoryBank(nn.Module):
             group = image * (self.num_classes + 1) + torch.where(valid, flat, self.num_classes)
             rank = random_rank_in_group(group, generator)
             chosen = (valid & (rank < self.pixels_per_image)).nonzero().squeeze(1)
-            self._write(self.pixel_queue, self.pixel_pointer, self.pixel_count,
-                       gather_pixels(embeddings, chosen), flat[chosen])
+            pixels = gather_pixels(embeddings, chosen)
+            if normalize:
+                pixels = F.normalize(pixels, p=2, dim=1)
+            self._write(self.pixel_queue, self.pixel_pointer, self.pixel_count, pixels,
+                        flat[chosen])
         if self.regions_per_class:
             self._write(self.region_queue, self.region_pointer, self.region_count,
-                       *region_embeddings(embeddings, labels, self.ignore_index))
+                        *region_embeddings(embeddings, labels, self.ignore_index, normalize))
 
     def _write(
         self, ring: Tensor, pointer: Tensor, count: Tensor, values: Tensor, classes: Tensor

@@ -166,6 +166,41 @@ def test_region_embeddings_many_classes_and_16_bit(dtype) -> None:
     torch.testing.assert_close(regions.double(), expected, rtol=0, atol=tolerance)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16])
+def test_region_embeddings_of_normalised_pixels(dtype) -> None:
+    generator = torch.Generator().manual_seed(4)
+    x = torch.randn(3, 19, 5, 7, dtype=torch.float64, generator=generator)
+    x[0, :, 1, 2] = 0  # a zero pixel: F.normalize leaves it zero, its gradient is g / eps
+    x[1, :, 0, 0] *= 1e-14
+    x = x.to(dtype).requires_grad_()
+    labels = torch.randint(0, 4, (3, 5, 7), generator=generator)
+    labels[2, :2] = IGNORE
+    regions, region_labels = region_embeddings(x, labels, IGNORE, normalize_pixels=True)
+    # the reference normalises the map in float64 (in float16 F.normalize's eps underflows)
+    x64 = x.detach().double().requires_grad_()
+    expected, expected_labels = region_embeddings(F.normalize(x64, dim=1), labels, IGNORE)
+    assert regions.dtype == dtype and torch.equal(region_labels, expected_labels)
+    tolerance = {"rtol": 2e-3, "atol": 2e-3} if dtype == torch.float16 else {}
+    torch.testing.assert_close(regions, expected.to(dtype), **tolerance)
+    weights = torch.randn(regions.shape, dtype=torch.float64, generator=generator)
+    (grad,) = torch.autograd.grad((regions * weights.to(dtype)).sum(), x)
+    (expected_grad,) = torch.autograd.grad((expected * weights).sum(), x64)
+    if dtype == torch.float16:  # the zero pixel's gradient, g / eps, overflows float16
+        grad, expected_grad = grad[:, :, 1:], expected_grad[:, :, 1:]
+    torch.testing.assert_close(grad, expected_grad.to(dtype), **tolerance)
+
+
+@pytest.mark.parametrize("normalize_pixels", [False, True])
+def test_region_embeddings_gradcheck(normalize_pixels) -> None:
+    generator = torch.Generator().manual_seed(5)
+    x = torch.randn(2, 3, 3, 4, dtype=torch.float64, generator=generator, requires_grad=True)
+    labels = torch.randint(0, 3, (2, 3, 4), generator=generator)
+    labels[0, 0] = IGNORE
+    assert torch.autograd.gradcheck(
+        lambda t: region_embeddings(t, labels, IGNORE, normalize_pixels)[0], (x,)
+    )
+
+
 def test_enqueued_pixels_belong_to_their_class_and_follow_the_generator() -> None:
     labels = torch.randint(0, 3, (2, 8, 8), generator=torch.Generator().manual_seed(2))
     labels[:, :, :2] = IGNORE
@@ -374,3 +409,17 @@ def test_loss_memory_errors() -> None:
     with pytest.raises(ValueError, match="predictions has 5 classes but num_classes is 3"):
         criterion(torch.randn(2, 4, 4, 4), labels, predictions=torch.randn(2, 5, 4, 4))
     assert int(bank.pixel_count.sum()) == 0
+
+
+def test_enqueue_normalize_equals_enqueueing_the_normalised_map() -> None:
+    generator = torch.Generator().manual_seed(6)
+    x = 3 * torch.randn(2, 5, 6, 7, dtype=torch.float64, generator=generator)
+    labels = torch.randint(0, 3, (2, 12, 14), generator=generator)
+    labels[1, :4] = IGNORE
+    banks = [ClassMemoryBank(3, 5, 40, 8, pixels_per_image=4).double() for _ in range(2)]
+    banks[0].enqueue(F.normalize(x, dim=1), labels, torch.Generator().manual_seed(0))
+    banks[1].enqueue(x, labels, torch.Generator().manual_seed(0), normalize=True)
+    torch.testing.assert_close(banks[1].queue, banks[0].queue)
+    assert banks[1].queue.abs().sum() > 0
+    assert torch.equal(banks[1].pixel_count, banks[0].pixel_count)
+    assert torch.equal(banks[1].region_count, banks[0].region_count)
