@@ -53,6 +53,23 @@ def check_finite(tensor: Tensor, name: str) -> None:
         raise ValueError(f"{name} contains NaN or Inf values")
 
 
+def check_label_values(labels: Tensor, num_classes: int, ignore_index: int, name: str) -> None:
+    """Raise unless every entry of ``labels`` lies in ``[0, num_classes)`` or is ``ignore_index``.
+
+    One elementwise pass and one host synchronisation; the values are gathered only to word
+    the error.
+    """
+    labels = labels.long()  # (a narrower dtype would wrap the Python ints it is compared with)
+    outside = (labels < 0) | (labels >= num_classes)
+    if not bool((outside & (labels != ignore_index)).any()):
+        return
+    valid = labels[labels != ignore_index]
+    raise ValueError(
+        f"{name} must lie in [0, {num_classes}) or equal ignore_index={ignore_index}; found "
+        f"values in [{int(valid.min())}, {int(valid.max())}]"
+    )
+
+
 def check_positive(value: float, name: str) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{name} must be a number, got {type(value).__name__}")

@@ -11,7 +11,7 @@ from torch import Tensor, nn
 
 from . import _checks, distributed
 from ._dispatch import BACKEND_NAMES
-from .functional import VARIANTS, contrastive_loss, resize_labels
+from .functional import VARIANTS, contrastive_loss, predicted_labels, resize_labels
 from .memory import ClassMemoryBank, region_embeddings
 from .samplers import AnchorSample, HardAnchorSampler
 
@@ -61,7 +61,7 @@ def prepare_pixel_inputs(
                     f"predictions has {classes} classes but num_classes is {num_classes}"
                 )
             num_classes = classes
-            predicted = predictions.detach().argmax(dim=1)
+            predicted = predicted_labels(predictions.detach())
         elif predictions.dim() == 3:
             _checks.check_labels(predictions, "predictions", 3)
             predicted = predictions.detach()
@@ -75,13 +75,8 @@ def prepare_pixel_inputs(
                 f"predictions has batch size {predicted.shape[0]} but embeddings has {batch}"
             )
         predicted = resize_labels(predicted, (h, w))
-    if num_classes is not None and labels.numel():
-        valid = labels[labels != ignore_index]
-        if valid.numel() and (int(valid.min()) < 0 or int(valid.max()) >= num_classes):
-            raise ValueError(
-                f"labels must lie in [0, {num_classes}) or equal ignore_index={ignore_index}; "
-                f"found values in [{int(valid.min())}, {int(valid.max())}]"
-            )
+    if num_classes is not None:
+        _checks.check_label_values(labels, num_classes, ignore_index, "labels")
     return resize_labels(labels, (h, w)), predicted
 
 

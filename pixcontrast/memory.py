@@ -314,13 +314,7 @@ class ClassMemoryBank(nn.Module):
             [("the memory bank", self.queue), ("embeddings", embeddings), ("labels", labels)]
         )
         labels = resize_labels(labels, tuple(embeddings.shape[-2:]))
-        valid = labels[labels != self.ignore_index]
-        if valid.numel() and (int(valid.min()) < 0 or int(valid.max()) >= self.num_classes):
-            raise ValueError(
-                f"labels must lie in [0, {self.num_classes}) or equal "
-                f"ignore_index={self.ignore_index}; found values in "
-                f"[{int(valid.min())}, {int(valid.max())}]"
-            )
+        _checks.check_label_values(labels, self.num_classes, self.ignore_index, "labels")
         return labels
 
     @torch.no_grad()

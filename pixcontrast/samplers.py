@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import _checks
-from .functional import resize_labels
+from .functional import predicted_labels, resize_labels
 
 __all__ = [
     "DEFAULT_NUM_CLASSES",
@@ -187,6 +187,8 @@ def _check_maps(
             )
         if value.dim() == 3:
             resized.append(resize_labels(value, (h, w)))
+        elif size == (h, w):
+            resized.append(value)
         else:
             # the source pixel of every target pixel, by the same rule as the labels' resize
             source = torch.arange(size[0] * size[1], device=value.device).view(1, *size)
@@ -436,7 +438,7 @@ class HardAnchorSampler:
         """
         predictions, logits = _check_maps(embeddings, labels, predictions, logits)
         if predictions is None and logits is not None:
-            predictions = logits.detach().argmax(dim=1)
+            predictions = predicted_labels(logits.detach())
         hard = None if predictions is None else predictions != labels
         return select_anchors(
             embeddings, labels, hard=hard, max_samples=self.max_samples,

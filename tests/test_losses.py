@@ -132,3 +132,11 @@ def test_projection_head_outputs_unit_vectors():
         ProjectionHead(12, proj_dim=0)
     with pytest.raises(ValueError, match="features"):
         ProjectionHead(12)(torch.randn(12, 5, 7))
+
+
+def test_label_check_with_narrow_dtypes():
+    embeddings = torch.randn(1, 4, 2, 2)
+    labels = torch.tensor([[[0, 1], [2, 255]]], dtype=torch.uint8)
+    PixelContrastLoss(num_classes=300)(embeddings, labels)  # 300 does not fit in uint8
+    with pytest.raises(ValueError, match=r"labels must lie in \[0, 3\) or equal ignore_index=-1"):
+        PixelContrastLoss(num_classes=3, ignore_index=-1)(embeddings, labels)  # 255 is not -1
