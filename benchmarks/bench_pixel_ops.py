@@ -9,7 +9,7 @@ gradient is random. Two operations, each against a baseline written here:
   fills one gradient map) against :func:`per_image_autograd`, the same reads left to autograd,
   whose backward gives every image's ``select`` a zero gradient of the whole batch's size.
 - ``regions, K classes`` (K = 19 and 150, the class counts of Cityscapes and ADE20K):
-  :func:`~pixcontrast.memory.region_embeddings` (one scatter-add of the pixels) against
+  :func:`~pixcontrast.memory.region_embeddings` (on CPU, one scatter-add of the pixels) against
   :func:`one_hot_product`, a batched product with the ``[B, h * w, K]`` one-hot class map, whose
   cost grows with K.
 - ``regions of normalised pixels``, as the losses and the memory bank take them when they

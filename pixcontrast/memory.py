@@ -25,70 +25,111 @@ _SCATTER_CHANNELS = 16  # channels per block when scattering scaled pixel embedd
 
 
 def _channel_dot(a: Tensor, b: Tensor, dtype: torch.dtype) -> Tensor:
-    """``sum_d a[:, d] * b[:, d]`` of two ``[B, D, P]`` maps, as ``[B, P]`` in ``dtype``.
-
-    On CPU a loop of in-place products over the channels, each a contiguous ``[B, P]`` plane: no
-    temporary the size of the map, several times faster there than a reduction over the
-    channel dimension.
-    """
-    if a.device.type != "cpu":
-        return (a.to(dtype) * b.to(dtype)).sum(dim=1)
+    """``sum_d a[:, d] * b[:, d]`` of two ``[B, D, P]`` CPU maps, as ``[B, P]`` in ``dtype``: a
+    loop of in-place products over the channels, each a contiguous ``[B, P]`` plane, with no
+    temporary the size of the map; several times faster on CPU than a reduction over the
+    channel dimension."""
     out = torch.zeros((a.shape[0], a.shape[2]), dtype=dtype, device=a.device)
     for channel in range(a.shape[1]):
         out.addcmul_(a[:, channel].to(dtype), b[:, channel].to(dtype))
     return out
 
 
-class _RegionSums(torch.autograd.Function):
-    r"""Per (image, column) sums ``[B, D, K]`` of the pixel embeddings ``flat [B, D, P]``, or of
+def _pixel_norms(flat: Tensor, dtype: torch.dtype) -> Tensor:
+    """``[B, P]`` L2 norms over the channels of ``flat [B, D, P]``, in ``dtype``."""
+    if flat.device.type == "cpu":
+        return _channel_dot(flat, flat, dtype).sqrt_()
+    return torch.linalg.vector_norm(flat, dim=1, dtype=dtype)
+
+
+def _region_means_by_product(device: torch.device) -> bool:
+    """Which way :class:`_RegionMeans` takes on ``device``: the scatter on CPU, the product
+    elsewhere."""
+    return device.type != "cpu"
+
+
+class _RegionMeans(torch.autograd.Function):
+    r"""Per (image, column) means ``[B, D, K]`` of the pixel embeddings ``flat [B, D, P]``, or of
     their L2-normalised versions, without a copy of the (normalised) map.
 
-    ``column [B, P]`` holds each pixel's column in ``[0, K]``; column ``K`` is dropped.
+    ``column [B, P]`` holds each pixel's column in ``[0, K]`` (column ``K`` is dropped) and
+    ``counts [B, K]`` the pixels per column (a mean over no pixel is 0).
 
-    Backward: with :math:`g_i` the output gradient at pixel :math:`i`'s column, unnormalised
-    sums give :math:`\partial L / \partial x_i = g_i`. Normalised ones sum
-    :math:`u_i = s_i x_i`, :math:`s_i = 1 / \max(\lVert x_i \rVert, \epsilon)`, and
+    With :math:`n` the count of pixel :math:`i`'s column and :math:`g_i` the output gradient
+    there, unnormalised means give :math:`\partial L / \partial x_i = g_i / n`. Normalised ones
+    average :math:`u_i = s_i x_i`, :math:`s_i = 1 / \max(\lVert x_i \rVert, \epsilon)`, and
     :math:`\partial u_i / \partial x_i = s_i (I - u_i u_i^\top)` where
     :math:`\lVert x_i \rVert > \epsilon` (:math:`s_i I` otherwise), so
-    :math:`\partial L / \partial x_i = s_i g_i - s_i^3 (x_i \cdot g_i)\, x_i`: one gathered
-    gradient map, updated in place.
+    :math:`\partial L / \partial x_i = (s_i g_i - s_i^3 (x_i \cdot g_i)\, x_i) / n`.
+
+    Two ways to the same numbers:
+
+    - on CPU, a scatter-add of the pixels into the ``[B, D, K]`` sums, whose cost does not grow
+      with K; its backward gathers one gradient map and updates it in place;
+    - elsewhere, a batched product with the ``[B, P, K]`` one-hot map holding each pixel's
+      weight :math:`s_i / n` (GPU atomics contend when many pixels add into the same few sums);
+      its backward is the transposed product, plus one more for the :math:`x_i \cdot g_i`.
     """
 
     @staticmethod
     def forward(  # type: ignore[override]
-        ctx, flat: Tensor, column: Tensor, width: int, normalize: bool
+        ctx, flat: Tensor, column: Tensor, counts: Tensor, normalize: bool, product: bool
     ) -> Tensor:
         b, d, p = flat.shape
-        accumulate = torch.promote_types(flat.dtype, torch.float32)
-        scale = None
+        width = counts.shape[1]
+        per_pixel = F.pad(counts.clamp(min=1), (0, 1), value=1).gather(1, column)  # [B, P]
+        scale = unit_sphere = None
         if normalize:
-            norm = _channel_dot(flat, flat, accumulate).sqrt_()
+            norm = _pixel_norms(flat, counts.dtype)
             scale = norm.clamp(min=_NORM_EPS).reciprocal_()
-            # where |x| <= eps the scale is constant, and so is the Jacobian's second term
-            ctx.unit_sphere = norm > _NORM_EPS
-        sums = flat.new_zeros((b, d, width + 1), dtype=accumulate)
+            # where |x| <= eps the scale is constant, and the Jacobian's second term is 0
+            unit_sphere = norm > _NORM_EPS
+        weight = (1 / per_pixel) if scale is None else scale / per_pixel  # [B, P]
+        ctx.product = product
+        if product:
+            one_hot = flat.new_zeros((b, p, width + 1))
+            # (finite in 16 bits: a weight beyond the range belongs to a pixel of norm ~0)
+            cap = torch.finfo(flat.dtype).max
+            one_hot.scatter_(2, column[..., None], weight.clamp(max=cap)[..., None].to(flat.dtype))
+            one_hot = one_hot[..., :width]
+            ctx.save_for_backward(flat, column, counts, one_hot, weight, scale, unit_sphere)
+            return torch.bmm(flat, one_hot).to(counts.dtype)
+        sums = flat.new_zeros((b, d, width + 1), dtype=counts.dtype)
         index = column[:, None, :]
         for start in range(0, d, _SCATTER_CHANNELS):
-            block = flat[:, start : start + _SCATTER_CHANNELS].to(accumulate)
+            block = flat[:, start : start + _SCATTER_CHANNELS].to(counts.dtype)
             if scale is not None:
                 block = block * scale[:, None]
             sums[:, start : start + block.shape[1]].scatter_add_(
                 2, index.expand(b, block.shape[1], p), block
             )
-        ctx.save_for_backward(flat, column, scale)
-        return sums[..., :width]
+        ctx.save_for_backward(flat, column, counts, None, weight, scale, unit_sphere)
+        return sums[..., :width] / counts.clamp(min=1)[:, None]
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_sums: Tensor) -> tuple[Tensor, None, None, None]:  # type: ignore[override]
-        flat, column, scale = ctx.saved_tensors
+    def backward(  # type: ignore[override]
+        ctx, grad_means: Tensor
+    ) -> tuple[Tensor, None, None, None, None]:
+        flat, column, counts, one_hot, weight, scale, unit_sphere = ctx.saved_tensors
         b, d, p = flat.shape
-        grad = F.pad(grad_sums, (0, 1)).gather(2, column[:, None, :].expand(b, d, p))
+        if ctx.product:
+            grad_means = grad_means.to(flat.dtype)
+            grad = torch.bmm(grad_means, one_hot.transpose(1, 2))  # w_i g_i = s_i g_i / n
+            if scale is not None:
+                dots = F.pad(torch.bmm(flat.transpose(1, 2), grad_means), (0, 1))  # [B, P, K + 1]
+                dot = dots.gather(2, column[..., None]).squeeze(2).to(scale.dtype)  # x_i . g_i
+                coefficient = (dot * weight * scale.square()).masked_fill_(~unit_sphere, 0)
+                grad.addcmul_(flat, coefficient[:, None].to(flat.dtype), value=-1)
+            return grad, None, None, None, None
+        # g_i / n at every pixel, then the normalisation's Jacobian
+        per_column = F.pad(grad_means / counts.clamp(min=1)[:, None], (0, 1))
+        grad = per_column.gather(2, column[:, None, :].expand(b, d, p))
         if scale is not None:
             coefficient = _channel_dot(flat, grad, grad.dtype).mul_(scale.pow(3))
-            coefficient.masked_fill_(~ctx.unit_sphere, 0)
+            coefficient.masked_fill_(~unit_sphere, 0)
             grad.mul_(scale[:, None]).addcmul_(flat, coefficient[:, None], value=-1)
-        return grad.to(flat.dtype), None, None, None
+        return grad.to(flat.dtype), None, None, None, None
 
 
 def region_embeddings(
@@ -107,10 +148,12 @@ def region_embeddings(
     \rVert_2, \epsilon)` as ``F.normalize(embeddings, dim=1)`` gives, without building that
     normalised map.
 
-    Computed with a scatter-add of the pixels into per-(image, class) sums: one pass over the
-    embeddings whatever the number of classes, no copy of them, no loop over images or classes
-    (sums of 16-bit inputs are accumulated in float32); gradients flow to ``embeddings``, and
-    the backward pass writes one gradient map.
+    No copy of the (normalised) map and no loop over images or classes: on CPU one scatter-add
+    of the pixels into per-(image, class) sums, whose cost does not grow with the number of
+    classes; on other devices one batched product with the one-hot class map (a scatter's
+    atomic adds would contend there). Means of 16-bit inputs are accumulated in float32 on CPU
+    (in the product's own float32 accumulation elsewhere). Gradients flow to
+    ``embeddings``, and the backward pass writes one gradient map.
 
     Args:
         embeddings: ``[B, D, h, w]`` pixel embeddings.
@@ -137,12 +180,16 @@ def region_embeddings(
     k = classes.numel()
     # column of a pixel: its class's rank among `classes`, or k (dropped) when ignored
     column = torch.where(valid, torch.searchsorted(classes, flat), k)
-    sums = _RegionSums.apply(embeddings.reshape(b, d, h * w), column, k, normalize_pixels)
-    counts = torch.zeros((b, k + 1), dtype=sums.dtype, device=flat.device).scatter_add_(
-        1, column, torch.ones((), dtype=sums.dtype, device=flat.device).expand(b, h * w)
+    accumulate = torch.promote_types(embeddings.dtype, torch.float32)
+    counts = torch.zeros((b, k + 1), dtype=accumulate, device=flat.device).scatter_add_(
+        1, column, torch.ones((), dtype=accumulate, device=flat.device).expand(b, h * w)
     )[:, :k]  # [B, K]
+    means = _RegionMeans.apply(
+        embeddings.reshape(b, d, h * w), column, counts, normalize_pixels,
+        _region_means_by_product(embeddings.device),
+    )
     present = (counts > 0).T  # [K, B]: class-major order
-    means = (sums.permute(2, 0, 1)[present] / counts.T[present][:, None]).to(embeddings.dtype)
+    means = means.permute(2, 0, 1)[present].to(embeddings.dtype)
     region_labels = classes[:, None].expand(-1, b)[present]
     return F.normalize(means, p=2, dim=1), region_labels
 
