@@ -8,7 +8,9 @@ both sides draw the same number of anchors per (image, class, hard). Both sides 
 things (anchor embeddings, labels, flat indices) and share the embedding gather
 (:func:`~pixcontrast.samplers.gather_pixels` given the anchors per image), which is also timed
 alone, at the anchors of 16 draws in turn. Each side is also timed on D = 0 embeddings: the
-same selection with nothing to gather. Sides alternate in one process, medians of ``--repeats``
+same selection with nothing to gather. A last row reads as many values at random addresses
+of the map (sorted, one ``index_select``): the memory system's floor for the gather. Sides
+alternate in one process, medians of ``--repeats``
 calls (DESIGN.md §4), of wall time and of CPU (process) time; one thread by default
 (``--threads``): the machines are shared, and at one thread the CPU time leaves out the waits
 for a core.
@@ -144,6 +146,14 @@ def main() -> None:
         versus[name] = baseline
         versus[f"{name}, selection only (D = 0)"] = selection_baseline
     fns["gather only (shared by both sides)"] = gather_only
+    # as many reads at random addresses of the map, in increasing order, in one index_select: a
+    # floor for any gather of D values at each of that many random pixels of an NCHW map
+    reads = draws[0].indices.numel() * DIM
+    offsets = [torch.randint(0, embeddings.numel(), (reads,), generator=g).sort().values
+               for _ in range(16)]
+    fns[f"floor: {reads:,} sorted random reads of the map"] = (
+        lambda: embeddings.view(-1).index_select(0, offsets[next(turn) % len(offsets)])
+    )
     times = time_wall_and_cpu(fns, repeats=args.repeats, warmup=2)
 
     rows = []
