@@ -153,7 +153,8 @@ def region_embeddings(
     classes; on other devices one batched product with the one-hot class map (a scatter's
     atomic adds would contend there). Means of 16-bit inputs are accumulated in float32 on CPU
     (in the product's own float32 accumulation elsewhere). Gradients flow to
-    ``embeddings``, and the backward pass writes one gradient map.
+    ``embeddings`` (first derivatives: differentiating the backward pass again raises), and the
+    backward pass writes one gradient map.
 
     Args:
         embeddings: ``[B, D, h, w]`` pixel embeddings.

@@ -437,3 +437,11 @@ def test_enqueue_normalize_equals_enqueueing_the_normalised_map() -> None:
     assert banks[1].queue.abs().sum() > 0
     assert torch.equal(banks[1].pixel_count, banks[0].pixel_count)
     assert torch.equal(banks[1].region_count, banks[0].region_count)
+
+
+def test_region_embeddings_second_derivative_raises() -> None:
+    x = torch.randn(1, 3, 2, 2, dtype=torch.float64, requires_grad=True)
+    regions, _ = region_embeddings(x, torch.tensor([[[0, 0], [1, 1]]]))
+    (grad,) = torch.autograd.grad(regions.sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable"):
+        grad.sum().backward()

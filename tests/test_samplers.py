@@ -376,6 +376,12 @@ def test_gather_pixels_with_counts():
     assert torch.equal(grad_fast, grad_general)
 
 
+def test_gather_pixels_gradgradcheck():
+    embeddings = torch.randn(2, 3, 2, 3, dtype=torch.float64, requires_grad=True)
+    indices = torch.tensor([0, 4, 7, 11])
+    assert torch.autograd.gradgradcheck(lambda x: gather_pixels(x, indices, [2, 2]), (embeddings,))
+
+
 def test_gather_pixels_channels_last():
     embeddings = torch.randn(2, 5, 3, 4, dtype=torch.float64).to(
         memory_format=torch.channels_last).requires_grad_()
