@@ -347,13 +347,14 @@ def test_enqueue_false_leaves_memory_to_the_caller() -> None:
     assert int(bank.region_count.sum()) > 0
 
 
-@pytest.mark.parametrize("use_batch_regions", [True, False])
-def test_region_loss_equals_reference(use_batch_regions) -> None:
+@pytest.mark.parametrize(("use_batch_regions", "normalize"), [(True, True), (False, True),
+                                                              (True, False)])
+def test_region_loss_equals_reference(use_batch_regions, normalize) -> None:
     bank = filled_bank(3, 5, 3, seed=7, pixels_per_class=0, regions_per_class=4)
     stored, stored_labels = (t.clone() for t in bank.keys())
     criterion = RegionContrastLoss(
         max_samples=30, max_views=5, backend="torch", memory=bank,
-        use_batch_regions=use_batch_regions,
+        use_batch_regions=use_batch_regions, normalize=normalize,
     )
     generator = torch.Generator().manual_seed(8)
     x = torch.randn(2, 5, 4, 4, dtype=torch.float64, generator=generator, requires_grad=True)
@@ -364,7 +365,7 @@ def test_region_loss_equals_reference(use_batch_regions) -> None:
 
     keys, key_labels = stored, stored_labels
     if use_batch_regions:
-        regions, region_labels = loop_regions(F.normalize(x, dim=1), y)
+        regions, region_labels = loop_regions(F.normalize(x, dim=1) if normalize else x, y)
         keys = torch.cat([regions, stored])
         key_labels = torch.cat([torch.tensor(region_labels), stored_labels])
     sample = criterion.last_sample
@@ -445,3 +446,17 @@ def test_region_embeddings_second_derivative_raises() -> None:
     (grad,) = torch.autograd.grad(regions.sum(), x, create_graph=True)
     with pytest.raises(RuntimeError, match="once_differentiable"):
         grad.sum().backward()
+
+
+@pytest.mark.parametrize("normalize", [True, False])
+def test_pixel_loss_enqueues_what_it_contrasts(normalize) -> None:
+    bank = ClassMemoryBank(3, 5, pixels_per_class=40, regions_per_class=0, pixels_per_image=3)
+    criterion = PixelContrastLoss(max_samples=16, max_views=4, memory=bank, normalize=normalize)
+    x = 3 * torch.randn(2, 5, 4, 4, generator=torch.Generator().manual_seed(9))
+    criterion(x, torch.randint(0, 3, (2, 4, 4), generator=torch.Generator().manual_seed(10)))
+    pixels = x.permute(0, 2, 3, 1).reshape(-1, 5)
+    pixels = F.normalize(pixels, dim=1) if normalize else pixels
+    keys, _ = bank.keys()
+    assert len(keys) > 0
+    distances = (keys[:, None] - pixels).norm(dim=2).min(dim=1).values  # each key is a pixel
+    torch.testing.assert_close(distances, torch.zeros_like(distances), atol=1e-5, rtol=0)
