@@ -77,16 +77,18 @@ class _RegionMeans(torch.autograd.Function):
     ) -> Tensor:
         b, d, p = flat.shape
         width = counts.shape[1]
-        per_pixel = F.pad(counts.clamp(min=1), (0, 1), value=1).gather(1, column)  # [B, P]
         scale = unit_sphere = None
         if normalize:
             norm = _pixel_norms(flat, counts.dtype)
             scale = norm.clamp(min=_NORM_EPS).reciprocal_()
             # where |x| <= eps the scale is constant, and the Jacobian's second term is 0
             unit_sphere = norm > _NORM_EPS
-        weight = (1 / per_pixel) if scale is None else scale / per_pixel  # [B, P]
         ctx.product = product
         if product:
+            # w_i = s_i / n, the weight of pixel i in its column's mean
+            weight = F.pad(counts.clamp(min=1), (0, 1), value=1).gather(1, column).reciprocal_()
+            if scale is not None:
+                weight.mul_(scale)
             one_hot = flat.new_zeros((b, p, width + 1))
             # (finite in 16 bits: a weight beyond the range belongs to a pixel of norm ~0)
             cap = torch.finfo(flat.dtype).max
@@ -103,7 +105,7 @@ class _RegionMeans(torch.autograd.Function):
             sums[:, start : start + block.shape[1]].scatter_add_(
                 2, index.expand(b, block.shape[1], p), block
             )
-        ctx.save_for_backward(flat, column, counts, None, weight, scale, unit_sphere)
+        ctx.save_for_backward(flat, column, counts, None, None, scale, unit_sphere)
         return sums[..., :width] / counts.clamp(min=1)[:, None]
 
     @staticmethod
