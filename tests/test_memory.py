@@ -460,3 +460,16 @@ def test_pixel_loss_enqueues_what_it_contrasts(normalize) -> None:
     assert len(keys) > 0
     distances = (keys[:, None] - pixels).norm(dim=2).min(dim=1).values  # each key is a pixel
     torch.testing.assert_close(distances, torch.zeros_like(distances), atol=1e-5, rtol=0)
+
+
+def test_region_embeddings_of_normalised_pixels_allocate_little(region_means) -> None:
+    """Forward + backward allocate in all about three maps' worth (the gradient map, scaled
+    blocks or the one-hot weights), against about ten when the normalised map is built."""
+    x = torch.randn(4, 32, 16, 16, requires_grad=True)
+    labels = torch.randint(0, 5, (4, 16, 16), generator=torch.Generator().manual_seed(11))
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU],
+                                profile_memory=True) as prof:
+        regions, _ = region_embeddings(x, labels, IGNORE, normalize_pixels=True)
+        regions.backward(torch.randn_like(regions))
+    allocated = sum(max(event.self_cpu_memory_usage, 0) for event in prof.events())
+    assert allocated < 4 * x.numel() * x.element_size()
