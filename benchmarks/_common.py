@@ -89,6 +89,12 @@ def metadata() -> dict:
     }
 
 
+def write_results(path: Path, result: dict) -> None:
+    """Write a benchmark's ``result`` as indented JSON to ``path``, creating its folder."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=2) + "\n")
+
+
 def time_wall_and_cpu(
     fns: dict[str, Callable[[], object]], repeats: int, warmup: int = 1
 ) -> dict[str, tuple[float, float]]:

@@ -28,7 +28,14 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import child_spec, metadata, peak_rss_bytes, run_child, time_alternating  # noqa: E402
+from _common import (  # noqa: E402
+    child_spec,
+    metadata,
+    peak_rss_bytes,
+    run_child,
+    time_alternating,
+    write_results,
+)
 
 from pixcontrast.functional import contrastive_loss  # noqa: E402
 from pixcontrast.memory import ClassMemoryBank  # noqa: E402
@@ -169,8 +176,7 @@ def main() -> None:
         points.append(run_child(script, {**base, "point": "time", "variant": variant,
                                          "backend": "torch"}, timeout=1800))
     info = {**metadata(), "torch_threads": args.threads, "config": config()}
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps({"metadata": info, "points": points}, indent=2) + "\n")
+    write_results(RESULTS, {"metadata": info, "points": points})
     print(table(points))
 
 

@@ -36,6 +36,7 @@ from _common import (  # noqa: E402
     peak_growth_and_slack,
     run_child,
     time_alternating,
+    write_results,
 )
 
 from pixcontrast.mining import mine_keys  # noqa: E402
@@ -158,8 +159,7 @@ def main() -> None:
         "memory_target_met": ratio <= MEMORY_TARGET,
         "rows": rows,
     }
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(result, indent=2) + "\n")
+    write_results(RESULTS, result)
     print(f"N={ANCHORS}, M={KEYS}, D={DIM}, {CLASSES} classes, K_pos={NUM_POSITIVES}, "
           f"K_neg={NUM_NEGATIVES}, {args.threads} thread(s), median of {args.repeats}")
     print("| side | peak RSS growth (MB) | vs dense | median time (s) | vs dense |")

@@ -46,6 +46,7 @@ from _common import (  # noqa: E402
     peak_growth_and_slack,
     run_child,
     time_alternating,
+    write_results,
 )
 
 from pixcontrast.memory import region_embeddings  # noqa: E402
@@ -196,8 +197,7 @@ def main() -> None:
         },
         "rows": rows,
     }
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(result, indent=2) + "\n")
+    write_results(RESULTS, result)
     print(f"B={BATCH}, D={DIM}, {HEIGHT} x {WIDTH}, forward + backward, {args.threads} "
           f"thread(s), median of {args.repeats}, load average {os.getloadavg()[0]:.1f}")
     print("| operation | provider | median time (ms) | speed-up | peak RSS growth (MB) | "

@@ -22,7 +22,6 @@ prints a markdown table.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from pathlib import Path
@@ -30,7 +29,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import metadata, time_wall_and_cpu  # noqa: E402
+from _common import metadata, time_wall_and_cpu, write_results  # noqa: E402
 
 from pixcontrast.samplers import HardAnchorSampler, gather_pixels  # noqa: E402
 
@@ -179,8 +178,7 @@ def main() -> None:
         "speedup_target": SPEEDUP_TARGET,
         "rows": rows,
     }
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(result, indent=2) + "\n")
+    write_results(RESULTS, result)
     print(f"{args.threads} thread(s), load average {os.getloadavg()[0]:.1f}; "
           f"target: HardAnchorSampler >= {SPEEDUP_TARGET:g}x faster than the loop baseline")
     print("| side | median wall ms | median CPU ms | speed-up wall / CPU | versus |")
