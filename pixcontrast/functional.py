@@ -112,7 +112,7 @@ def loss_options(
 
 def predicted_labels(logits: Tensor) -> Tensor:
     """``[B, h, w]`` argmax over the classes of ``[B, C, h, w]`` logits (the first of equal
-    maxima). ``max``'s indices: ``argmax`` over this dimension is several times slower on CPU."""
+    maxima), taken as ``max``'s indices: on CPU ``argmax`` over this dimension is slower."""
     return logits.max(dim=1).indices
 
 

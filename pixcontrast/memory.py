@@ -27,8 +27,8 @@ _SCATTER_CHANNELS = 16  # channels per block when scattering scaled pixel embedd
 def _channel_dot(a: Tensor, b: Tensor, dtype: torch.dtype) -> Tensor:
     """``sum_d a[:, d] * b[:, d]`` of two ``[B, D, P]`` CPU maps, as ``[B, P]`` in ``dtype``: a
     loop of in-place products over the channels, each a contiguous ``[B, P]`` plane, with no
-    temporary the size of the map; several times faster on CPU than a reduction over the
-    channel dimension."""
+    temporary the size of the map (on CPU a reduction over the strided channel dimension is
+    slow)."""
     out = torch.zeros((a.shape[0], a.shape[2]), dtype=dtype, device=a.device)
     for channel in range(a.shape[1]):
         out.addcmul_(a[:, channel].to(dtype), b[:, channel].to(dtype))
