@@ -18,6 +18,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from . import _checks
+from .ops._autograd import first_derivatives_only
 
 __all__ = ["all_gather", "all_gather_with_grad", "get_rank", "get_world_size", "mean_across_ranks"]
 
@@ -71,6 +72,7 @@ class _AllGatherRows(torch.autograd.Function):
         return tuple(parts)
 
     @staticmethod
+    @first_derivatives_only("all_gather_with_grad")  # (all_reduce is invisible to autograd)
     def backward(ctx, *grads: Tensor):
         counts, group = ctx.counts, ctx.group
         rank, longest = dist.get_rank(group), max(counts)

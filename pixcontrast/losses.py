@@ -125,8 +125,11 @@ class PixelContrastLoss(nn.Module):
     1. sample the anchors of the batch;
     2. take the memory's keys, which therefore come from previous steps only;
     3. compute the loss of the anchors against themselves and those keys;
-    4. enqueue the batch (its embeddings detached, after normalisation) unless
-       ``enqueue=False``, in which case the caller calls ``memory.enqueue`` when it sees fit.
+    4. enqueue the batch (its embeddings detached, after normalisation) when training: only
+       in ``train()`` mode with gradients enabled, never in ``eval()`` mode, under
+       ``torch.no_grad()`` or ``torch.inference_mode()`` (validation batches stay out of the
+       memory). ``enqueue=False`` at construction leaves enqueueing to the caller
+       (``memory.enqueue``), and ``forward(..., enqueue=True/False)`` decides for one call.
 
     The memory is a submodule: it follows ``.to()`` and is part of ``state_dict()``. When two
     losses share one memory, let only one of them enqueue.
@@ -165,7 +168,8 @@ class PixelContrastLoss(nn.Module):
         memory: a :class:`~pixcontrast.ClassMemoryBank` of keys from previous steps, or ``None``.
         use_pixel_memory: contrast with the memory's pixel keys.
         use_region_memory: contrast with the memory's region keys.
-        enqueue: enqueue each batch into ``memory`` after computing the loss.
+        enqueue: enqueue each training batch into ``memory`` after computing the loss (see
+            step 4 above).
         gather: ``"none"`` (contrast within this process's batch) or ``"keys"`` (contrast with
             the anchors of every rank of the default process group, see above).
 
@@ -176,7 +180,8 @@ class PixelContrastLoss(nn.Module):
         - output: scalar
 
     A batch with no valid pixel, or where no anchor has a positive, gives an exact zero that is
-    connected to ``embeddings``. The anchors of the last call are kept in ``last_sample``.
+    connected to ``embeddings``. The anchors of the last call are kept, detached, in
+    ``last_sample``.
     ``generator`` (a CPU ``torch.Generator``) drives both the anchor sampling and the memory's
     pixel choice.
 
@@ -319,10 +324,26 @@ class PixelContrastLoss(nn.Module):
         labels: Tensor,
         predictions: Optional[Tensor] = None,
         generator: Optional[torch.Generator] = None,
+        *,
+        enqueue: Optional[bool] = None,
     ) -> Tensor:
+        """The loss of a batch (see the class docstring for the steps and shapes).
+
+        Args:
+            embeddings: ``[B, D, h, w]``.
+            labels: ``[B, H, W]`` integer class ids.
+            predictions: logits ``[B, C, h', w']`` or a label map ``[B, h', w']``, or ``None``.
+            generator: CPU random source of the anchor (and memory pixel) choice.
+            enqueue: enqueue this batch into the memory; ``None`` (default): when the module
+                was built with ``enqueue=True``, is in training mode and gradients are enabled
+                (so validation under ``eval()``, ``torch.no_grad()`` or
+                ``torch.inference_mode()`` leaves the memory as it was).
+        """
         labels, predicted = self.prepare(embeddings, labels, predictions)
         sample = self._draw(embeddings, labels, predicted, predictions, generator)
-        self.last_sample = sample
+        # Detached: holding the graph would keep it alive and make the module impossible to
+        # deepcopy (EMA and teacher copies) after a training step.
+        self.last_sample = dataclasses.replace(sample, embeddings=sample.embeddings.detach())
         keys, key_labels, in_batch = self.contrast_keys(embeddings, labels, sample)
         loss = contrastive_loss(
             sample.embeddings,
@@ -339,7 +360,9 @@ class PixelContrastLoss(nn.Module):
         if self.gather == "keys":
             count = _anchors_with_positives(sample.labels, key_labels, in_batch)
             loss = distributed.mean_across_ranks(loss, count)
-        if self.memory is not None and self.enqueue:
+        if enqueue is None:
+            enqueue = self.enqueue and self.training and torch.is_grad_enabled()
+        if self.memory is not None and enqueue:
             self.memory.enqueue(embeddings, labels, generator, normalize=self.normalize)
         return loss
 

@@ -7,6 +7,7 @@ The memory gives every anchor keys from many more images than one batch holds (W
 
 from __future__ import annotations
 
+import warnings
 from typing import Optional
 
 import torch
@@ -20,6 +21,8 @@ from .samplers import gather_pixels, random_rank_in_group
 __all__ = ["ClassMemoryBank", "region_embeddings"]
 
 
+_STATE_VERSION = 1  # of the layout record in state_dict()
+_COUNTERS = ("pixel_pointer", "pixel_count", "region_pointer", "region_count")
 _NORM_EPS = 1e-12  # F.normalize's: a pixel embedding x becomes x / max(|x|, eps)
 _SCATTER_CHANNELS = 16  # channels per block when scattering scaled pixel embeddings
 
@@ -330,8 +333,133 @@ class ClassMemoryBank(nn.Module):
         self.gather = bool(gather)
         slots = pixels_per_class + regions_per_class
         self.register_buffer("queue", torch.zeros(num_classes, slots, dim))
-        for name in ("pixel_pointer", "pixel_count", "region_pointer", "region_count"):
+        for name in _COUNTERS:
             self.register_buffer(name, torch.zeros(num_classes, dtype=torch.long))
+        self._foreign_write_warned = False
+        self._record_own_write()
+
+    def _layout(self) -> dict[str, int]:
+        """The configuration that fixes what every slot of the state means."""
+        return {
+            "num_classes": self.num_classes,
+            "dim": self.dim,
+            "pixels_per_class": self.pixels_per_class,
+            "regions_per_class": self.regions_per_class,
+        }
+
+    def get_extra_state(self) -> Tensor:
+        """Saved in ``state_dict()`` beside the buffers (a tensor like them: ``[version,
+        num_classes, dim, pixels_per_class, regions_per_class]``), so that
+        :meth:`load_state_dict` can refuse the state of a bank with another layout."""
+        return torch.tensor([_STATE_VERSION, *self._layout().values()])
+
+    def set_extra_state(self, state: Tensor) -> None:
+        # (validated, with the buffers, before anything is loaded: see _load_from_state_dict)
+        pass
+
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+        error_msgs,
+    ) -> None:
+        # Everything is checked before anything is copied, so a failed load leaves the bank
+        # as it was (torch would copy the valid buffers and report the others at the end).
+        self._check_state(state_dict, prefix)
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+            error_msgs,
+        )
+        self._record_own_write()
+
+    def _check_state(self, state_dict: dict, prefix: str) -> None:
+        """Raise unless ``state_dict`` (entries under ``prefix``) is a state of this layout."""
+        extra = state_dict.get(prefix + "_extra_state")
+        if extra is None:
+            # (torch tells a module nothing of strict=False, and a state without the record
+            # could be of any split: refused rather than guessed)
+            raise ValueError(
+                f"state_dict has no {prefix + '_extra_state'!r}, the memory bank's layout "
+                "record, so its slots cannot be checked against this bank's layout; if you know "
+                "the layouts match, add it first: "
+                f"state_dict[{prefix + '_extra_state'!r}] = bank.get_extra_state()"
+            )
+        else:
+            record = extra.tolist() if isinstance(extra, Tensor) and extra.dim() == 1 else None
+            if record is None or len(record) != 5 or record[0] != _STATE_VERSION:
+                raise ValueError(
+                    f"state_dict[{prefix + '_extra_state'!r}] is not a ClassMemoryBank layout "
+                    f"record of version {_STATE_VERSION}, got {extra!r}"
+                )
+            saved = dict(zip(self._layout(), record[1:]))
+            if saved != self._layout():
+                raise ValueError(
+                    f"the memory bank state in state_dict was saved with layout {saved}, but "
+                    f"this bank has {self._layout()}: its slots would be reinterpreted"
+                )
+        shapes = {"queue": tuple(self.queue.shape)}
+        shapes.update({name: (self.num_classes,) for name in _COUNTERS})
+        loaded = {}
+        for name, shape in shapes.items():
+            value = state_dict.get(prefix + name)
+            if value is None:
+                continue  # (a missing key is reported by torch under strict loading)
+            if not isinstance(value, Tensor) or tuple(value.shape) != shape:
+                found = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
+                raise ValueError(
+                    f"state_dict[{prefix + name!r}] must be a tensor of shape {shape}, got {found}"
+                )
+            if name != "queue" and (value.is_floating_point() or value.dtype == torch.bool):
+                raise ValueError(
+                    f"state_dict[{prefix + name!r}] must hold integers, got dtype {value.dtype}"
+                )
+            loaded[name] = value
+        for ring, capacity in (("pixel", self.pixels_per_class),
+                               ("region", self.regions_per_class)):
+            count, pointer = loaded.get(f"{ring}_count"), loaded.get(f"{ring}_pointer")
+            if count is not None and bool(((count < 0) | (count > capacity)).any()):
+                raise ValueError(
+                    f"state_dict[{prefix}{ring}_count] must lie in [0, {capacity}] "
+                    f"({ring}s_per_class), got {count.tolist()}"
+                )
+            if pointer is not None and bool(
+                ((pointer < 0) | (pointer >= max(capacity, 1))).any()
+            ):
+                raise ValueError(
+                    f"state_dict[{prefix}{ring}_pointer] must lie in [0, {max(capacity, 1)}), "
+                    f"got {pointer.tolist()}"
+                )
+            if count is not None and pointer is not None and bool(
+                ((count < capacity) & (pointer.to(count.device) != count)).any()
+            ):
+                raise ValueError(
+                    f"state_dict[{prefix}{ring}_pointer] and [{prefix}{ring}_count] disagree: a "
+                    "ring that is not full has its pointer at its count"
+                )
+
+    def _record_own_write(self) -> None:
+        """Remember the queue as this bank last wrote it (see :meth:`_check_foreign_write`)."""
+        self._own_write = (self.queue.data_ptr(), self.queue._version)
+
+    def _check_foreign_write(self) -> None:
+        """Warn once when the queue changed in place since the bank last wrote it.
+
+        ``DistributedDataParallel(broadcast_buffers=True)`` does that before every forward of
+        a module holding the bank: it resends the whole queue each step and, with
+        ``gather=False``, overwrites this rank's entries with rank 0's. (A new queue tensor, as
+        ``.to()`` makes, is not a foreign write.)
+        """
+        pointer, version = self._own_write
+        if pointer != self.queue.data_ptr():
+            self._record_own_write()
+        elif version != self.queue._version and not self._foreign_write_warned:
+            self._foreign_write_warned = True
+            warnings.warn(
+                "ClassMemoryBank: its queue was modified in place outside enqueue() and "
+                "load_state_dict(). DistributedDataParallel(broadcast_buffers=True) does this "
+                "when the bank is inside the wrapped module: it resends the whole queue at every "
+                "step and, with gather=False, overwrites this rank's entries. Keep the loss and "
+                "its bank outside the wrapped module, or pass broadcast_buffers=False.",
+                stacklevel=3,
+            )
 
     @property
     def pixel_queue(self) -> Tensor:
@@ -390,6 +518,7 @@ class ClassMemoryBank(nn.Module):
         ``gather=True``, the other ranks' entries are still added).
         """
         labels = self.check_batch(embeddings, labels)
+        self._check_foreign_write()
         embeddings = embeddings.detach()
         _checks.check_finite(embeddings, "embeddings")
         b, _, h, w = embeddings.shape
@@ -408,6 +537,7 @@ class ClassMemoryBank(nn.Module):
         if self.regions_per_class:
             self._write(self.region_queue, self.region_pointer, self.region_count,
                         *region_embeddings(embeddings, labels, self.ignore_index, normalize))
+        self._record_own_write()
 
     def _write(
         self, ring: Tensor, pointer: Tensor, count: Tensor, values: Tensor, classes: Tensor
@@ -431,6 +561,7 @@ class ClassMemoryBank(nn.Module):
             requested slot is filled and both rings are requested, ``keys`` is a view of
             ``queue`` (no copy): it changes with the next :meth:`enqueue`.
         """
+        self._check_foreign_write()
         slots = self.queue.shape[1]
         index = torch.arange(slots, device=self.queue.device)
         is_pixel = index < self.pixels_per_class

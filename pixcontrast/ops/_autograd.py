@@ -14,6 +14,7 @@ the sorted anchors and keys; :func:`scatter_to_inputs` maps them back to the cal
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -26,6 +27,7 @@ __all__ = [
     "AnchorStatistics",
     "ContrastFunction",
     "apply_contrast",
+    "first_derivatives_only",
     "InputSpec",
     "Sweep",
     "key_grad_columns",
@@ -141,12 +143,41 @@ def unsort(layout: ContrastLayout, per_anchor: Tensor) -> Tensor:
     return out
 
 
+def first_derivatives_only(name: str) -> Callable[[Callable], Callable]:
+    """Decorator for the ``backward`` of an autograd Function whose backward is not itself
+    differentiable (its gradients are constants to autograd).
+
+    Autograd runs ``backward`` with gradients enabled exactly when the caller asked for
+    ``create_graph=True``. ``once_differentiable`` alone raises only if the second derivative
+    is taken through an output that requires grad; when it does not (a loss's upstream
+    gradient is a constant one), a gradient penalty would silently miss this Function's part.
+    So ``create_graph=True`` is refused outright, and the backward runs without a graph.
+    """
+
+    def decorate(backward: Callable) -> Callable:
+        @functools.wraps(backward)
+        def wrapper(ctx, *grads):
+            if torch.is_grad_enabled():
+                raise RuntimeError(
+                    f"{name} supports first derivatives only: differentiating its backward pass "
+                    "(create_graph=True, double backward, gradient penalties) is not supported"
+                )
+            return backward(ctx, *grads)
+
+        return wrapper
+
+    return decorate
+
+
 class ContrastFunction(torch.autograd.Function):
     """``contrastive_loss`` for a fused backend, given that backend's ``sweep``.
 
     Scalar reductions: forward runs ``sweep`` with the reduction's weights and keeps the input
     gradients; backward rescales them by the upstream scalar. ``reduction="none"``: forward keeps
-    the per-anchor statistics and backward runs ``sweep`` again with the upstream gradients.
+    the per-anchor statistics and backward runs ``sweep`` again with the upstream gradients;
+    the inputs are then saved with ``save_for_backward``, so modifying one in place between
+    forward and backward raises autograd's usual error. First derivatives only: differentiating
+    the backward pass again raises.
     """
 
     @staticmethod
@@ -188,9 +219,14 @@ class ContrastFunction(torch.autograd.Function):
         loss, stats, _, _ = sweep(layout, temperature, rho, variant, None, False, None)
         ctx.fused = None
         ctx.stats = stats
+        # Backward recomputes the scores from the layout, which may alias the caller's tensors
+        # (a memory bank's keys() is a view of its queue): saved as autograd saves inputs, an
+        # in-place change before backward raises instead of giving a wrong gradient.
+        ctx.save_for_backward(anchors, *key_parts)
         return unsort(layout, loss)
 
     @staticmethod
+    @first_derivatives_only("contrastive_loss")
     def backward(ctx, grad_output: Tensor):
         layout = ctx.layout
         if ctx.fused is not None:
@@ -202,6 +238,7 @@ class ContrastFunction(torch.autograd.Function):
             )
         else:
             temperature, rho, variant, sweep = ctx.config
+            _ = ctx.saved_tensors  # raises if an input was modified in place since forward
             weight = grad_output.to(layout.anchors.dtype).index_select(0, layout.anchor_order)
             weight = weight * (layout.positives > 0)
             _, _, grad_x, grad_k = sweep(

@@ -1,0 +1,340 @@
+"""Training-loop contracts: no silently wrong result where a real loop can reach one.
+
+Each test drives the library the way a training loop (or a careless one) does: keys changed
+between forward and backward, gradient penalties, extreme but finite settings, evaluation
+batches, checkpoints of another configuration, deep copies of a trained loss, a bank inside a
+module whose buffers are overwritten.
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from pixcontrast import ClassMemoryBank, PixelContrastLoss, RegionContrastLoss, contrastive_loss
+from pixcontrast.distributed import all_gather_with_grad
+
+IGNORE = 255
+
+
+def unit(*shape: int, seed: int, dtype=torch.float64) -> torch.Tensor:
+    return F.normalize(torch.randn(*shape, generator=torch.Generator().manual_seed(seed),
+                                   dtype=dtype), dim=-1)
+
+
+def full_bank(num_classes: int = 3, dim: int = 6, slots: int = 4) -> ClassMemoryBank:
+    """A bank whose every pixel slot is filled, so that ``keys()`` is a view of the queue."""
+    bank = ClassMemoryBank(num_classes, dim, pixels_per_class=slots, regions_per_class=0,
+                           pixels_per_image=slots).double()
+    labels = torch.arange(num_classes).repeat_interleave(slots).view(1, 1, -1)
+    pixels = torch.randn(1, dim, 1, labels.shape[-1], dtype=torch.float64,
+                         generator=torch.Generator().manual_seed(1))
+    bank.enqueue(F.normalize(pixels, dim=1), labels)
+    assert int(bank.pixel_count.min()) == slots
+    return bank
+
+
+# ---------------------------------------------------------------------------------------------
+# keys changed between forward and backward
+
+
+def test_loss_enqueue_backward_with_bank_keys_raises_on_the_recomputing_path() -> None:
+    bank = full_bank()
+    keys, key_labels = bank.keys()
+    assert keys.data_ptr() == bank.queue.data_ptr()  # a view: enqueue writes into it
+    x = unit(10, 6, seed=2).requires_grad_()
+    y = torch.arange(10) % 3
+    loss = contrastive_loss(x, y, keys, key_labels, reduction="none", backend="torch")
+    bank.enqueue(torch.randn(1, 6, 2, 6, dtype=torch.float64), torch.arange(12).view(1, 2, 6) % 3)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.sum().backward()
+
+
+@pytest.mark.parametrize("variant", ["paper", "supcon"])
+def test_in_place_change_of_keys_before_backward_raises(variant) -> None:
+    keys = unit(20, 6, seed=4)
+    key_labels = torch.arange(20) % 3
+    x = unit(7, 6, seed=5).requires_grad_()
+    loss = contrastive_loss(x, torch.arange(7) % 3, keys, key_labels, reduction="none",
+                            variant=variant, backend="torch")
+    keys.mul_(0.5)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward(torch.rand(7, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("backend", ["torch", "reference"])
+def test_scalar_reduction_gradient_is_that_of_the_forward_keys(backend) -> None:
+    # The documented order of PixelContrastLoss (loss, enqueue, backward) on a scalar loss:
+    # the gradient must be the one at the keys the forward pass saw.
+    bank = full_bank()
+    keys, key_labels = bank.keys()
+    frozen = keys.clone()
+    x = unit(10, 6, seed=6).requires_grad_()
+    y = torch.arange(10) % 3
+    loss = contrastive_loss(x, y, keys, key_labels, backend=backend)
+    bank.enqueue(torch.randn(1, 6, 2, 6, dtype=torch.float64), torch.arange(12).view(1, 2, 6) % 3)
+    assert not torch.equal(keys, frozen)
+    try:
+        (grad,) = torch.autograd.grad(loss, x)
+    except RuntimeError as error:  # refusing is right too, a wrong gradient is not
+        assert "inplace" in str(error)
+        return
+    expected = contrastive_loss(x, y, frozen, key_labels, backend="reference")
+    (expected_grad,) = torch.autograd.grad(expected, x)
+    torch.testing.assert_close(grad, expected_grad, rtol=1e-10, atol=1e-12)
+
+
+def test_pixel_loss_loss_enqueue_backward_is_exact() -> None:
+    bank = full_bank(dim=5)
+    criterion = PixelContrastLoss(max_samples=40, max_views=5, memory=bank, backend="torch")
+    frozen_keys, frozen_labels = (t.clone() for t in bank.keys())
+    x = torch.randn(2, 5, 4, 4, dtype=torch.float64, requires_grad=True)
+    y = torch.randint(0, 3, (2, 4, 4), generator=torch.Generator().manual_seed(8))
+    loss = criterion(x, y, generator=torch.Generator().manual_seed(9))  # enqueues
+    assert not torch.equal(bank.keys()[0], frozen_keys)
+    (grad,) = torch.autograd.grad(loss, x)
+    sample = criterion.last_sample
+    anchors = F.normalize(x, dim=1).permute(0, 2, 3, 1).reshape(-1, 5)[sample.indices]
+    expected = contrastive_loss(anchors, sample.labels, frozen_keys, frozen_labels,
+                                in_batch=True, backend="reference")
+    (expected_grad,) = torch.autograd.grad(expected, x)
+    torch.testing.assert_close(loss, expected, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(grad, expected_grad, rtol=1e-10, atol=1e-12)
+
+
+# ---------------------------------------------------------------------------------------------
+# second derivatives
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("variant", ["paper", "supcon"])
+def test_double_backward_is_refused_by_the_fused_path(variant, reduction) -> None:
+    x = unit(9, 4, seed=10).requires_grad_()
+    loss = contrastive_loss(x, torch.arange(9) % 3, variant=variant, reduction=reduction,
+                            backend="torch")
+    with pytest.raises(RuntimeError, match="first derivatives only"):
+        torch.autograd.grad(loss.sum(), x, create_graph=True)
+
+
+def test_gradient_penalty_through_a_head_is_refused_not_wrong() -> None:
+    # The penalty's graph reaches the weights through the head alone; without the refusal
+    # its gradient would silently miss the loss's second derivative.
+    head = torch.nn.Linear(4, 4).double()
+    x = unit(9, 4, seed=11).requires_grad_()
+    loss = contrastive_loss(F.normalize(head(x), dim=1), torch.arange(9) % 3, backend="torch")
+    with pytest.raises(RuntimeError, match="first derivatives only"):
+        torch.autograd.grad(loss, x, create_graph=True)
+
+
+def test_double_backward_of_the_reference_is_plain_autograd() -> None:
+    x = unit(6, 3, seed=12).requires_grad_()
+
+    def first(z):
+        (g,) = torch.autograd.grad(contrastive_loss(z, torch.arange(6) % 2, backend="reference"),
+                                   z, create_graph=True)
+        return g.square().sum()
+
+    assert torch.autograd.gradcheck(first, (x,))
+
+
+def test_all_gather_with_grad_refuses_double_backward() -> None:
+    x = torch.randn(3, 2, dtype=torch.float64, requires_grad=True)
+    # one process: an identity, no custom Function; the refusal is for the collective path
+    (part,) = all_gather_with_grad(x)
+    (g,) = torch.autograd.grad(part.square().sum(), x, create_graph=True)
+    torch.testing.assert_close(g, 2 * x)
+
+
+# ---------------------------------------------------------------------------------------------
+# extreme but finite settings
+
+
+@pytest.mark.parametrize("kwargs", [
+    dict(temperature=1e-40),
+    dict(temperature=0.1, base_temperature=1e-300),
+    dict(temperature=0.1, base_temperature=1e-320),
+])
+def test_overflowing_settings_raise_naming_the_cause(kwargs) -> None:
+    x = unit(12, 5, seed=13, dtype=torch.float32)
+    with pytest.raises(ValueError, match="temperature"):
+        contrastive_loss(x, torch.arange(12) % 3, **kwargs)
+
+
+def test_huge_embeddings_raise_in_float32_and_are_exact_in_float64() -> None:
+    x = unit(12, 5, seed=14)
+    y = torch.arange(12) % 3
+    with pytest.raises(ValueError, match="largest \\|entry\\| of anchors"):
+        contrastive_loss(1e18 * x.float(), y)
+    big = contrastive_loss(1e18 * x, y, temperature=0.1)
+    # an independent evaluation: the loss of the same directions at temperature 0.1 / 1e36
+    exact = contrastive_loss(x, y, temperature=0.1 / 1e36, backend="reference")
+    torch.testing.assert_close(big, exact, rtol=1e-12, atol=0)
+    assert torch.isfinite(big)
+
+
+def test_pixel_loss_with_huge_unnormalised_embeddings_raises() -> None:
+    criterion = PixelContrastLoss(normalize=False, max_samples=32, max_views=4)
+    with pytest.raises(ValueError, match="overflow"):
+        criterion(1e18 * torch.randn(2, 6, 4, 4), torch.randint(0, 3, (2, 4, 4)))
+
+
+@pytest.mark.parametrize("variant", ["paper", "supcon"])
+@pytest.mark.parametrize("temperature", [1e-30, 0.01])
+def test_small_temperatures_stay_finite(variant, temperature) -> None:
+    x = unit(15, 4, seed=15, dtype=torch.float32).requires_grad_()
+    loss = contrastive_loss(x, torch.arange(15) % 3, temperature=temperature, variant=variant)
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(x.grad).all()
+
+
+# ---------------------------------------------------------------------------------------------
+# evaluation leaves the memory alone
+
+
+def enqueued(bank: ClassMemoryBank) -> int:
+    return int(bank.pixel_count.sum() + bank.region_count.sum())
+
+
+@pytest.mark.parametrize("loss_class", [PixelContrastLoss, RegionContrastLoss])
+def test_evaluation_batches_are_not_enqueued(loss_class) -> None:
+    bank = ClassMemoryBank(3, 4, pixels_per_class=20, regions_per_class=5)
+    criterion = loss_class(max_samples=32, max_views=4, memory=bank)
+    x = torch.randn(2, 4, 4, 4)
+    y = torch.randint(0, 3, (2, 4, 4))
+    criterion.eval()
+    criterion(x, y)
+    criterion.train()
+    with torch.no_grad():
+        criterion(x, y)
+    with torch.inference_mode():
+        criterion(x, y)
+    assert enqueued(bank) == 0
+    criterion(x, y, enqueue=True)  # explicit control still works, here under no_grad too
+    assert enqueued(bank) > 0
+    count = enqueued(bank)
+    criterion(x, y, enqueue=False)
+    assert enqueued(bank) == count
+    criterion(x, y)  # training mode, gradients on
+    assert enqueued(bank) > count
+
+
+# ---------------------------------------------------------------------------------------------
+# memory bank state
+
+
+def trained_bank(**sizes) -> ClassMemoryBank:
+    bank = ClassMemoryBank(3, 4, **sizes)
+    generator = torch.Generator().manual_seed(16)
+    for _ in range(3):
+        bank.enqueue(torch.randn(2, 4, 3, 3, generator=generator),
+                     torch.randint(0, 3, (2, 3, 3), generator=generator), generator)
+    return bank
+
+
+def snapshot(bank: ClassMemoryBank) -> dict[str, torch.Tensor]:
+    return {name: value.clone() for name, value in bank.state_dict().items()}
+
+
+def assert_unchanged(bank: ClassMemoryBank, before: dict[str, torch.Tensor]) -> None:
+    for name, value in bank.state_dict().items():
+        assert torch.equal(value, before[name]), name
+
+
+def test_state_of_another_split_is_refused_and_leaves_the_bank_unchanged() -> None:
+    source = trained_bank(pixels_per_class=6, regions_per_class=2)
+    target = trained_bank(pixels_per_class=5, regions_per_class=3)  # same 8 slots per class
+    before = snapshot(target)
+    with pytest.raises(ValueError, match="layout"):
+        target.load_state_dict(source.state_dict())
+    assert_unchanged(target, before)
+
+
+@pytest.mark.parametrize(("name", "value", "match"), [
+    ("pixel_count", torch.tensor([-1, 0, 0]), "pixel_count"),
+    ("pixel_count", torch.tensor([7, 0, 0]), "pixel_count"),
+    ("region_pointer", torch.tensor([0, 2, 0]), "region_pointer"),
+    ("pixel_pointer", torch.tensor([1, 0, 0]), "disagree"),
+    ("pixel_count", torch.tensor([0.0, 0.0, 0.0]), "integers"),
+    ("queue", torch.zeros(3, 7, 4), "shape"),
+])
+def test_inconsistent_counters_are_refused(name, value, match) -> None:
+    fresh = ClassMemoryBank(3, 4, pixels_per_class=6, regions_per_class=2)
+    state = snapshot(fresh)
+    state[name] = value
+    target = trained_bank(pixels_per_class=6, regions_per_class=2)
+    before = snapshot(target)
+    with pytest.raises(ValueError, match=match):
+        target.load_state_dict(state)
+    assert_unchanged(target, before)
+
+
+def test_refusal_inside_a_loss_module_and_round_trip() -> None:
+    bank = trained_bank(pixels_per_class=6, regions_per_class=2)
+    criterion = PixelContrastLoss(memory=bank)
+    other = PixelContrastLoss(memory=ClassMemoryBank(3, 4, pixels_per_class=2,
+                                                     regions_per_class=6))
+    with pytest.raises(ValueError, match="layout"):
+        other.load_state_dict(criterion.state_dict())
+    restored = PixelContrastLoss(memory=ClassMemoryBank(3, 4, pixels_per_class=6,
+                                                        regions_per_class=2))
+    restored.load_state_dict(criterion.state_dict())
+    for got, want in zip(restored.memory.keys(), bank.keys()):
+        assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("strict", [True, False])
+def test_state_without_layout_record_is_refused_until_the_record_is_added(strict) -> None:
+    bank = trained_bank(pixels_per_class=6, regions_per_class=2)
+    state = snapshot(bank)
+    del state["_extra_state"]
+    target = ClassMemoryBank(3, 4, pixels_per_class=6, regions_per_class=2)
+    with pytest.raises(ValueError, match="layout record"):
+        target.load_state_dict(state, strict=strict)
+    assert not target.queue.any()
+    state["_extra_state"] = target.get_extra_state()  # the remedy the message gives
+    target.load_state_dict(state, strict=strict)
+    assert torch.equal(target.queue, bank.queue)
+
+
+# ---------------------------------------------------------------------------------------------
+# copies of a trained loss
+
+
+@pytest.mark.parametrize("loss_class", [PixelContrastLoss, RegionContrastLoss])
+def test_deepcopy_after_a_training_forward(loss_class) -> None:
+    bank = ClassMemoryBank(3, 4, pixels_per_class=20, regions_per_class=5)
+    criterion = loss_class(max_samples=32, max_views=4, memory=bank)
+    x = torch.randn(2, 4, 4, 4, requires_grad=True)
+    y = torch.randint(0, 3, (2, 4, 4))
+    criterion(x, y).backward()
+    twin = copy.deepcopy(criterion)
+    assert twin.memory is not bank and torch.equal(twin.memory.queue, bank.queue)
+    assert torch.equal(twin.last_sample.indices, criterion.last_sample.indices)
+    assert not criterion.last_sample.embeddings.requires_grad
+
+
+# ---------------------------------------------------------------------------------------------
+# buffers overwritten behind the bank's back (DDP's broadcast_buffers)
+
+
+def test_foreign_write_into_the_queue_warns_once() -> None:
+    bank = trained_bank(pixels_per_class=6, regions_per_class=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        bank.keys()
+        bank.load_state_dict(snapshot(bank))  # its own load is not foreign
+        bank.keys()
+        bank.to(torch.float64)  # a new queue tensor is not foreign either
+        bank.keys()
+    with torch.no_grad():
+        bank.queue.copy_(snapshot(bank)["queue"])  # what a buffer broadcast does
+    with pytest.warns(UserWarning, match="broadcast_buffers"):
+        bank.enqueue(torch.randn(1, 4, 2, 2, dtype=torch.float64), torch.zeros(1, 2, 2).long())
+    bank.queue.add_(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once per bank
+        bank.keys()
