@@ -271,7 +271,14 @@ class ClassMemoryBank(nn.Module):
     nothing, since the banks are already identical, but it sends the whole ``queue`` at every
     step; for a bank with ``gather=False`` it throws the other ranks' entries away. Keep the bank
     out of the wrapped module (hold the loss outside it, as usual) or pass
-    ``broadcast_buffers=False``.
+    ``broadcast_buffers=False``. A bank whose state changes between its own writes (the
+    counters or the newest entries differ from what it last wrote) warns once, naming this
+    recipe.
+
+    ``state_dict()`` also holds the bank's layout (``num_classes``, ``dim``,
+    ``pixels_per_class``, ``regions_per_class``) as ``_extra_state``; ``load_state_dict``
+    refuses a state of another layout, counters outside their rings or pointers that disagree
+    with them, before it changes anything.
 
     Args:
         num_classes: number of classes ``C``; labels lie in ``[0, C)`` or equal ``ignore_index``.
@@ -435,31 +442,48 @@ class ClassMemoryBank(nn.Module):
                     "ring that is not full has its pointer at its count"
                 )
 
+    def _fingerprint(self) -> Tensor:
+        """The counters and each ring's newest entry per class, flattened: what any overwrite
+        of the bank by another bank's state (another rank's) changes, read cheaply."""
+        parts = [torch.stack([getattr(self, name) for name in _COUNTERS]).to(self.queue.dtype)]
+        classes = torch.arange(self.num_classes, device=self.queue.device)
+        for ring, pointer in ((self.pixel_queue, self.pixel_pointer),
+                              (self.region_queue, self.region_pointer)):
+            if ring.shape[1]:
+                parts.append(ring[classes, (pointer - 1) % ring.shape[1]])
+        return torch.cat([part.reshape(-1) for part in parts])
+
     def _record_own_write(self) -> None:
-        """Remember the queue as this bank last wrote it (see :meth:`_check_foreign_write`)."""
-        self._own_write = (self.queue.data_ptr(), self.queue._version)
+        """Remember the state as this bank last wrote it (see :meth:`_check_foreign_write`)."""
+        self._own_write = (self.queue.data_ptr(), self.queue._version, self._fingerprint())
 
     def _check_foreign_write(self) -> None:
-        """Warn once when the queue changed in place since the bank last wrote it.
+        """Warn once when the state changed since the bank last wrote it.
 
         ``DistributedDataParallel(broadcast_buffers=True)`` does that before every forward of
-        a module holding the bank: it resends the whole queue each step and, with
-        ``gather=False``, overwrites this rank's entries with rank 0's. (A new queue tensor, as
-        ``.to()`` makes, is not a foreign write.)
+        a module holding the bank (below autograd's version counters, so the newest entries
+        and the counters are compared too): it resends the whole queue each step and, with
+        ``gather=False``, overwrites this rank's entries with rank 0's. A new queue tensor,
+        as ``.to()`` makes, is not a foreign write. Costs one small comparison and one host
+        synchronisation per call.
         """
-        pointer, version = self._own_write
-        if pointer != self.queue.data_ptr():
+        if self._foreign_write_warned:
+            return
+        pointer, version, fingerprint = self._own_write
+        if pointer != self.queue.data_ptr() or self.queue.device.type == "meta":
             self._record_own_write()
-        elif version != self.queue._version and not self._foreign_write_warned:
-            self._foreign_write_warned = True
-            warnings.warn(
-                "ClassMemoryBank: its queue was modified in place outside enqueue() and "
-                "load_state_dict(). DistributedDataParallel(broadcast_buffers=True) does this "
-                "when the bank is inside the wrapped module: it resends the whole queue at every "
-                "step and, with gather=False, overwrites this rank's entries. Keep the loss and "
-                "its bank outside the wrapped module, or pass broadcast_buffers=False.",
-                stacklevel=3,
-            )
+            return
+        if version == self.queue._version and torch.equal(fingerprint, self._fingerprint()):
+            return
+        self._foreign_write_warned = True
+        warnings.warn(
+            "ClassMemoryBank: its state was modified outside enqueue() and load_state_dict(). "
+            "DistributedDataParallel(broadcast_buffers=True) does this when the bank is inside "
+            "the wrapped module: it resends the whole queue at every step and, with "
+            "gather=False, overwrites this rank's entries with rank 0's. Keep the loss and its "
+            "bank outside the wrapped module, or pass broadcast_buffers=False.",
+            stacklevel=3,
+        )
 
     @property
     def pixel_queue(self) -> Tensor:

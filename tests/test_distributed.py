@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import warnings
 from datetime import timedelta
 from pathlib import Path
 from typing import Callable, Optional
@@ -141,8 +142,47 @@ def gather_helpers(rank: int) -> list[dict]:
     return out
 
 
+def double_backward(rank: int) -> str:
+    """The error of a second derivative through the collective gather ('' if none)."""
+    x = rows(rank, 2).requires_grad_()
+    total = sum(part.square().sum() for part in distributed.all_gather_with_grad(x))
+    try:
+        torch.autograd.grad(total, x, create_graph=True)
+    except RuntimeError as error:
+        return str(error)
+    return ""
+
+
+class _SegmenterWithLoss(nn.Module):
+    """A model that holds its contrastive loss (and so the bank) inside the DDP-wrapped module."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, kernel_size=1).double()
+        bank = ClassMemoryBank(3, 4, pixels_per_class=8, regions_per_class=2, gather=False)
+        self.criterion = PixelContrastLoss(max_samples=20, max_views=5, memory=bank.double())
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return self.criterion(self.conv(x), y)
+
+
+def broadcast_buffers(rank: int) -> list[str]:
+    """Warnings seen while training a module that holds its bank under DDP's default
+    ``broadcast_buffers=True``."""
+    torch.manual_seed(0)
+    model = DistributedDataParallel(_SegmenterWithLoss())
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for step in range(STEPS):
+            x, y = batches(step, empty_rank=None)[rank]
+            model(x, y).backward()
+    return [str(w.message) for w in caught if issubclass(w.category, UserWarning)]
+
+
 SCENARIOS: dict[str, Callable[[int], object]] = {
     "helpers": gather_helpers,
+    "double_backward": double_backward,
+    "broadcast_buffers": broadcast_buffers,
     "random_memory": random_memory,
     **{name: (lambda rank, name=name: train(name, rank)) for name in TRAININGS},
 }
@@ -233,6 +273,18 @@ def test_memory_with_random_pixels_is_identical_on_every_rank(ranks) -> None:
         assert torch.equal(first[key], value), key
         assert torch.equal(second[key], value), key
     assert int(expected["pixel_count"].sum()) > 0
+
+
+def test_second_derivative_through_the_gather_is_refused(ranks) -> None:
+    for result in ranks:
+        assert "first derivatives only" in result["double_backward"]
+
+
+def test_bank_inside_a_ddp_module_with_broadcast_buffers_warns_once(ranks) -> None:
+    # rank 0 is the broadcast's source; every other rank has its queue overwritten
+    for result in ranks[1:]:
+        found = [m for m in result["broadcast_buffers"] if "broadcast_buffers" in m]
+        assert len(found) == 1, result["broadcast_buffers"]
 
 
 # ---------------------------------------------------------------------------------------------
