@@ -1,8 +1,9 @@
 """Dense reference: builds the full anchors x keys similarity matrix and lets autograd do the rest.
 
 It is the oracle of the tests and the baseline of the benchmarks: short, literal and
-``O(N * M)`` in memory. Masks follow DESIGN.md §1 exactly; rows without negatives (or without any
-valid key) are handled with the "double where" so that no NaN reaches the gradient.
+``O(N * M)`` in memory. Masks follow the math of :mod:`pixcontrast.ops` exactly; rows without
+negatives (or without any valid key) are handled with the "double where" so that no NaN reaches
+the gradient.
 """
 
 from __future__ import annotations
@@ -71,7 +72,7 @@ def masked_contrastive_loss(
     variant: str,
     reduction: str,
 ) -> Tensor:
-    """DESIGN.md §1 from scores and masks: the positives of row ``a`` are ``pos_scores[a]``
+    """The math of :mod:`pixcontrast.ops` from scores and masks: the positives of row ``a`` are ``pos_scores[a]``
     where ``positive[a]``, its negatives ``neg_scores[a]`` where ``negative[a]``. The dense
     reference passes one score matrix twice; the pair loss passes the selected scores."""
     num_pos = positive.sum(dim=1).to(pos_scores.dtype)

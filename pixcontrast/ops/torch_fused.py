@@ -2,7 +2,7 @@
 
 Rows of the class-sorted anchors are processed in chunks; a chunk holds one ``[rows, M]`` buffer of
 scores and never more. Per row the buffer is turned, in place, into the gradient of the loss with
-respect to the scores (DESIGN.md §1):
+respect to the scores (the gradients of :mod:`pixcontrast.ops`):
 
     paper:  G_an = rho * g_a * w_a * exp(s_an - nu_a)           (negatives)
             G_ap = -rho * g_a / |P(a)| * sigmoid(nu_a - s_ap)    (positives, one block per class)
@@ -63,7 +63,7 @@ def _normalizer(scores: Tensor, shift: Tensor) -> tuple[Tensor, Tensor]:
 
 def supcon_positive_sums(layout: ContrastLayout) -> Tensor:
     """``[N, D]`` sum of the positive keys of each sorted anchor, ``S_{y_a} - [in-batch] x_a``
-    with the class sums ``S_c`` (DESIGN.md §1): supcon's positive term is linear in the keys."""
+    with the class sums ``S_c`` (:mod:`pixcontrast.ops`): supcon's positive term is linear in the keys."""
     k = layout.keys
     class_sums = k.new_zeros((layout.num_classes, k.shape[1]))
     class_sums.index_add_(0, layout.key_class, k)
