@@ -63,7 +63,8 @@ def _normalizer(scores: Tensor, shift: Tensor) -> tuple[Tensor, Tensor]:
 
 def supcon_positive_sums(layout: ContrastLayout) -> Tensor:
     """``[N, D]`` sum of the positive keys of each sorted anchor, ``S_{y_a} - [in-batch] x_a``
-    with the class sums ``S_c`` (:mod:`pixcontrast.ops`): supcon's positive term is linear in the keys."""
+    with the class sums ``S_c`` (:mod:`pixcontrast.ops`): supcon's positive term is linear in
+    the keys."""
     k = layout.keys
     class_sums = k.new_zeros((layout.num_classes, k.shape[1]))
     class_sums.index_add_(0, layout.key_class, k)
