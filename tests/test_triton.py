@@ -188,62 +188,21 @@ def test_only_requested_key_columns_get_a_gradient():
     assert (grad_k[visited] != 0).any()
 
 
-def test_auto_takes_torch_for_cpu_tensors():
-    x = torch.randn(5, 8)
-    assert _dispatch.select_backend("auto", x, ()).name == "torch"
-
-
-def test_explicit_triton_lists_every_reason(monkeypatch):
-    missing = (None, False, "triton is not importable (no module named 'triton')")
-    monkeypatch.setattr(triton_fused, "_load_kernels", lambda: missing)
-    x = torch.randn(5, 300, dtype=torch.float64)
-    with pytest.raises(ValueError) as error:
-        pixcontrast.contrastive_loss(x, torch.zeros(5, dtype=torch.long), backend="triton")
-    message = str(error.value)
-    for reason in ["not importable", "not CUDA", "torch.float64", "D=300"]:
-        assert reason in message, (reason, message)
-
-
 @pytest.mark.skipif(not INTERPRETED, reason="bf16 is only refused by the interpreter")
 def test_interpreter_refuses_bf16():
     x = torch.randn(5, 8, dtype=torch.bfloat16)
     assert any("interpreter" in r for r in triton_fused.unsupported(x, ()))
 
 
-def test_environment_override(monkeypatch):
-    x = torch.randn(5, 8, device=DEVICE)
-    monkeypatch.setenv(_dispatch.ENV_VAR, "reference")
-    assert _dispatch.select_backend("auto", x, ()).name == "reference"
-    assert _dispatch.select_backend("torch", x, ()).name == "torch"  # code wins
+def test_environment_override_runs_triton(monkeypatch):
+    """With Triton installed, PIXCONTRAST_BACKEND=triton makes ``auto`` run the kernels (the
+    selection rules themselves are in test_dispatch.py, with or without Triton)."""
+    x = torch.randn(6, 8, device=DEVICE)
+    y = torch.tensor([0, 0, 1, 1, 2, 2], device=DEVICE)
+    want = pixcontrast.contrastive_loss(x, y, backend="triton")
     monkeypatch.setenv(_dispatch.ENV_VAR, "triton")
     assert _dispatch.select_backend("auto", x, ()).name == "triton"
-    monkeypatch.setenv(_dispatch.ENV_VAR, "cuda")
-    with pytest.raises(ValueError, match="PIXCONTRAST_BACKEND='cuda'"):
-        _dispatch.select_backend("auto", x, ())
-
-
-def test_without_interpreter_cpu_never_touches_triton():
-    """A fresh process without TRITON_INTERPRET: importing pixcontrast and running ``auto`` on
-    CPU tensors import no Triton; naming ``triton`` explains that the tensors are not on CUDA."""
-    script = """
-import sys, torch, pixcontrast
-x = torch.randn(6, 8, requires_grad=True)
-y = torch.tensor([0, 0, 1, 1, 2, 2])
-pixcontrast.contrastive_loss(x, y).backward()
-assert "triton" not in sys.modules, "auto imported triton"
-try:
-    pixcontrast.contrastive_loss(x, y, backend="triton")
-except ValueError as error:
-    assert "not CUDA" in str(error), error
-else:
-    raise AssertionError("backend='triton' ran on CPU without the interpreter")
-"""
-    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", _dispatch.ENV_VAR)}
-    result = subprocess.run(
-        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120
-    )
-    assert result.returncode == 0, result.stderr
-
+    assert torch.equal(pixcontrast.contrastive_loss(x, y), want)
 
 
 _COMPILE_SCRIPT = """
