@@ -1,5 +1,5 @@
-"""Shared test helpers: the tolerance rule for low-precision results, the dense fp64 oracle of the
-score gradient it needs, and input factories.
+"""Shared test helpers: the scalar loop oracle of the loss, the tolerance rule for low-precision
+results with the dense fp64 oracle of the score gradient it needs, and input factories.
 
 The tolerance rule
 ------------------
@@ -91,6 +91,72 @@ def assert_close_to_oracle(
         f"{bound.flatten()[worst]:.3g} ({multiple:g} x the reference's {reference_error:.3g} "
         f"+ floor {floor.expand_as(error).flatten()[worst]:.3g}); largest error {error.max():.3g}"
     )
+
+
+# --- the loop oracle --------------------------------------------------------------------------
+
+
+def key_space(anchors: Tensor, keys: Optional[Tensor], in_batch: bool) -> Tensor:
+    """The columns an anchor is contrasted with: the anchors (when in-batch), then the keys."""
+    parts = ([anchors] if in_batch else []) + ([keys] if keys is not None else [])
+    return torch.cat(parts) if parts else anchors.new_zeros((0, anchors.shape[1]))
+
+
+def all_pairs(
+    labels: Tensor, key_labels: Optional[Tensor], in_batch: bool
+) -> tuple[list[list[int]], list[list[int]]]:
+    """Per anchor, the columns of :func:`key_space` that are its positives and its negatives: the
+    valid keys (label >= 0) of its class and of other classes, its own column excluded."""
+    space = ([labels] if in_batch else []) + ([key_labels] if key_labels is not None else [])
+    columns = torch.cat(space).tolist() if space else []
+    positives, negatives = [], []
+    for a, y in enumerate(labels.tolist()):
+        usable = [(j, c) for j, c in enumerate(columns) if c >= 0 and not (in_batch and j == a)]
+        positives.append([j for j, c in usable if c == y])
+        negatives.append([j for j, c in usable if c != y])
+    return positives, negatives
+
+
+def loop_loss(
+    anchors: Tensor,
+    space: Tensor,
+    positives: Sequence[Sequence[int]],
+    negatives: Sequence[Sequence[int]],
+    temperature: float,
+    rho: float,
+    variant: str,
+    reduction: str,
+) -> Tensor:
+    """The loss read literally, one anchor and one pair at a time, on the listed columns of
+    ``space`` (a column listed twice counts twice); differentiable:
+
+        paper:  L_a = rho / |P| sum_p -log(e^{s_ap} / (e^{s_ap} + sum_n e^{s_an}))
+        supcon: L_a = rho (log sum_{j in P u N} e^{s_aj} - 1/|P| sum_p s_ap)
+
+    An anchor without positives has L_a = 0 and is left out of the mean."""
+    losses = []
+    for a in range(anchors.shape[0]):
+        pos, neg = list(positives[a]), list(negatives[a])
+
+        def s(j: int, a: int = a) -> Tensor:
+            return (anchors[a] * space[j]).sum() / temperature
+
+        if not pos:
+            losses.append(anchors.new_zeros(()))
+        elif variant == "paper":
+            terms = []
+            for q in pos:
+                denominator = torch.exp(s(q)) + sum(torch.exp(s(n)) for n in neg)
+                terms.append(-torch.log(torch.exp(s(q)) / denominator))
+            losses.append(rho * sum(terms) / len(pos))
+        else:
+            log_total = torch.log(sum(torch.exp(s(j)) for j in pos + neg))
+            losses.append(rho * (log_total - sum(s(q) for q in pos) / len(pos)))
+    loss = torch.stack(losses) if losses else anchors.new_zeros(0)
+    if reduction == "none":
+        return loss
+    counted = sum(1 for pos in positives if len(pos))
+    return loss.sum() if reduction == "sum" else loss.sum() / max(counted, 1)
 
 
 # --- the dense fp64 oracle of the score gradient ------------------------------------------------

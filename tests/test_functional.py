@@ -3,8 +3,6 @@ edge cases and input errors."""
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -15,50 +13,19 @@ import pixcontrast
 from pixcontrast import contrastive_loss
 from pixcontrast.ops import torch_fused
 
-from _helpers import as_double, assert_close_to_oracle, contrast_floors, make_inputs, score_gradient
+from _helpers import (
+    all_pairs,
+    as_double,
+    assert_close_to_oracle,
+    contrast_floors,
+    key_space,
+    loop_loss,
+    make_inputs,
+    score_gradient,
+)
 
 VARIANTS = ("paper", "supcon")
 REDUCTIONS = ("mean", "sum", "none")
-
-
-def golden_loss(anchors, labels, keys, key_labels, in_batch, tau, rho, variant):
-    """Per-anchor loss and 'counts' flags from scalar Python loops: DESIGN.md §1 read literally."""
-    x, y = anchors.tolist(), labels.tolist()
-    pool = []  # (vector, label, index of the anchor it is, or None)
-    if in_batch:
-        pool += [(x[i], y[i], i) for i in range(len(x))]
-    if keys is not None:
-        pool += [(v, c, None) for v, c in zip(keys.tolist(), key_labels.tolist())]
-    losses, counts = [], []
-    for a in range(len(x)):
-        pos, neg = [], []
-        for vec, c, owner in pool:
-            if c < 0 or owner == a:
-                continue
-            s = sum(p * q for p, q in zip(x[a], vec)) / tau
-            (pos if c == y[a] else neg).append(s)
-        if not pos:
-            losses.append(0.0)
-            counts.append(False)
-            continue
-        counts.append(True)
-        if variant == "paper":
-            neg_sum = sum(math.exp(s) for s in neg)
-            terms = [-math.log(math.exp(p) / (math.exp(p) + neg_sum)) for p in pos]
-            losses.append(rho * sum(terms) / len(pos))
-        else:
-            log_norm = math.log(sum(math.exp(s) for s in pos + neg))
-            losses.append(rho * (log_norm - sum(pos) / len(pos)))
-    return losses, counts
-
-
-def reduce_golden(losses, counts, reduction):
-    if reduction == "none":
-        return torch.tensor(losses, dtype=torch.float64)
-    total = sum(losses)
-    if reduction == "sum":
-        return torch.tensor(total, dtype=torch.float64)
-    return torch.tensor(total / max(1, sum(counts)), dtype=torch.float64)
 
 
 MODES = {
@@ -88,11 +55,10 @@ def test_matches_golden_loops(variant, mode, reduction, backend):
     anchors, labels, keys, key_labels = make_inputs(9, 7, 4, 3, seed=1)
     tau, base = 0.5, 0.7
     spec = MODES[mode]
-    losses, counts = golden_loss(
-        anchors, labels, keys if spec["with_keys"] else None, key_labels, spec["in_batch"],
-        tau, tau / base, variant,
-    )
-    expected = reduce_golden(losses, counts, reduction)
+    keys_used, labels_used = (keys, key_labels) if spec["with_keys"] else (None, None)
+    positives, negatives = all_pairs(labels, labels_used, spec["in_batch"])
+    expected = loop_loss(anchors, key_space(anchors, keys_used, spec["in_batch"]), positives,
+                         negatives, tau, tau / base, variant, reduction)
     got = call(
         backend, anchors, labels, keys, key_labels, mode, temperature=tau, base_temperature=base,
         variant=variant, reduction=reduction,
