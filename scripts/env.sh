@@ -44,6 +44,9 @@ if [ ! -x "$venv/bin/python" ]; then
     "${PYTHON:-python3}" -m venv "$venv"
 fi
 python="$venv/bin/python"
+installed_torch() {
+    "$python" -c "from importlib.metadata import version; print(version('torch'))"
+}
 
 # What the environment was built from: the torch choice and the package's dependencies.
 wanted="torch=$torch_requirement index=$torch_index pyproject=$(cksum < "$root/pyproject.toml")"
@@ -60,12 +63,12 @@ else
     else
         "$python" -m pip install -q "$torch_requirement"
     fi
-    torch_version="$("$python" -c "import torch; print(torch.__version__)")"
+    torch_version="$(installed_torch)"
     constraints="$venv/torch-constraint.txt"
     echo "torch==$torch_version" > "$constraints"
     say "installing pixcontrast[test,examples] with torch pinned to $torch_version"
     "$python" -m pip install -q -c "$constraints" -e "$root[test,examples]"
-    after="$("$python" -c "import torch; print(torch.__version__)")"
+    after="$(installed_torch)"
     if [ "$after" != "$torch_version" ]; then
         say "torch changed from $torch_version to $after while installing the rest"
         exit 1
