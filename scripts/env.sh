@@ -45,15 +45,21 @@ if [ ! -x "$venv/bin/python" ]; then
 fi
 python="$venv/bin/python"
 installed_torch() {
-    "$python" -c "from importlib.metadata import version; print(version('torch'))"
+    "$python" -c "from importlib.metadata import version; print(version('torch'))" 2>/dev/null
 }
 
 # What the environment was built from: the torch choice and the package's dependencies.
 wanted="torch=$torch_requirement index=$torch_index pyproject=$(cksum < "$root/pyproject.toml")"
 
-if [ "$(cat "$stamp" 2>/dev/null)" = "$wanted" ] \
-        && "$python" -c "import torch, pixcontrast, pytest" 2>/dev/null; then
-    : # installed from the same choices: nothing to do
+# Installed from the same choices, the pinned torch still in place and the package and the test
+# tools present (package metadata only: importing torch would cost seconds): nothing to do.
+installed() {
+    "$python" -c "from importlib.metadata import version; version('pixcontrast'); version('pytest')" \
+        2>/dev/null \
+        && [ "$(cat "$venv/torch-constraint.txt" 2>/dev/null)" = "torch==$(installed_torch)" ]
+}
+if [ "$(cat "$stamp" 2>/dev/null)" = "$wanted" ] && installed; then
+    :
 else
     rm -f "$stamp"
     "$python" -m pip install -q --upgrade pip

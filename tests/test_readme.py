@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import re
 import shlex
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -56,3 +57,17 @@ def test_setup_section_has_the_main_job_and_the_tests_that_ci_runs() -> None:
     runs = [shlex.split(c) for c in ci_commands() if c.startswith("bash ")]
     assert runs and all(command[:2] == script for command in runs)
     assert script + ["ruff", "check", "."] in runs
+
+
+def test_environment_script_documents_the_torch_choice() -> None:
+    """The settings the README's set-up section names are the ones the script reads, and its
+    help says where CPU and CUDA builds of torch come from."""
+    script = (ROOT / "scripts" / "env.sh").read_text()
+    section = README_TEXT.split(SETUP_HEADING, 1)[1].split("\n## ", 1)[0]
+    help_text = subprocess.run(["bash", str(ROOT / "scripts" / "env.sh"), "--help"],
+                               capture_output=True, text=True, check=True).stdout
+    for name in ("PIXCONTRAST_TORCH", "PIXCONTRAST_TORCH_INDEX"):
+        assert f"${{{name}:-" in script, name  # read, with a default
+        assert name in section and name in help_text, name
+    for url in ("https://download.pytorch.org/whl/cpu", "https://download.pytorch.org/whl/cu"):
+        assert url in section and url in help_text, url
