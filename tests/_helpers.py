@@ -294,7 +294,7 @@ def contrast_floors(
       a ``sum`` or ``mean`` adds ``gamma(N) sum_a |L_a|``.
 
     These bound every summed term, not their (cancelling) sums, so they are pessimistic: over
-    the fp32 cases of ``test_torch_matches_reference`` (on three CPU capability levels) the
+    the fp32 cases of ``test_torch_matches_reference`` (AVX2 and the portable default) the
     errors seen stay below 1/20 of the floor, most below 1/1000. They still sit far below any one
     term of the gradient: a dropped key, a temperature off by 1e-4 or an entry off by 1e-3 of
     its row's largest fails (``test_tolerance_rule_passes_other_summation_orders_and_fails_...``).
