@@ -3,8 +3,6 @@ edge cases and input errors."""
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -15,58 +13,19 @@ import pixcontrast
 from pixcontrast import contrastive_loss
 from pixcontrast.ops import torch_fused
 
+from _helpers import (
+    all_pairs,
+    as_double,
+    assert_close_to_oracle,
+    contrast_floors,
+    key_space,
+    loop_loss,
+    make_inputs,
+    score_gradient,
+)
+
 VARIANTS = ("paper", "supcon")
 REDUCTIONS = ("mean", "sum", "none")
-
-
-def golden_loss(anchors, labels, keys, key_labels, in_batch, tau, rho, variant):
-    """Per-anchor loss and 'counts' flags from scalar Python loops: DESIGN.md §1 read literally."""
-    x, y = anchors.tolist(), labels.tolist()
-    pool = []  # (vector, label, index of the anchor it is, or None)
-    if in_batch:
-        pool += [(x[i], y[i], i) for i in range(len(x))]
-    if keys is not None:
-        pool += [(v, c, None) for v, c in zip(keys.tolist(), key_labels.tolist())]
-    losses, counts = [], []
-    for a in range(len(x)):
-        pos, neg = [], []
-        for vec, c, owner in pool:
-            if c < 0 or owner == a:
-                continue
-            s = sum(p * q for p, q in zip(x[a], vec)) / tau
-            (pos if c == y[a] else neg).append(s)
-        if not pos:
-            losses.append(0.0)
-            counts.append(False)
-            continue
-        counts.append(True)
-        if variant == "paper":
-            neg_sum = sum(math.exp(s) for s in neg)
-            terms = [-math.log(math.exp(p) / (math.exp(p) + neg_sum)) for p in pos]
-            losses.append(rho * sum(terms) / len(pos))
-        else:
-            log_norm = math.log(sum(math.exp(s) for s in pos + neg))
-            losses.append(rho * (log_norm - sum(pos) / len(pos)))
-    return losses, counts
-
-
-def reduce_golden(losses, counts, reduction):
-    if reduction == "none":
-        return torch.tensor(losses, dtype=torch.float64)
-    total = sum(losses)
-    if reduction == "sum":
-        return torch.tensor(total, dtype=torch.float64)
-    return torch.tensor(total / max(1, sum(counts)), dtype=torch.float64)
-
-
-def make_inputs(n, m, d, classes, dtype=torch.float64, seed=0, invalid_keys=True):
-    g = torch.Generator().manual_seed(seed)
-    anchors = torch.randn(n, d, generator=g, dtype=dtype)
-    labels = torch.randint(0, classes, (n,), generator=g)
-    keys = torch.randn(m, d, generator=g, dtype=dtype)
-    low = -1 if invalid_keys else 0
-    key_labels = torch.randint(low, classes, (m,), generator=g)
-    return anchors, labels, keys, key_labels
 
 
 MODES = {
@@ -96,11 +55,10 @@ def test_matches_golden_loops(variant, mode, reduction, backend):
     anchors, labels, keys, key_labels = make_inputs(9, 7, 4, 3, seed=1)
     tau, base = 0.5, 0.7
     spec = MODES[mode]
-    losses, counts = golden_loss(
-        anchors, labels, keys if spec["with_keys"] else None, key_labels, spec["in_batch"],
-        tau, tau / base, variant,
-    )
-    expected = reduce_golden(losses, counts, reduction)
+    keys_used, labels_used = (keys, key_labels) if spec["with_keys"] else (None, None)
+    positives, negatives = all_pairs(labels, labels_used, spec["in_batch"])
+    expected = loop_loss(anchors, key_space(anchors, keys_used, spec["in_batch"]), positives,
+                         negatives, tau, tau / base, variant, reduction)
     got = call(
         backend, anchors, labels, keys, key_labels, mode, temperature=tau, base_temperature=base,
         variant=variant, reduction=reduction,
@@ -119,6 +77,33 @@ def grads_of(backend, anchors, labels, keys, key_labels, mode, upstream, **kwarg
     return loss.detach(), a.grad, k.grad
 
 
+def assert_matches_oracle(got, anchors, labels, keys, key_labels, mode, upstream,
+                          operand_dtype=None, key_rows=slice(None), **kwargs):
+    """``got`` (loss, d anchors, d keys of a low-precision run; d keys only for ``key_rows``)
+    against the reference on fp64 copies of the same values, by the tolerance rule of
+    ``_helpers``: the fp32 reference's own error sets the scale."""
+    exact = grads_of("reference", *as_double([anchors, labels, keys, key_labels]), mode,
+                     upstream.double(), **kwargs)
+    ref_lowp = grads_of("reference", anchors, labels, keys, key_labels, mode, upstream, **kwargs)
+    spec = MODES[mode]
+    rho = kwargs.get("temperature", 0.1) / kwargs.get("base_temperature", kwargs.get(
+        "temperature", 0.1))
+    floors = contrast_floors(
+        anchors, labels, keys if spec["with_keys"] else None,
+        key_labels if spec["with_keys"] else None, in_batch=spec["in_batch"],
+        temperature=kwargs.get("temperature", 0.1), rho=rho,
+        variant=kwargs.get("variant", "paper"), reduction=kwargs.get("reduction", "mean"),
+        upstream=upstream, operand_dtype=operand_dtype,
+    )
+    for name, g, e, r, f in zip(["loss", "d anchors", "d keys"], got, exact, ref_lowp, floors):
+        if name == "d keys" and e is not None:
+            e, r, f = e[key_rows], r[key_rows], f[key_rows]
+        if e is None:
+            assert g is None or not g.abs().any(), name
+        else:
+            assert_close_to_oracle(g, e, r, f, what=name)
+
+
 @pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("mode", list(MODES))
 @pytest.mark.parametrize("reduction", REDUCTIONS)
@@ -131,14 +116,68 @@ def test_torch_matches_reference(variant, mode, reduction, dtype, n, m):
     g = torch.Generator().manual_seed(3)
     upstream = torch.rand(n if reduction == "none" else (), generator=g, dtype=dtype) + 0.5
     kwargs = dict(temperature=0.1, base_temperature=0.07, variant=variant, reduction=reduction)
-    ref = grads_of("reference", anchors, labels, keys, key_labels, mode, upstream, **kwargs)
     got = grads_of("torch", anchors, labels, keys, key_labels, mode, upstream, **kwargs)
-    tol = dict(rtol=1e-9, atol=1e-10) if dtype == torch.float64 else dict(rtol=2e-4, atol=2e-5)
+    if dtype == torch.float32:
+        assert_matches_oracle(got, anchors, labels, keys, key_labels, mode, upstream, **kwargs)
+        return
+    # fp64 against fp64: rounding (~1e-16 per operation, a few thousand terms) stays orders of
+    # magnitude below these tolerances in any summation order.
+    ref = grads_of("reference", anchors, labels, keys, key_labels, mode, upstream, **kwargs)
     for r, t in zip(ref, got):
         if r is None:
             assert t is None or not t.abs().any()
         else:
-            torch.testing.assert_close(t, r, **tol)
+            torch.testing.assert_close(t, r, rtol=1e-9, atol=1e-10)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("in_batch", [False, True])
+def test_score_gradient_oracle_matches_reference(variant, in_batch):
+    """The tolerance rule's dense G (``_helpers.score_gradient``) gives the reference's input
+    gradients: dx = G K / tau (+ the anchors' columns), dk = G^T x / tau."""
+    anchors, labels, keys, key_labels = make_inputs(23, 31, 6, 4, seed=17)
+    up = torch.rand(23, dtype=torch.float64, generator=torch.Generator().manual_seed(1)) + 0.5
+    mode = "in_batch+keys" if in_batch else "keys"
+    kw = dict(temperature=0.3, base_temperature=0.5, variant=variant, reduction="none")
+    _, want_x, want_k = grads_of("reference", anchors, labels, keys, key_labels, mode, up, **kw)
+    grad = score_gradient(anchors, labels, keys, key_labels, in_batch, 0.3, 0.6, variant, up)
+    columns = grad.signed.T @ anchors / 0.3
+    got_x = grad.signed @ grad.key_space / 0.3 + (columns[:23] if in_batch else 0)
+    torch.testing.assert_close(got_x, want_x, rtol=1e-9, atol=1e-10)
+    torch.testing.assert_close(columns[-31:], want_k, rtol=1e-9, atol=1e-10)
+    assert (grad.pieces >= grad.signed.abs()).all()
+    assert (grad.pieces > grad.signed.abs() + 1e-3).any() == (variant == "supcon")
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+def test_tolerance_rule_passes_other_summation_orders_and_fails_wrong_results(mode):
+    """Permuting anchors and keys changes every summation order of the fused path (as another
+    CPU's kernels would): the rule accepts the result. A temperature off by 1e-4, one dropped key
+    or an anchor's gradient off by 1e-3 of its largest entry are rejected."""
+    anchors, labels, keys, key_labels = make_inputs(300, 200, 16, 5, dtype=torch.float32, seed=4)
+    anchors, keys = F.normalize(anchors, dim=1), F.normalize(keys, dim=1)
+    up = torch.rand(300, generator=torch.Generator().manual_seed(2)) + 0.5
+    kw = dict(temperature=0.1, base_temperature=0.07, variant="supcon", reduction="none")
+    g = torch.Generator().manual_seed(0)
+    pa, pk = torch.randperm(300, generator=g), torch.randperm(200, generator=g)
+    loss, dx, dk = grads_of("torch", anchors[pa], labels[pa], keys[pk], key_labels[pk], mode,
+                            up[pa], **kw)
+    dk = None if dk is None else dk[torch.argsort(pk)]
+    unpermuted = (loss[torch.argsort(pa)], dx[torch.argsort(pa)], dk)
+    args = (anchors, labels, keys, key_labels, mode, up)
+    assert_matches_oracle(unpermuted, *args, **kw)
+
+    hotter = grads_of("torch", *args, **{**kw, "temperature": 0.1 * (1 + 1e-4)})
+    dropped_labels = key_labels.clone()
+    dropped_labels[int((key_labels >= 0).nonzero()[0])] = -1
+    dropped = grads_of("torch", anchors, labels, keys, dropped_labels, mode, up, **kw)
+    _, dx_true, _ = grads_of("reference", *as_double(args[:4]), mode, up.double(), **kw)
+    nudged = dx_true.float().clone()
+    nudged[7] += 1e-3 * dx_true[7].abs().max()
+    wrong = [hotter, dropped, (unpermuted[0], nudged, unpermuted[2])]
+    for result in wrong if MODES[mode]["with_keys"] else [hotter, wrong[2]]:
+        with pytest.raises(AssertionError, match="exceeds"):
+            assert_matches_oracle(result, *args, **kw)
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
@@ -199,11 +238,10 @@ def test_half_precision_accumulates_in_fp32(dtype):
     loss = contrastive_loss(a, labels, k, key_labels, in_batch=True, backend="torch")
     loss.backward()
     assert loss.dtype == torch.float32 and a.grad.dtype == dtype and k.grad.dtype == dtype
-    ref = grads_of("reference", anchors.float(), labels, keys.float(), key_labels,
-                   "in_batch+keys", torch.tensor(1.0))
-    torch.testing.assert_close(loss, ref[0], rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(a.grad.float(), ref[1], rtol=2e-2, atol=2e-3)
-    torch.testing.assert_close(k.grad.float(), ref[2], rtol=2e-2, atol=2e-3)
+    # The oracle runs on the half-precision values themselves; the fp32 reference (which
+    # upcasts them) sets the scale, the rounding of the gradients to `dtype` adds its own.
+    assert_matches_oracle((loss.detach(), a.grad, k.grad), anchors, labels, keys, key_labels,
+                          "in_batch+keys", torch.tensor(1.0, dtype=dtype))
 
 
 def test_no_grad_and_detached_inputs():
@@ -264,13 +302,11 @@ def test_stable_for_small_temperature_and_large_norms(tau, norm, variant):
     kw = dict(temperature=tau, variant=variant, reduction="none")
     up = torch.rand(40) + 0.5
     got = grads_of("torch", anchors, labels, keys, key_labels, "in_batch+keys", up, **kw)
-    ref = grads_of("reference", anchors.double(), labels, keys.double(), key_labels,
-                   "in_batch+keys", up.double(), **kw)
-    for t, r in zip(got, ref):
+    for t in got:
         assert torch.isfinite(t).all()
-        # Scores reach norm^2 / tau = 1e6: fp32 rounds them to ~1e-7 of that.
-        scale = r.abs().max().clamp(min=1.0)
-        torch.testing.assert_close(t.double() / scale, r / scale, rtol=0, atol=2e-4)
+    # Scores reach norm^2 / tau = 1e6, which fp32 rounds by up to 0.06: the floor grows with
+    # them (through expm1 of the scores' error), the reference's own error with it.
+    assert_matches_oracle(got, anchors, labels, keys, key_labels, "in_batch+keys", up, **kw)
 
 
 # --- edge cases ---------------------------------------------------------------------------------
@@ -412,11 +448,17 @@ def test_key_parts_get_gradients_only_where_required(backend, variant, in_batch,
     loss = contrastive_loss(a, labels, [first, memory], [key_labels[:20], key_labels[20:]],
                             backend=backend, **kw)
     (loss * up).sum().backward()
-    tol = dict(rtol=1e-9, atol=1e-10) if dtype == torch.float64 else dict(rtol=1e-4, atol=1e-5)
+    assert memory.grad is None
+    if dtype == torch.float32:
+        mode = "in_batch+keys" if in_batch else "keys"
+        options = {k: v for k, v in kw.items() if k != "in_batch"}
+        assert_matches_oracle((loss.detach(), a.grad, first.grad), anchors, labels, keys,
+                              key_labels, mode, up, key_rows=slice(0, 20), **options)
+        return
+    tol = dict(rtol=1e-9, atol=1e-10)
     torch.testing.assert_close(loss, ref.detach(), **tol)
     torch.testing.assert_close(a.grad, a_ref.grad, **tol)
     torch.testing.assert_close(first.grad, k_ref.grad[:20], **tol)
-    assert memory.grad is None
 
 
 def test_mixed_key_parts_visit_only_the_columns_that_need_a_gradient():

@@ -1,14 +1,19 @@
-"""Every ```python block of README.md runs as written (each in a fresh namespace)."""
+"""README.md: every ```python block runs as written (each in a fresh namespace), and the set-up
+section is what CI runs."""
 
 from __future__ import annotations
 
 import re
+import shlex
+import subprocess
 from pathlib import Path
 
 import pytest
 
-README = Path(__file__).resolve().parent.parent / "README.md"
-BLOCKS = re.findall(r"^```python\n(.*?)^```", README.read_text(), flags=re.M | re.S)
+ROOT = Path(__file__).resolve().parent.parent
+README_TEXT = (ROOT / "README.md").read_text()
+BLOCKS = re.findall(r"^```python\n(.*?)^```", README_TEXT, flags=re.M | re.S)
+SETUP_HEADING = "## The two set-up commands\n"
 
 
 def test_readme_has_code() -> None:
@@ -19,3 +24,50 @@ def test_readme_has_code() -> None:
 def test_readme_block(index: int) -> None:
     code = compile(BLOCKS[index], f"README.md python block {index + 1}", "exec")
     exec(code, {"__name__": f"readme_block_{index + 1}"})
+
+
+def setup_commands() -> list[str]:
+    """The command lines of the set-up section's shell blocks (comments and blanks dropped)."""
+    section = README_TEXT.split(SETUP_HEADING, 1)[1]
+    section = re.split(r"^## ", section, maxsplit=1, flags=re.M)[0]
+    commands = []
+    for block in re.findall(r"^```[a-z]*\n(.*?)^```", section, flags=re.M | re.S):
+        for line in block.splitlines():
+            line = line.split(" #", 1)[0].strip()
+            if line and not line.startswith("#"):
+                commands.append(line)
+    return commands
+
+
+def ci_commands() -> list[str]:
+    lines = (ROOT / ".ci" / "run").read_text().splitlines()
+    return [line.strip() for line in lines if line.strip() and not line.startswith("#")]
+
+
+def test_setup_section_has_the_main_job_and_the_tests_that_ci_runs() -> None:
+    assert SETUP_HEADING in README_TEXT
+    main_job, tests = setup_commands()  # exactly two
+    assert shlex.split(main_job)[-2:] == ["python", "examples/digits_segmentation.py"]
+    assert shlex.split(tests)[-4:] == ["python", "-m", "pytest", "-q"]
+    # both set up through the same environment script, which CI calls the same way
+    script = shlex.split(main_job)[:2]
+    assert script == ["bash", "scripts/env.sh"] and (ROOT / script[1]).is_file()
+    assert shlex.split(tests)[:2] == script
+    assert tests in ci_commands()
+    runs = [shlex.split(c) for c in ci_commands() if c.startswith("bash ")]
+    assert runs and all(command[:2] == script for command in runs)
+    assert script + ["ruff", "check", "."] in runs
+
+
+def test_environment_script_documents_the_torch_choice() -> None:
+    """The settings the README's set-up section names are the ones the script reads, and its
+    help says where CPU and CUDA builds of torch come from."""
+    script = (ROOT / "scripts" / "env.sh").read_text()
+    section = README_TEXT.split(SETUP_HEADING, 1)[1].split("\n## ", 1)[0]
+    help_text = subprocess.run(["bash", str(ROOT / "scripts" / "env.sh"), "--help"],
+                               capture_output=True, text=True, check=True).stdout
+    for name in ("PIXCONTRAST_TORCH", "PIXCONTRAST_TORCH_INDEX"):
+        assert f"${{{name}:-" in script, name  # read, with a default
+        assert name in section and name in help_text, name
+    for url in ("https://download.pytorch.org/whl/cpu", "https://download.pytorch.org/whl/cu"):
+        assert url in section and url in help_text, url

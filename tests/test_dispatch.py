@@ -1,0 +1,158 @@
+"""Backend choice, with or without Triton installed.
+
+Whether Triton is importable (and whether it runs its interpreter) is decided by
+``triton_fused._load_kernels``; these tests replace it, so they run the same on a machine without
+Triton, with it, and on a GPU machine. No kernel is launched here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import pixcontrast
+from pixcontrast import _dispatch
+from pixcontrast.ops import triton_fused
+
+MISSING = (None, False, "triton is not importable (No module named 'triton')")
+INTERPRETED = (object(), True, "")  # a stand-in for the kernels module: selection never runs it
+COMPILED = (object(), False, "")
+
+
+@pytest.fixture(params=["missing", "interpreted", "compiled"])
+def triton_state(request, monkeypatch):
+    """Each of the three situations ``_load_kernels`` reports."""
+    state = {"missing": MISSING, "interpreted": INTERPRETED, "compiled": COMPILED}[request.param]
+    monkeypatch.setattr(triton_fused, "_load_kernels", lambda: state)
+    monkeypatch.delenv(_dispatch.ENV_VAR, raising=False)
+    return request.param
+
+
+@pytest.fixture
+def triton_on_cpu(monkeypatch):
+    """Triton importable and ``"auto"`` allowed to consider it for CPU tensors, as it does for
+    CUDA ones (this machine may have no GPU): the selection rule, device aside."""
+    monkeypatch.setattr(triton_fused, "_load_kernels", lambda: INTERPRETED)
+    monkeypatch.setitem(
+        _dispatch.BACKENDS, "triton",
+        dataclasses.replace(_dispatch.BACKENDS["triton"], auto_devices=("cpu",)),
+    )
+    monkeypatch.delenv(_dispatch.ENV_VAR, raising=False)
+
+
+def test_auto_takes_torch_for_cpu_tensors_whatever_triton_is(triton_state):
+    for dtype in (torch.float32, torch.float16, torch.float64):
+        x = torch.randn(5, 8, dtype=dtype)
+        assert _dispatch.select_backend("auto", x, (x,)).name == "torch"
+
+
+def test_auto_on_cpu_never_asks_for_triton(monkeypatch):
+    def forbidden():
+        raise AssertionError("auto looked for Triton on CPU tensors")
+
+    monkeypatch.setattr(triton_fused, "_load_kernels", forbidden)
+    monkeypatch.delenv(_dispatch.ENV_VAR, raising=False)
+    x = torch.randn(6, 8, requires_grad=True)
+    pixcontrast.contrastive_loss(x, torch.tensor([0, 0, 1, 1, 2, 2])).backward()
+    assert x.grad is not None
+
+
+def test_auto_prefers_triton_where_it_supports_the_inputs(triton_on_cpu):
+    x = torch.randn(5, 8)
+    assert _dispatch.select_backend("auto", x, ()).name == "triton"
+    assert _dispatch.select_backend("auto", x, (torch.randn(3, 8),)).name == "triton"
+    # and falls back to torch for anything it does not take, anchors or keys
+    assert _dispatch.select_backend("auto", x.double(), ()).name == "torch"
+    assert _dispatch.select_backend("auto", x, (torch.randn(3, 8).double(),)).name == "torch"
+    wide = torch.randn(5, triton_fused.MAX_DIM + 1)
+    assert _dispatch.select_backend("auto", wide, ()).name == "torch"
+
+
+def test_explicit_backends_are_taken_as_named(triton_on_cpu):
+    x = torch.randn(5, 8)
+    for name in ("triton", "torch", "reference"):
+        assert _dispatch.select_backend(name, x, ()).name == name
+
+
+def test_explicit_triton_lists_every_reason(monkeypatch):
+    monkeypatch.setattr(triton_fused, "_load_kernels", lambda: MISSING)
+    x = torch.randn(5, 300, dtype=torch.float64)
+    keys = torch.randn(4, 300, dtype=torch.float64)
+    with pytest.raises(ValueError) as error:
+        pixcontrast.contrastive_loss(x, torch.zeros(5, dtype=torch.long), keys,
+                                     torch.zeros(4, dtype=torch.long), backend="triton")
+    message = str(error.value)
+    for reason in ["backend='triton'", "not importable", "anchors are on cpu, not CUDA",
+                   "keys are on cpu, not CUDA", "anchors have dtype torch.float64",
+                   "keys have dtype torch.float64", "D=300"]:
+        assert reason in message, (reason, message)
+
+
+@pytest.mark.parametrize(
+    ("state", "dtype", "expected"),
+    [
+        (COMPILED, torch.float32, ["not CUDA"]),  # a GPU machine's Triton, CPU tensors
+        (INTERPRETED, torch.float32, []),
+        (INTERPRETED, torch.float16, []),
+        (INTERPRETED, torch.bfloat16, ["interpreter does not support"]),
+        (MISSING, torch.float32, ["not importable", "not CUDA"]),
+    ],
+)
+def test_reasons_for_cpu_tensors(monkeypatch, state, dtype, expected):
+    monkeypatch.setattr(triton_fused, "_load_kernels", lambda: state)
+    reasons = triton_fused.unsupported(torch.randn(5, 8, dtype=dtype), ())
+    assert len(reasons) == len(expected), reasons
+    for reason, words in zip(reasons, expected):
+        assert words in reason, (words, reasons)
+
+
+def test_environment_override(triton_on_cpu, monkeypatch):
+    x = torch.randn(5, 8)
+    monkeypatch.setenv(_dispatch.ENV_VAR, "reference")
+    assert _dispatch.select_backend("auto", x, ()).name == "reference"
+    assert _dispatch.select_backend("torch", x, ()).name == "torch"  # code wins
+    monkeypatch.setenv(_dispatch.ENV_VAR, " torch ")
+    assert _dispatch.select_backend("auto", x, ()).name == "torch"
+    monkeypatch.setenv(_dispatch.ENV_VAR, "triton")
+    assert _dispatch.select_backend("auto", x, ()).name == "triton"
+    monkeypatch.setenv(_dispatch.ENV_VAR, "")
+    assert _dispatch.select_backend("auto", x, ()).name == "triton"
+    monkeypatch.setenv(_dispatch.ENV_VAR, "cuda")
+    with pytest.raises(ValueError, match="PIXCONTRAST_BACKEND='cuda'"):
+        _dispatch.select_backend("auto", x, ())
+
+
+def test_environment_triton_without_triton_explains(monkeypatch):
+    monkeypatch.setattr(triton_fused, "_load_kernels", lambda: MISSING)
+    monkeypatch.setenv(_dispatch.ENV_VAR, "triton")
+    with pytest.raises(ValueError, match="not importable"):
+        pixcontrast.contrastive_loss(torch.randn(4, 8), torch.tensor([0, 0, 1, 1]))
+
+
+def test_without_interpreter_cpu_never_touches_triton():
+    """A fresh process without TRITON_INTERPRET: importing pixcontrast and running ``auto`` on
+    CPU tensors import no Triton; naming ``triton`` explains that the tensors are not on CUDA
+    (and, where Triton is missing, that it is not importable)."""
+    script = """
+import sys, torch, pixcontrast
+x = torch.randn(6, 8, requires_grad=True)
+y = torch.tensor([0, 0, 1, 1, 2, 2])
+pixcontrast.contrastive_loss(x, y).backward()
+assert "triton" not in sys.modules, "auto imported triton"
+try:
+    pixcontrast.contrastive_loss(x, y, backend="triton")
+except ValueError as error:
+    assert "not CUDA" in str(error), error
+else:
+    raise AssertionError("backend='triton' ran on CPU without the interpreter")
+"""
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", _dispatch.ENV_VAR)}
+    result = subprocess.run(
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr
