@@ -11,6 +11,7 @@ from torch import Tensor
 from . import _checks
 from ._dispatch import BACKEND_NAMES, select_backend
 from .ops._layout import compute_dtype
+from .ops._options import ContrastOptions
 
 __all__ = [
     "check_score_range", "contrastive_loss", "loss_options", "resize_labels", "VARIANTS",
@@ -89,24 +90,21 @@ def contrastive_loss(
         (0, torch.Size([6, 8]))
     """
     key_parts, key_labels = _checks.check_contrast_inputs(anchors, labels, keys, key_labels)
-    temperature, rho = loss_options(temperature, base_temperature, variant, reduction)
+    options = loss_options(temperature, base_temperature, variant, reduction)
     _checks.check_choice(backend, "backend", BACKEND_NAMES)
     if in_batch is None:
         in_batch = keys is None
 
-    check_score_range(anchors, key_parts, bool(in_batch), temperature, rho)
+    check_score_range(anchors, key_parts, bool(in_batch), options.temperature, options.rho)
     chosen = select_backend(backend, anchors, key_parts)
-    return chosen.loss(
-        anchors, labels, key_parts, key_labels, bool(in_batch), temperature, rho, variant,
-        reduction,
-    )
+    return chosen.loss(anchors, labels, key_parts, key_labels, bool(in_batch), options)
 
 
 def loss_options(
     temperature: float, base_temperature: Optional[float], variant: str, reduction: str
-) -> tuple[float, float]:
-    """Validate the options every contrastive loss shares; returns ``(temperature, rho)`` with
-    ``rho = temperature / base_temperature`` (1 without a base temperature)."""
+) -> ContrastOptions:
+    """Validate the options every contrastive loss shares, once, into the object every backend
+    takes (``rho = temperature / base_temperature``, 1 without a base temperature)."""
     temperature = _checks.check_positive(temperature, "temperature")
     rho = 1.0
     if base_temperature is not None:
@@ -118,7 +116,7 @@ def loss_options(
             )
     _checks.check_choice(variant, "variant", VARIANTS)
     _checks.check_choice(reduction, "reduction", REDUCTIONS)
-    return temperature, rho
+    return ContrastOptions(temperature, rho, variant, reduction)
 
 
 def check_score_range(

@@ -481,7 +481,8 @@ def pair_contrastive_loss(
         _checks.check_tensor(keys, "keys")
     _checks.check_contrast_inputs(anchors, labels, keys, key_labels)
     in_batch = keys is None if in_batch is None else bool(in_batch)
-    temperature, rho = loss_options(temperature, base_temperature, variant, reduction)
+    options = loss_options(temperature, base_temperature, variant, reduction)
+    temperature, rho = options.temperature, options.rho
     labels = labels.long()
     dtype = compute_dtype(anchors.dtype)
     space = _key_space(anchors, labels, keys, key_labels, in_batch, dtype)
@@ -542,7 +543,8 @@ class MinedContrastLoss(nn.Module):
         self.num_negatives = _checks.check_count(num_negatives, "num_negatives")
         self.fraction = _checks.check_fraction(fraction, "fraction", allow_zero=False)
         self.class_temperature = _checks.check_positive(class_temperature, "class_temperature")
-        self.temperature, _ = loss_options(temperature, base_temperature, variant, reduction)
+        options = loss_options(temperature, base_temperature, variant, reduction)
+        self.temperature = options.temperature
         self.base_temperature = base_temperature
         self.variant = variant
         self.reduction = reduction

@@ -22,9 +22,11 @@ import torch
 from torch import Tensor
 
 from ._layout import ContrastLayout, build_layout
+from ._options import ContrastOptions
 
 __all__ = [
     "AnchorStatistics",
+    "ContrastCall",
     "ContrastFunction",
     "apply_contrast",
     "first_derivatives_only",
@@ -169,6 +171,19 @@ def first_derivatives_only(name: str) -> Callable[[Callable], Callable]:
     return decorate
 
 
+@dataclass(frozen=True)
+class ContrastCall:
+    """Everything :class:`ContrastFunction` takes besides the differentiable tensors (anchors
+    and key parts), in one argument."""
+
+    labels: Tensor
+    key_labels: Optional[Tensor]
+    in_batch: bool
+    options: ContrastOptions
+    sweep: Sweep
+    grad_enabled: bool
+
+
 class ContrastFunction(torch.autograd.Function):
     """``contrastive_loss`` for a fused backend, given that backend's ``sweep``.
 
@@ -181,28 +196,17 @@ class ContrastFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(
-        ctx,
-        anchors: Tensor,
-        labels: Tensor,
-        key_labels: Optional[Tensor],
-        in_batch: bool,
-        temperature: float,
-        rho: float,
-        variant: str,
-        reduction: str,
-        grad_enabled: bool,
-        sweep: Sweep,
-        *key_parts: Tensor,
-    ) -> Tensor:
+    def forward(ctx, call: ContrastCall, anchors: Tensor, *key_parts: Tensor) -> Tensor:
+        options = call.options
+        temperature, rho, variant = options.temperature, options.rho, options.variant
+        reduction, sweep, grad_enabled = options.reduction, call.sweep, call.grad_enabled
+        labels, key_labels, in_batch = call.labels, call.key_labels, call.in_batch
         layout = build_layout(anchors, labels, key_parts, key_labels, in_batch)
         spec = InputSpec(
             anchor_dtype=anchors.dtype,
             key_dtypes=tuple(part.dtype for part in key_parts),
-            need_anchor_grad=grad_enabled and ctx.needs_input_grad[0],
-            need_part_grad=tuple(
-                grad_enabled and need for need in ctx.needs_input_grad[_NUM_OPTIONS:]
-            ),
+            need_anchor_grad=grad_enabled and ctx.needs_input_grad[1],
+            need_part_grad=tuple(grad_enabled and need for need in ctx.needs_input_grad[2:]),
         )
         columns = key_grad_columns(layout, spec.need_anchor_grad, spec.need_part_grad)
         ctx.layout, ctx.spec, ctx.columns = layout, spec, columns
@@ -246,11 +250,7 @@ class ContrastFunction(torch.autograd.Function):
                 ctx.columns, saved=ctx.stats,
             )
             grad_anchors, grad_parts = scatter_to_inputs(layout, ctx.spec, grad_x, grad_k)
-        return (grad_anchors,) + (None,) * (_NUM_OPTIONS - 1) + grad_parts
-
-
-# Arguments of ContrastFunction.forward before the key parts, anchors included.
-_NUM_OPTIONS = 10
+        return (None, grad_anchors, *grad_parts)
 
 
 def apply_contrast(
@@ -259,16 +259,11 @@ def apply_contrast(
     keys: tuple[Tensor, ...],
     key_labels: Optional[Tensor],
     in_batch: bool,
-    temperature: float,
-    rho: float,
-    variant: str,
-    reduction: str,
+    options: ContrastOptions,
     *,
     sweep: Sweep,
 ) -> Tensor:
     """``contrastive_loss`` through :class:`ContrastFunction` with a backend's ``sweep``;
     ``keys`` are the caller's key parts (their labels concatenated in ``key_labels``)."""
-    return ContrastFunction.apply(
-        anchors, labels, key_labels, in_batch, temperature, rho, variant, reduction,
-        torch.is_grad_enabled(), sweep, *keys,
-    )
+    call = ContrastCall(labels, key_labels, in_batch, options, sweep, torch.is_grad_enabled())
+    return ContrastFunction.apply(call, anchors, *keys)

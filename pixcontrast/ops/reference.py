@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from ._layout import compute_dtype
+from ._options import ContrastOptions
 
 __all__ = ["masked_contrastive_loss", "reference_contrastive_loss"]
 
@@ -33,10 +34,7 @@ def reference_contrastive_loss(
     keys: tuple[Tensor, ...],
     key_labels: Optional[Tensor],
     in_batch: bool,
-    temperature: float,
-    rho: float,
-    variant: str,
-    reduction: str,
+    options: ContrastOptions,
 ) -> Tensor:
     dtype = compute_dtype(anchors.dtype)
     x = anchors.to(dtype)
@@ -53,13 +51,14 @@ def reference_contrastive_loss(
     k = torch.cat(key_parts) if key_parts else x.new_zeros((0, x.shape[1]))
     c = torch.cat(label_parts) if label_parts else labels.new_zeros(0)
 
-    scores = x @ k.T / temperature
+    scores = x @ k.T / options.temperature
     valid = (c >= 0)[None, :].expand(n, -1).clone()
     if in_batch:
         valid[:, :n] &= ~torch.eye(n, dtype=torch.bool, device=x.device)
     same = labels[:, None] == c[None, :]
     return masked_contrastive_loss(
-        scores, same & valid, scores, ~same & valid, rho, variant, reduction
+        scores, same & valid, scores, ~same & valid, options.rho, options.variant,
+        options.reduction,
     )
 
 

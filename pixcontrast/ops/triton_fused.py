@@ -23,6 +23,7 @@ from torch import Tensor
 
 from ._autograd import AnchorStatistics, apply_contrast
 from ._layout import ContrastLayout
+from ._options import ContrastOptions
 from .torch_fused import add_supcon_positive_gradient, supcon_positive_sums
 
 __all__ = ["sweep", "triton_contrastive_loss", "unsupported"]
@@ -228,13 +229,7 @@ def triton_contrastive_loss(
     keys: tuple[Tensor, ...],
     key_labels: Optional[Tensor],
     in_batch: bool,
-    temperature: float,
-    rho: float,
-    variant: str,
-    reduction: str,
+    options: ContrastOptions,
 ) -> Tensor:
     fused_sweep = functools.partial(sweep, operand_dtype=_operand_dtype(anchors, keys))
-    return apply_contrast(
-        anchors, labels, keys, key_labels, in_batch, temperature, rho, variant, reduction,
-        sweep=fused_sweep,
-    )
+    return apply_contrast(anchors, labels, keys, key_labels, in_batch, options, sweep=fused_sweep)
