@@ -322,7 +322,7 @@ def mine_keys(
 
     Returns:
         :class:`MinedPairs` with ``positive_index [N, K_pos]`` and ``negative_index
-        [N, K_neg]`` (int64, ``-1`` padded) into the key space.
+        [N, K_neg]`` (int64, ``-1`` padded) into the key space; ``[0, K]`` for no anchor.
 
     Raises:
         TypeError: a non-tensor, non-float embedding, non-integer labels or counts.
@@ -432,8 +432,9 @@ def pair_contrastive_loss(
     An index listed twice counts twice (the class-relation miner draws with replacement). The
     edge cases are those of ``contrastive_loss``: an anchor without a selected positive has
     :math:`L_a = 0` and is left out of the mean, one without a selected negative has
-    :math:`L_a = 0` under ``"paper"``, nothing counting gives a zero connected to the graph, and
-    the result is finite for finite inputs. With every positive and every negative selected it
+    :math:`L_a = 0` under ``"paper"``, nothing counting (no anchor, or index tensors with no
+    column) gives an exact zero connected to the graph (``[N]`` zeros for ``reduction="none"``),
+    and the result is finite for finite inputs. With every positive and every negative selected it
     equals ``contrastive_loss``.
 
     Selected keys are gathered into ``[N, K, D]`` tensors: memory is
