@@ -144,14 +144,14 @@ def check_fraction(value: object, name: str, allow_zero: bool = True) -> float:
 
 
 def check_size(value: object, name: str) -> tuple[int, int]:
-    """A spatial size ``(h, w)`` of two positive integers."""
+    """A spatial size ``(h, w)`` of two non-negative integers."""
     if isinstance(value, (str, bytes)) or not isinstance(value, Sequence) or len(value) != 2:
         raise TypeError(f"{name} must be a pair (h, w) of integers, got {value!r}")
     for entry in value:
         if isinstance(entry, bool) or not isinstance(entry, numbers.Integral):
             raise TypeError(f"{name} must be a pair (h, w) of integers, got {value!r}")
-        if entry < 1:
-            raise ValueError(f"{name} must be a pair (h, w) of positive integers, got {value!r}")
+        if entry < 0:
+            raise ValueError(f"{name} must be a pair (h, w) of sizes >= 0, got {value!r}")
     return int(value[0]), int(value[1])
 
 

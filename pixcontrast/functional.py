@@ -127,22 +127,26 @@ def resize_labels(labels: Tensor, size: tuple[int, int]) -> Tensor:
     interpolating, so any integer id survives exactly.
 
     Args:
-        labels: ``[B, H, W]`` integer class ids, ``H, W >= 1`` unless ``size`` is ``(H, W)``.
-        size: ``(h, w)``, two positive integers.
+        labels: ``[B, H, W]`` integer class ids.
+        size: ``(h, w)``, two integers.
 
     Returns:
-        ``[B, h, w]`` labels; ``labels`` itself when ``size == (H, W)``.
+        ``[B, h, w]`` labels; ``labels`` itself when ``size == (H, W)`` (an empty map
+        included).
 
     Raises:
         TypeError: ``size`` is not a pair of integers, or ``labels`` not an integer tensor.
-        ValueError: ``size`` has an entry below 1, or ``labels`` has no pixel (``H`` or
-            ``W`` is 0) to resize from.
+        ValueError: otherwise, for a negative entry of ``size``, a zero one, or a map with no
+            pixel (``H`` or ``W`` is 0) to resize from, as ``F.interpolate`` would.
     """
     _checks.check_labels(labels, "labels", 3)
     h, w = _checks.check_size(size, "size")
     height, width = labels.shape[-2:]
     if (h, w) == (height, width):
         return labels
+    if h == 0 or w == 0:
+        raise ValueError(f"size must be positive to resize labels of shape "
+                         f"{list(labels.shape)}, got {(h, w)}")
     if height == 0 or width == 0:
         raise ValueError(
             f"labels of shape {list(labels.shape)} has no pixel to resize to size {(h, w)}"
