@@ -267,6 +267,10 @@ def _mine_class_relation(
     return MinedPairs(positive_index, negative_index)
 
 
+# Mining synchronises with the host (class counts, pool sizes) and draws tensors of those
+# data-dependent sizes, which fake-tensor tracing cannot: under torch.compile it runs eagerly,
+# with a graph break before and after it.
+@torch.compiler.disable
 def mine_keys(
     anchors: Tensor,
     labels: Tensor,

@@ -199,6 +199,10 @@ def _check_maps(
     return resized[0], resized[1]
 
 
+# The selection needs one host synchronisation (the anchor count) and draws tensors of that
+# data-dependent size, which fake-tensor tracing cannot: under torch.compile it runs eagerly, with
+# a graph break before and after it.
+@torch.compiler.disable
 def select_anchors(
     embeddings: Tensor,
     labels: Tensor,
