@@ -308,7 +308,7 @@ def mine_keys(
     The hardest and semi-hard miners rank similarities in chunks of anchor rows (one
     ``[rows, M]`` buffer with ``rows * M`` about ``2**22``, plus a second buffer and a mask of
     that shape); the class-relation miner only needs ``[C, D]`` prototypes. Runs without
-    gradient.
+    gradient, and eagerly (between graphs) under ``torch.compile``.
 
     Args:
         anchors: ``[N, D]`` float embeddings.

@@ -231,8 +231,9 @@ def select_anchors(
       than ``n_view`` pixels gives all of them.
 
     It never loops over images or classes and synchronises with the host once (to learn how
-    many anchors there are). Every pixel gets a random level ``j`` in ``0..7`` with
-    ``P(level <= j) = 2^(j + 1) / 256`` (from one random byte), and one histogram over (level,
+    many anchors there are); under ``torch.compile`` it runs eagerly, between graphs. Every
+    pixel gets a random level ``j`` in ``0..7`` with ``P(level <= j) = 2^(j + 1) / 256``
+    (from one random byte), and one histogram over (level,
     image, label value, hard) gives both the size of every hard or easy group and, per group,
     the fewest lowest levels that together hold the ``take`` pixels it gives. The pixels at those
     levels are its candidates (typically ``take`` to ``2 * take`` of them, and about
