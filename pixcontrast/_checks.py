@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+import numbers
 from typing import Iterable, Optional, Sequence
 
 import torch
@@ -15,9 +17,13 @@ __all__ = [
     "check_fraction",
     "check_embeddings",
     "check_finite",
+    "check_ignore_index",
+    "check_label_values",
     "check_labels",
+    "check_mask",
     "check_positive",
     "check_same_device",
+    "check_size",
     "check_tensor",
 ]
 
@@ -61,21 +67,43 @@ def check_label_values(labels: Tensor, num_classes: int, ignore_index: int, name
     """
     labels = labels.long()  # (a narrower dtype would wrap the Python ints it is compared with)
     outside = (labels < 0) | (labels >= num_classes)
-    if not bool((outside & (labels != ignore_index)).any()):
+    bad = outside & (labels != ignore_index)
+    if not bool(bad.any()):
         return
-    valid = labels[labels != ignore_index]
     raise ValueError(
-        f"{name} must lie in [0, {num_classes}) or equal ignore_index={ignore_index}; found "
-        f"values in [{int(valid.min())}, {int(valid.max())}]"
+        f"{name} must lie in [0, {num_classes}) or equal ignore_index={ignore_index}; "
+        f"{out_of_bounds(labels, bad)}"
     )
 
 
-def check_positive(value: float, name: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+def out_of_bounds(labels: Tensor, bad: Tensor) -> str:
+    """The error text for the entries of ``labels`` where ``bad``, worded like
+    ``F.cross_entropy``'s ("Target 300 is out of bounds"). For error paths only: it synchronises
+    with the host."""
+    values = labels[bad]
+    first, low, high = torch.stack([values[0], values.min(), values.max()]).tolist()
+    return f"target {first} is out of bounds ({values.numel()} such values, in [{low}, {high}])"
+
+
+def check_ignore_index(value: object, name: str = "ignore_index") -> int:
+    """An integer label (any sign) that marks unlabelled pixels; never a float, bool or
+    string, which a comparison with integer labels would silently reinterpret."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an integer label, got {type(value).__name__} {value!r}")
+    return int(value)
+
+
+def _check_number(value: object, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a number, got {type(value).__name__}")
-    if not value > 0 or value != value or value == float("inf"):
-        raise ValueError(f"{name} must be a positive finite number, got {value}")
     return float(value)
+
+
+def check_positive(value: float, name: str) -> float:
+    number = _check_number(value, name)
+    if not 0.0 < number < math.inf:  # (False for NaN)
+        raise ValueError(f"{name} must be a positive finite number, got {value}")
+    return number
 
 
 def check_choice(value: object, name: str, choices: Sequence[str]) -> str:
@@ -98,22 +126,45 @@ def check_same_device(named: Iterable[tuple[str, Optional[Tensor]]]) -> None:
 
 
 def check_count(value: object, name: str, minimum: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{name} must be an integer, got {type(value).__name__}")
     if value < minimum:
         raise ValueError(f"{name} must be >= {minimum}, got {value}")
-    return value
+    return int(value)
 
 
 def check_fraction(value: object, name: str, allow_zero: bool = True) -> float:
-    """A number in ``[0, 1]`` (``(0, 1]`` when ``allow_zero`` is false)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
-    low_ok = value >= 0.0 if allow_zero else value > 0.0
-    if not (low_ok and value <= 1.0):
+    """A number in ``[0, 1]`` (``(0, 1]`` when ``allow_zero`` is false); never NaN."""
+    number = _check_number(value, name)
+    low_ok = number >= 0.0 if allow_zero else number > 0.0
+    if not (low_ok and number <= 1.0):  # (False for NaN)
         interval = "[0, 1]" if allow_zero else "(0, 1]"
         raise ValueError(f"{name} must lie in {interval}, got {value}")
-    return float(value)
+    return number
+
+
+def check_size(value: object, name: str) -> tuple[int, int]:
+    """A spatial size ``(h, w)`` of two non-negative integers."""
+    if isinstance(value, (str, bytes)) or not isinstance(value, Sequence) or len(value) != 2:
+        raise TypeError(f"{name} must be a pair (h, w) of integers, got {value!r}")
+    for entry in value:
+        if isinstance(entry, bool) or not isinstance(entry, numbers.Integral):
+            raise TypeError(f"{name} must be a pair (h, w) of integers, got {value!r}")
+        if entry < 0:
+            raise ValueError(f"{name} must be a pair (h, w) of sizes >= 0, got {value!r}")
+    return int(value[0]), int(value[1])
+
+
+def check_mask(value: object, name: str, shape: Sequence[int], other: str) -> Tensor:
+    """A bool tensor of ``shape``, the shape of the argument named ``other``."""
+    mask = check_tensor(value, name)
+    if mask.dtype != torch.bool:
+        raise TypeError(f"{name} must be a bool tensor, got dtype {mask.dtype}")
+    if tuple(mask.shape) != tuple(shape):
+        raise ValueError(
+            f"{name} must have the shape of {other}, {list(shape)}, got {list(mask.shape)}"
+        )
+    return mask
 
 
 def check_contrast_inputs(
@@ -160,7 +211,8 @@ def check_contrast_inputs(
             )
         named += [(f"keys{suffix}", part), (f"key_labels{suffix}", part_labels)]
     check_same_device(named)
-    if labels.numel() and int(labels.min()) < 0:
+    # (unsigned labels, which torch has no min for beyond uint8, are never negative)
+    if labels.numel() and labels.is_signed() and int(labels.min()) < 0:
         raise ValueError("labels must be >= 0 (filter ignored pixels out first)")
     check_finite(anchors, "anchors")
     for name, tensor in named[2::2]:

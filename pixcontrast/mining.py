@@ -267,6 +267,10 @@ def _mine_class_relation(
     return MinedPairs(positive_index, negative_index)
 
 
+# Mining synchronises with the host (class counts, pool sizes) and draws tensors of those
+# data-dependent sizes, which fake-tensor tracing cannot: under torch.compile it runs eagerly,
+# with a graph break before and after it.
+@torch.compiler.disable
 def mine_keys(
     anchors: Tensor,
     labels: Tensor,
@@ -304,7 +308,7 @@ def mine_keys(
     The hardest and semi-hard miners rank similarities in chunks of anchor rows (one
     ``[rows, M]`` buffer with ``rows * M`` about ``2**22``, plus a second buffer and a mask of
     that shape); the class-relation miner only needs ``[C, D]`` prototypes. Runs without
-    gradient.
+    gradient, and eagerly (between graphs) under ``torch.compile``.
 
     Args:
         anchors: ``[N, D]`` float embeddings.
@@ -322,7 +326,7 @@ def mine_keys(
 
     Returns:
         :class:`MinedPairs` with ``positive_index [N, K_pos]`` and ``negative_index
-        [N, K_neg]`` (int64, ``-1`` padded) into the key space.
+        [N, K_neg]`` (int64, ``-1`` padded) into the key space; ``[0, K]`` for no anchor.
 
     Raises:
         TypeError: a non-tensor, non-float embedding, non-integer labels or counts.
@@ -432,8 +436,9 @@ def pair_contrastive_loss(
     An index listed twice counts twice (the class-relation miner draws with replacement). The
     edge cases are those of ``contrastive_loss``: an anchor without a selected positive has
     :math:`L_a = 0` and is left out of the mean, one without a selected negative has
-    :math:`L_a = 0` under ``"paper"``, nothing counting gives a zero connected to the graph, and
-    the result is finite for finite inputs. With every positive and every negative selected it
+    :math:`L_a = 0` under ``"paper"``, nothing counting (no anchor, or index tensors with no
+    column) gives an exact zero connected to the graph (``[N]`` zeros for ``reduction="none"``),
+    and the result is finite for finite inputs. With every positive and every negative selected it
     equals ``contrastive_loss``.
 
     Selected keys are gathered into ``[N, K, D]`` tensors: memory is

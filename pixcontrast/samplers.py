@@ -160,9 +160,11 @@ def _check_maps(
     labels: Tensor,
     predictions: Optional[Tensor],
     logits: Optional[Tensor],
+    ignore_index: int,
 ) -> tuple[Optional[Tensor], Optional[Tensor]]:
     """Validate a sampler's inputs; return ``predictions`` and ``logits`` at ``(h, w)``."""
     _checks.check_pixel_maps(embeddings, labels)
+    _checks.check_ignore_index(ignore_index)
     b, _, h, w = embeddings.shape
     if predictions is not None:
         _checks.check_labels(predictions, "predictions", 3)
@@ -197,6 +199,10 @@ def _check_maps(
     return resized[0], resized[1]
 
 
+# The selection needs one host synchronisation (the anchor count) and draws tensors of that
+# data-dependent size, which fake-tensor tracing cannot: under torch.compile it runs eagerly, with
+# a graph break before and after it.
+@torch.compiler.disable
 def select_anchors(
     embeddings: Tensor,
     labels: Tensor,
@@ -225,8 +231,9 @@ def select_anchors(
       than ``n_view`` pixels gives all of them.
 
     It never loops over images or classes and synchronises with the host once (to learn how
-    many anchors there are). Every pixel gets a random level ``j`` in ``0..7`` with
-    ``P(level <= j) = 2^(j + 1) / 256`` (from one random byte), and one histogram over (level,
+    many anchors there are); under ``torch.compile`` it runs eagerly, between graphs. Every
+    pixel gets a random level ``j`` in ``0..7`` with ``P(level <= j) = 2^(j + 1) / 256``
+    (from one random byte), and one histogram over (level,
     image, label value, hard) gives both the size of every hard or easy group and, per group,
     the fewest lowest levels that together hold the ``take`` pixels it gives. The pixels at those
     levels are its candidates (typically ``take`` to ``2 * take`` of them, and about
@@ -253,8 +260,12 @@ def select_anchors(
         An :class:`AnchorSample`; its tensors are empty when nothing qualifies.
 
     Raises:
-        ValueError: for a label outside ``[0, num_classes)`` other than ``ignore_index``
-            (found at the one synchronisation, so after the selection work).
+        TypeError: non-tensor or float ``embeddings``/``labels``, a ``hard`` or ``eligible``
+            mask that is not bool, a non-integer count or ``ignore_index``, a non-number
+            ``hard_fraction``.
+        ValueError: mismatched shapes or devices, counts below 1, ``hard_fraction`` outside
+            ``[0, 1]`` (or NaN), and a label outside ``[0, num_classes)`` other than
+            ``ignore_index`` (found at the one synchronisation, so after the selection work).
 
     Example:
         >>> labels = torch.tensor([[[0, 0, 1, 255]]])
@@ -262,7 +273,25 @@ def select_anchors(
         >>> sample.labels.tolist(), sample.num_easy
         ([0, 0, 1], 3)
     """
+    _checks.check_pixel_maps(embeddings, labels)
     b, _, h, w = embeddings.shape
+    if hard is not None:
+        _checks.check_mask(hard, "hard", labels.shape, "labels")
+    if eligible is not None:
+        _checks.check_mask(eligible, "eligible", labels.shape, "labels")
+    _checks.check_same_device(
+        [("embeddings", embeddings), ("labels", labels), ("hard", hard), ("eligible", eligible)]
+    )
+    if max_samples is not None:
+        max_samples = _checks.check_count(max_samples, "max_samples")
+    max_views = _checks.check_count(max_views, "max_views")
+    min_pixels = _checks.check_count(min_pixels, "min_pixels")
+    hard_fraction = _checks.check_fraction(hard_fraction, "hard_fraction")
+    ignore_index = _checks.check_ignore_index(ignore_index)
+    if num_classes is not None:
+        num_classes = _checks.check_count(num_classes, "num_classes")
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
     n = b * h * w
     device = labels.device
     random_device = generator.device if generator is not None else device
@@ -270,8 +299,8 @@ def select_anchors(
     with torch.no_grad():
         flat = labels.reshape(b, h * w).long()  # (room for the clamp bounds below)
         # a table column per label value in [low, high]; other values are clamped onto low or
-        # high, which are never class ids
-        low, high = min(-1, ignore_index), max(width, ignore_index)
+        # high, which are neither class ids nor ignore_index (so they count as bad below)
+        low, high = min(-1, ignore_index - 1), max(width, ignore_index + 1)
         ignored = ignore_index  # the label of ignored pixels in `flat`
         if high - low > width + 1024:  # a far-away ignore_index: relabel to the next column
             flat = flat.clamp(-1, width).masked_fill_(flat == ignore_index, width + 1)
@@ -339,10 +368,13 @@ def select_anchors(
         # the one synchronisation
         num_candidates, num_easy, num_hard, num_bad, *per_image = stats.tolist()
         if num_bad:
+            original = labels.reshape(-1).long()
+            bad = ((original < 0) | (original >= width)) & (original != ignore_index)
             raise ValueError(
                 f"labels must lie in [0, num_classes={width}) or equal ignore_index="
-                f"{ignore_index}; {num_bad} pixels do not (pass num_classes, the logits' class "
-                "dimension for ConfidenceAnchorSampler)"
+                f"{ignore_index}; {num_bad} pixels do not: {_checks.out_of_bounds(original, bad)}"
+                " (pass num_classes; for ConfidenceAnchorSampler it is the logits' class "
+                "dimension)"
             )
 
         chosen = _true_positions(is_candidate_bin.index_select(0, bin_), num_candidates)
@@ -436,7 +468,9 @@ class HardAnchorSampler:
             generator: random source, for reproducible sampling.
             logits: ``[B, C, h', w']`` class scores, used when ``predictions`` is ``None``.
         """
-        predictions, logits = _check_maps(embeddings, labels, predictions, logits)
+        predictions, logits = _check_maps(
+            embeddings, labels, predictions, logits, ignore_index
+        )
         if predictions is None and logits is not None:
             predictions = predicted_labels(logits.detach())
         hard = None if predictions is None else predictions != labels
@@ -491,7 +525,7 @@ class RandomAnchorSampler(HardAnchorSampler):
         logits: Optional[Tensor] = None,
     ) -> AnchorSample:
         """Sample anchors; ``predictions`` and ``logits`` are checked but not used."""
-        _check_maps(embeddings, labels, predictions, logits)
+        _check_maps(embeddings, labels, predictions, logits, ignore_index)
         return select_anchors(
             embeddings, labels, max_samples=self.max_samples, max_views=self.max_views,
             ignore_index=ignore_index, num_classes=self.num_classes, generator=generator,
@@ -555,7 +589,7 @@ class ConfidenceAnchorSampler:
         """
         if logits is None:
             raise ValueError("ConfidenceAnchorSampler needs logits=[B, C, h, w]")
-        _, logits = _check_maps(embeddings, labels, predictions, logits)
+        _, logits = _check_maps(embeddings, labels, predictions, logits, ignore_index)
         num_classes = logits.shape[1]
         with torch.no_grad():
             valid = labels != ignore_index

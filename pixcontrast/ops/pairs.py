@@ -26,7 +26,7 @@ def _selected_scores(x: Tensor, keys: Tensor, index: Tensor, temperature: float)
     n, count = index.shape
     if keys.shape[0] == 0:  # every entry is padding; a zero key keeps the graph connected
         keys = x.new_zeros((1, x.shape[1]))
-    gathered = keys.index_select(0, index.clamp(min=0).reshape(-1)).view(n, count, -1)
+    gathered = keys.index_select(0, index.clamp(min=0).reshape(-1)).view(n, count, x.shape[1])
     return torch.bmm(gathered, x.unsqueeze(2)).squeeze(2) / temperature
 
 
