@@ -229,7 +229,7 @@ class PixelContrastLoss(nn.Module):
             _checks.check_positive(base_temperature, "base_temperature")
         self.base_temperature = base_temperature
         self.variant = _checks.check_choice(variant, "variant", VARIANTS)
-        self.ignore_index = int(ignore_index)
+        self.ignore_index = _checks.check_ignore_index(ignore_index)
         self.normalize = bool(normalize)
         self.backend = _checks.check_choice(backend, "backend", BACKEND_NAMES)
         if num_classes is not None and (not isinstance(num_classes, int) or num_classes <= 0):

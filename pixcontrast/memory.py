@@ -327,6 +327,7 @@ class ClassMemoryBank(nn.Module):
                 raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
         if pixels_per_class + regions_per_class == 0:
             raise ValueError("pixels_per_class and regions_per_class cannot both be 0")
+        ignore_index = _checks.check_ignore_index(ignore_index)
         if 0 <= ignore_index < num_classes:
             raise ValueError(
                 f"ignore_index={ignore_index} is a valid class id for num_classes={num_classes}"

@@ -329,3 +329,25 @@ def test_foreign_write_into_the_queue_warns_once() -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # once per bank
         bank.keys()
+
+
+# ---------------------------------------------------------------------------------------------
+# arguments a module would silently reinterpret
+
+
+@pytest.mark.parametrize("ignore_index", [None, 1.5, "255", True])
+@pytest.mark.parametrize("build", [
+    lambda ignore_index: PixelContrastLoss(ignore_index=ignore_index),
+    lambda ignore_index: RegionContrastLoss(ignore_index=ignore_index),
+    lambda ignore_index: ClassMemoryBank(3, 4, ignore_index=ignore_index),
+])
+def test_modules_refuse_a_non_integer_ignore_index(build, ignore_index) -> None:
+    with pytest.raises(TypeError, match="ignore_index"):
+        build(ignore_index)
+
+
+def test_empty_label_map_gives_a_connected_zero() -> None:
+    x = torch.randn(2, 8, 0, 0, requires_grad=True)
+    loss = PixelContrastLoss()(x, torch.zeros(2, 0, 0, dtype=torch.long))
+    loss.backward()
+    assert float(loss) == 0 and x.grad.shape == x.shape
