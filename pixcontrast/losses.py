@@ -81,7 +81,7 @@ def prepare_pixel_inputs(
 
 
 def _anchors_with_positives(
-    labels: Tensor, key_labels: Optional[list], in_batch: bool
+    labels: Tensor, key_labels: Optional[list[Tensor]], in_batch: bool
 ) -> Tensor:
     """How many anchors have a positive: the denominator of ``contrastive_loss``'s mean."""
     found = torch.zeros_like(labels, dtype=torch.bool)
@@ -93,7 +93,9 @@ def _anchors_with_positives(
     return found.sum()
 
 
-def _join(parts: list[tuple[Tensor, Tensor]]) -> tuple[Optional[list], Optional[list]]:
+def _join(
+    parts: list[tuple[Tensor, Tensor]],
+) -> tuple[Optional[list[Tensor]], Optional[list[Tensor]]]:
     """``(keys, key_labels)`` of several key sets as ``contrastive_loss``'s sequences of parts
     (so that detached memory keys get no gradient work), ``(None, None)`` for none."""
     if not parts:
@@ -307,7 +309,7 @@ class PixelContrastLoss(nn.Module):
 
     def contrast_keys(
         self, embeddings: Tensor, labels: Tensor, sample: AnchorSample
-    ) -> tuple[Optional[Tensor], Optional[Tensor], bool]:
+    ) -> tuple[Optional[list[Tensor]], Optional[list[Tensor]], bool]:
         """``(keys, key_labels, in_batch)`` for the ``sample`` of a prepared batch: besides the
         anchors themselves, the other ranks' anchors (``gather="keys"``) and the memory's keys
         (if any)."""
@@ -440,7 +442,7 @@ class RegionContrastLoss(PixelContrastLoss):
 
     def contrast_keys(
         self, embeddings: Tensor, labels: Tensor, sample: AnchorSample
-    ) -> tuple[Optional[Tensor], Optional[Tensor], bool]:
+    ) -> tuple[Optional[list[Tensor]], Optional[list[Tensor]], bool]:
         """``(keys, key_labels, False)``: batch regions first (of every rank in rank order with
         ``gather="keys"``), then the memory's regions."""
         parts = []

@@ -516,7 +516,7 @@ class ClassMemoryBank(nn.Module):
         _checks.check_same_device(
             [("the memory bank", self.queue), ("embeddings", embeddings), ("labels", labels)]
         )
-        labels = resize_labels(labels, tuple(embeddings.shape[-2:]))
+        labels = resize_labels(labels, (embeddings.shape[2], embeddings.shape[3]))
         _checks.check_label_values(labels, self.num_classes, self.ignore_index, "labels")
         return labels
 

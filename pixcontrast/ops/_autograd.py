@@ -123,7 +123,7 @@ def scatter_to_inputs(
         grad_anchors = layout.anchors.new_zeros(layout.anchors.shape)
         if grad_x is not None:
             grad_anchors[layout.anchor_order] = grad_x
-    if grad_k is not None and layout.in_batch and grad_anchors is not None:
+    if grad_k is not None and layout.self_column is not None and grad_anchors is not None:
         # An anchor's role as a key: its own column, in sorted-anchor order.
         grad_anchors[layout.anchor_order] += grad_k.index_select(0, layout.self_column)
     if grad_k is not None and any(spec.need_part_grad):

@@ -105,11 +105,13 @@ def build_layout(
     sorted_anchors = anchors.index_select(0, anchor_order).to(dtype)
     anchor_counts = torch.bincount(anchor_ids, minlength=width)
 
-    has_keys = keys is not None and key_labels is not None and key_labels.numel() > 0
-    if has_keys:
+    if keys is not None and key_labels is not None and key_labels.numel() > 0:
         raw = key_labels.long()
         slot = torch.searchsorted(classes, raw).clamp(max=max(num_anchor_classes - 1, 0))
-        known = classes[slot] == raw if num_anchor_classes else torch.zeros_like(raw, dtype=bool)
+        known = (
+            classes[slot] == raw if num_anchor_classes
+            else torch.zeros_like(raw, dtype=torch.bool)
+        )
         # Invalid keys get id ``width``: counted in a bin that is dropped, sorted last.
         part_ids = torch.where(known, slot, num_anchor_classes)
         part_ids = torch.where(raw >= 0, part_ids, width)
@@ -128,7 +130,7 @@ def build_layout(
 
     # The caller's key space is [anchors (if in_batch); keys]: ``offset`` shifts the keys.
     offset = n if in_batch else 0
-    if has_keys:
+    if keys is not None and key_labels is not None and key_labels.numel() > 0:
         if host[-1]:
             part_order = torch.arange(num_valid, device=device)
             part_class = part_ids[:num_valid]

@@ -229,15 +229,16 @@ def sweep(
     if n == 0 or m == 0:
         return loss, AnchorStatistics(normalizer, positive_weight), grad_x, grad_k
 
-    positive_sums = supcon_positive_sums(layout) if variant == "supcon" else None
+    # (supcon only; paper never reads it)
+    positive_sums = supcon_positive_sums(layout) if variant == "supcon" else x.new_empty((n, 0))
 
     num_chunks = -(-n // max(_MIN_CHUNK_ROWS, _CHUNK_ELEMENTS // m))
     step = -(-n // num_chunks)  # equal chunks rather than a small remainder
     buffer = x.new_empty((step, m))  # reused: a fresh allocation per chunk costs page faults
     # Key gradients of a few column ranges (the anchors' own columns among memory keys) take one
     # gather and one product per chunk instead of one product per range.
-    gathered = None
-    if grad_k is not None and key_grad_columns != [(0, m)]:
+    gathered = grad_gathered = None
+    if grad_k is not None and key_grad_columns and key_grad_columns != [(0, m)]:
         gathered = torch.cat(
             [torch.arange(lo, hi, device=k.device) for lo, hi in key_grad_columns]
         )
@@ -258,11 +259,11 @@ def sweep(
             continue
         if grad_x is not None:
             torch.mm(scores, k, out=grad_x[start:stop])
-        if gathered is not None:
+        if gathered is not None and grad_gathered is not None:
             grad_gathered.addmm_(scores.index_select(1, gathered).T, scaled[start:stop])
         elif grad_k is not None:
             grad_k.addmm_(scores.T, scaled[start:stop])
-    if gathered is not None:
+    if grad_k is not None and gathered is not None and grad_gathered is not None:
         grad_k.index_copy_(0, gathered, grad_gathered)
 
     if grad_x is not None:
