@@ -9,6 +9,8 @@ the same anchors and keys as in eager mode, from the global generator as from an
 from __future__ import annotations
 
 import copy
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -129,3 +131,18 @@ def test_mined_contrast_step_compiles_and_equals_eager(miner):
     for (loss_c, grad_c), (loss_e, grad_e) in zip(compiled, eager):
         assert_same(loss_c, loss_e)
         assert_same(grad_c, grad_e)
+
+
+def test_eager_use_never_imports_dynamo():
+    # the compile cooperation is lazy: torch._dynamo (which imports Triton) stays unloaded
+    script = """
+import sys, torch, pixcontrast
+sample = pixcontrast.HardAnchorSampler()(torch.randn(1, 3, 4, 4), torch.zeros(1, 4, 4).long())
+pixcontrast.mine_keys(torch.randn(4, 3), torch.tensor([0, 0, 1, 1]), miner="semi-hard",
+                      num_positives=1, num_negatives=1)
+assert sample.indices.numel() == 16
+assert "torch._dynamo" not in sys.modules, "eager sampling imported torch._dynamo"
+"""
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0, result.stderr
