@@ -25,6 +25,7 @@ __all__ = [
     "check_same_device",
     "check_size",
     "check_tensor",
+    "out_of_bounds",
 ]
 
 

@@ -27,6 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from . import _checks
+from ._compile import eager_under_compile
 from .functional import loss_options
 from .ops._layout import compute_dtype
 from .ops.pairs import pair_loss
@@ -270,7 +271,7 @@ def _mine_class_relation(
 # Mining synchronises with the host (class counts, pool sizes) and draws tensors of those
 # data-dependent sizes, which fake-tensor tracing cannot: under torch.compile it runs eagerly,
 # with a graph break before and after it.
-@torch.compiler.disable
+@eager_under_compile
 def mine_keys(
     anchors: Tensor,
     labels: Tensor,

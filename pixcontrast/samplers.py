@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import _checks
+from ._compile import eager_under_compile
 from .functional import predicted_labels, resize_labels
 
 __all__ = [
@@ -202,7 +203,7 @@ def _check_maps(
 # The selection needs one host synchronisation (the anchor count) and draws tensors of that
 # data-dependent size, which fake-tensor tracing cannot: under torch.compile it runs eagerly, with
 # a graph break before and after it.
-@torch.compiler.disable
+@eager_under_compile
 def select_anchors(
     embeddings: Tensor,
     labels: Tensor,

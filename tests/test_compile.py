@@ -9,6 +9,8 @@ the same anchors and keys as in eager mode, from the global generator as from an
 from __future__ import annotations
 
 import copy
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -18,9 +20,9 @@ from pixcontrast import MinedContrastLoss, PixelContrastLoss
 
 NUM_CLASSES = 4
 IGNORE = 255
-# (h, w) of the steps: repeats (a cached graph is reused), new sizes (dynamo recompiles, then
-# marks the sizes dynamic)
-SIZES = [(6, 5), (6, 5), (7, 5), (6, 5), (7, 5), (6, 5)]
+# (h, w) of the label maps: repeats (a cached graph is reused), new sizes (dynamo recompiles,
+# then marks the sizes dynamic); the embeddings have half the resolution
+SIZES = [(10, 9), (10, 9), (13, 9), (10, 9), (13, 9), (10, 9)]
 
 BACKENDS = ["aot_eager", pytest.param("inductor", marks=pytest.mark.slow)]
 
@@ -43,7 +45,7 @@ def assert_same(compiled, eager):
 class Segmenter(torch.nn.Module):
     def __init__(self):
         super().__init__()
-        self.embed = torch.nn.Conv2d(3, 8, 1)
+        self.embed = torch.nn.Conv2d(3, 8, 3, stride=2, padding=1)  # labels get resized
         self.classify = torch.nn.Conv2d(8, NUM_CLASSES, 1)
 
 
@@ -76,7 +78,8 @@ def pixel_step(model, criterion, images, labels, generator):
     embeddings = model.embed(images)
     logits = model.classify(embeddings)
     contrast = criterion(embeddings, labels, logits, generator=generator)
-    (F.cross_entropy(logits, labels, ignore_index=IGNORE) + 0.1 * contrast).backward()
+    full = F.interpolate(logits, labels.shape[-2:], mode="bilinear", align_corners=False)
+    (F.cross_entropy(full, labels, ignore_index=IGNORE) + 0.1 * contrast).backward()
     return contrast
 
 
@@ -129,3 +132,18 @@ def test_mined_contrast_step_compiles_and_equals_eager(miner):
     for (loss_c, grad_c), (loss_e, grad_e) in zip(compiled, eager):
         assert_same(loss_c, loss_e)
         assert_same(grad_c, grad_e)
+
+
+def test_eager_use_never_imports_dynamo():
+    # the compile cooperation is lazy: torch._dynamo (which imports Triton) stays unloaded
+    script = """
+import sys, torch, pixcontrast
+sample = pixcontrast.HardAnchorSampler()(torch.randn(1, 3, 4, 4), torch.zeros(1, 4, 4).long())
+pixcontrast.mine_keys(torch.randn(4, 3), torch.tensor([0, 0, 1, 1]), miner="semi-hard",
+                      num_positives=1, num_negatives=1)
+assert sample.indices.numel() == 16
+assert "torch._dynamo" not in sys.modules, "eager sampling imported torch._dynamo"
+"""
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0, result.stderr
