@@ -179,6 +179,7 @@ def region_embeddings(
         (8, True)
     """
     _checks.check_pixel_maps(embeddings, labels)
+    ignore_index = _checks.check_ignore_index(ignore_index)
     b, d, h, w = embeddings.shape
     flat = labels.reshape(b, h * w).long()
     valid = flat != ignore_index
@@ -337,7 +338,7 @@ class ClassMemoryBank(nn.Module):
         self.pixels_per_class = pixels_per_class
         self.regions_per_class = regions_per_class
         self.pixels_per_image = pixels_per_image
-        self.ignore_index = int(ignore_index)
+        self.ignore_index = ignore_index
         self.gather = bool(gather)
         slots = pixels_per_class + regions_per_class
         self.register_buffer("queue", torch.zeros(num_classes, slots, dim))

@@ -15,7 +15,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pixcontrast import ClassMemoryBank, PixelContrastLoss, RegionContrastLoss, contrastive_loss
+from pixcontrast import (
+    ClassMemoryBank,
+    PixelContrastLoss,
+    RegionContrastLoss,
+    contrastive_loss,
+    region_embeddings,
+)
 
 IGNORE = 255
 
@@ -340,6 +346,8 @@ def test_foreign_write_into_the_queue_warns_once() -> None:
     lambda ignore_index: PixelContrastLoss(ignore_index=ignore_index),
     lambda ignore_index: RegionContrastLoss(ignore_index=ignore_index),
     lambda ignore_index: ClassMemoryBank(3, 4, ignore_index=ignore_index),
+    lambda ignore_index: region_embeddings(torch.randn(1, 2, 2, 2), torch.zeros(1, 2, 2).long(),
+                                           ignore_index),
 ])
 def test_modules_refuse_a_non_integer_ignore_index(build, ignore_index) -> None:
     with pytest.raises(TypeError, match="ignore_index"):
