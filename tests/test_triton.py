@@ -208,6 +208,26 @@ def test_launch_path_performs_no_host_sync(variant, reduction):
                 assert launch.grid == step.grid, (step, launch.grid)
 
 
+@pytest.mark.skipif(DEVICE != "cuda", reason="CUDA's sync debug mode")
+@pytest.mark.parametrize("variant", ["paper", "supcon"])
+def test_cuda_launch_path_performs_no_host_sync(variant):
+    """On a GPU: one sweep (forward and gradients, keys in bf16) under the sync debug mode's
+    "error" setting; the layout, which synchronises today, is built before."""
+    case = Case(variant, 300, 2000, 64, True, "mean", torch.bfloat16)
+    anchors, labels, keys, key_labels = _inputs(case)
+    layout = build_layout(anchors, labels, (keys,), key_labels, in_batch=True)
+    columns = key_grad_columns(layout, need_anchor_grad=True, need_part_grad=(False,))
+    weight = torch.rand(case.n, device=DEVICE)
+    args = (layout, case.temperature, 1.0, variant, weight, True, columns)
+    triton_fused.sweep(*args, operand_dtype=torch.bfloat16)  # compiles outside the check
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        triton_fused.sweep(*args, operand_dtype=torch.bfloat16)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
 # ------------------------------------------------------------ kernels against the dense reference
 
 
