@@ -200,7 +200,7 @@ class KernelLaunch:
 def choose_splits(row_tiles: int, col_tiles: int, sm_count: int) -> int:
     """Key splits per row tile, flash-decoding style.
 
-    None when the row tiles alone fill the GPU. Otherwise enough to fill at least one wave of
+    No split when the row tiles alone fill the GPU. Otherwise enough to fill at least one wave of
     ``sm_count`` programs (one per SM, a conservative occupancy), and among those counts the
     fewest whose wave efficiency (programs / (waves * sm_count)) is within ``_WAVE_SLACK`` of the
     best: a last wave that is nearly empty costs as much as a full one. Each split keeps at least
