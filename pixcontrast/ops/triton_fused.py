@@ -124,10 +124,11 @@ SHARED_MEMORY = {"sm80": 163 * 1024, "sm86": 99 * 1024, "sm90": 227 * 1024}
 # (family, operand bytes, padded D) -> tiles, checked by compiling every entry for its family
 # (tests/test_triton.py: zero spills, shared memory within SHARED_MEMORY). 64 rows per 4 warps
 # are one warpgroup's wgmma height on sm90 (so no two warpgroups compute the same scores) and
-# the score tile of 4 warps on sm80. The [rows, D] fp32 accumulators bound the rest: at D = 256
-# they take 128 registers per thread, so the key-gradient kernel spreads its [64, 256] over 8
-# warps. D = 256 takes fewer key columns on sm86/89 (99 KiB of shared memory). Untuned: to be
-# timed on GPUs (benchmarks/gpu_check.py).
+# the score tile of 4 warps on sm80. The [rows, D] fp32 accumulators bound the rest: from
+# D = 128 on, sm8x row kernels (whose mma.sync operands also sit in registers) and every
+# key-gradient kernel but sm90's at D = 128 spread them over 8 warps. D = 256 takes fewer key
+# columns on sm86/89 (99 KiB of shared memory). Untuned: to be timed on GPUs
+# (benchmarks/gpu_check.py).
 _TILES = {
     ("sm90", 2, 64): TileConfig(128, 64, 8, 3, 64, 4),
     ("sm90", 2, 128): TileConfig(128, 64, 8, 3, 64, 4),
@@ -136,16 +137,16 @@ _TILES = {
     ("sm90", 4, 128): TileConfig(128, 32, 8, 2, 64, 4),
     ("sm90", 4, 256): TileConfig(128, 32, 8, 2, 64, 8),
     ("sm80", 2, 64): TileConfig(64, 64, 4, 3, 64, 4),
-    ("sm80", 2, 128): TileConfig(64, 64, 4, 3, 64, 8),
+    ("sm80", 2, 128): TileConfig(64, 64, 8, 3, 64, 8),
     ("sm80", 2, 256): TileConfig(64, 64, 8, 2, 64, 8),
     ("sm80", 4, 64): TileConfig(64, 32, 4, 3, 64, 4),
-    ("sm80", 4, 128): TileConfig(64, 32, 4, 2, 64, 8),
+    ("sm80", 4, 128): TileConfig(64, 32, 8, 2, 64, 8),
     ("sm80", 4, 256): TileConfig(64, 32, 8, 2, 64, 8),
     ("sm86", 2, 64): TileConfig(64, 64, 4, 2, 64, 4),
-    ("sm86", 2, 128): TileConfig(64, 64, 4, 2, 64, 8),
+    ("sm86", 2, 128): TileConfig(64, 64, 8, 2, 64, 8),
     ("sm86", 2, 256): TileConfig(64, 32, 8, 2, 64, 8),
     ("sm86", 4, 64): TileConfig(64, 32, 4, 2, 64, 4),
-    ("sm86", 4, 128): TileConfig(64, 32, 4, 2, 64, 8),
+    ("sm86", 4, 128): TileConfig(64, 32, 8, 2, 64, 8),
     ("sm86", 4, 256): TileConfig(64, 16, 8, 1, 64, 8),
 }
 # Under the interpreter small tiles make small test sizes span several tiles and splits.
