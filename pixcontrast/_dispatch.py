@@ -1,14 +1,20 @@
 """Backend choice for :func:`pixcontrast.contrastive_loss`.
 
 Every backend declares which inputs it supports and, when it does not, why. ``"auto"`` takes the
-first backend of :data:`AUTO_ORDER` that may run on the inputs' device and supports them: Triton
-for CUDA tensors when it is importable and takes the inputs, the chunked torch path otherwise. An
-explicitly named backend that cannot run raises an error listing every reason.
+first backend of :data:`AUTO_ORDER` that supports the inputs and that ``auto`` does not decline
+for them, and says why it declined the others (:func:`explain_auto`). An explicitly named
+backend that cannot run raises an error listing every reason.
+
+``auto`` takes Triton only where committed GPU measurements show it faster than the torch path:
+the pairs of :data:`TRITON_MEASURED_WINS`, empty until the kernels have been timed on a GPU
+(``benchmarks/gpu_check.py``). Until then CUDA tensors go to the torch path and Triton is opt-in.
+fp32 at ``"highest"`` matmul precision is never auto's Triton case: exact fp32 products run on
+FMA units in Triton, which is cuBLAS's job (the torch path).
 
 The environment variable ``PIXCONTRAST_BACKEND`` (one of :data:`BACKEND_NAMES`) replaces
-``"auto"``, so a user can force a backend without touching code (``PIXCONTRAST_BACKEND=torch``
-to rule out a kernel problem, say); a backend named in code is never overridden. It is read at
-every call.
+``"auto"``, so a user can force a backend without touching code (``PIXCONTRAST_BACKEND=triton``
+to opt in, ``PIXCONTRAST_BACKEND=torch`` to rule out a kernel problem); a backend named in code
+is never overridden. It is read at every call.
 """
 
 from __future__ import annotations
@@ -17,42 +23,93 @@ import os
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
 
+import torch
 from torch import Tensor
 
 from .ops import triton_fused
 from .ops.reference import reference_contrastive_loss
 from .ops.torch_fused import torch_contrastive_loss
 
-__all__ = ["BACKENDS", "AUTO_ORDER", "BACKEND_NAMES", "ENV_VAR", "Backend", "select_backend"]
+__all__ = [
+    "AUTO_ORDER",
+    "BACKENDS",
+    "BACKEND_NAMES",
+    "ENV_VAR",
+    "TRITON_MEASURED_WINS",
+    "Backend",
+    "explain_auto",
+    "select_backend",
+    "triton_auto_declines",
+]
 
 LossFn = Callable[..., Tensor]
+Reasons = Callable[[Tensor, Sequence[Tensor]], list[str]]
 ENV_VAR = "PIXCONTRAST_BACKEND"
+
+# (CUDA compute capability, operand dtype) where figures committed under benchmarks/results/
+# show Triton faster than the torch path at the paper's shapes; auto takes Triton only there.
+# Flipping the default for a GPU is one entry here, next to the measurement that justifies it.
+TRITON_MEASURED_WINS: frozenset[tuple[tuple[int, int], torch.dtype]] = frozenset()
 
 
 @dataclass(frozen=True)
 class Backend:
-    """A loss implementation and the test of which inputs it can take.
-
-    ``auto_devices``: device types on which ``"auto"`` considers this backend (``None``: all).
-    """
+    """A loss implementation, the test of which inputs it can take, and the reasons why
+    ``"auto"`` does not pick it for inputs it could take (empty: auto may pick it)."""
 
     name: str
     loss: LossFn
-    unsupported: Callable[[Tensor, Sequence[Tensor]], list[str]]
-    auto_devices: Optional[tuple[str, ...]] = None
+    unsupported: Reasons
+    auto_declines: Reasons
 
 
-def _anything(anchors: Tensor, keys: Sequence[Tensor]) -> list[str]:
+def _nothing(anchors: Tensor, keys: Sequence[Tensor]) -> list[str]:
     return []
+
+
+def triton_auto_declines(
+    capability: Optional[tuple[int, int]],
+    operand_dtype: torch.dtype,
+    float32_precision: str,
+    measured_wins: frozenset = TRITON_MEASURED_WINS,
+) -> list[str]:
+    """Why ``auto`` does not take Triton for inputs on a GPU of ``capability`` (``None``: not a
+    CUDA device) whose products take ``operand_dtype``, at torch's fp32 matmul precision."""
+    if capability is None:
+        return ["auto takes Triton for CUDA tensors only"]
+    reasons = []
+    if operand_dtype == torch.float32 and float32_precision == "highest":
+        reasons.append(
+            "fp32 at 'highest' matmul precision is cuBLAS's job (the torch path): Triton takes "
+            "bf16/fp16, and fp32 only when TF32 is allowed (torch.backends.cuda.matmul."
+            "allow_tf32 or torch.set_float32_matmul_precision('high'))"
+        )
+    elif (capability, operand_dtype) not in measured_wins:
+        reasons.append(
+            f"Triton is unmeasured on sm{capability[0]}{capability[1]} with {operand_dtype}: no "
+            "committed GPU figures show it faster than the torch path there (opt in with "
+            f"backend='triton' or {ENV_VAR}=triton; benchmarks/gpu_check.py measures it)"
+        )
+    return reasons
+
+
+def _triton_auto_declines(anchors: Tensor, keys: Sequence[Tensor]) -> list[str]:
+    device = anchors.device
+    capability = torch.cuda.get_device_capability(device) if device.type == "cuda" else None
+    return triton_auto_declines(
+        capability, triton_fused.operand_dtype(anchors, keys),
+        torch.get_float32_matmul_precision(),
+    )
 
 
 BACKENDS: dict[str, Backend] = {
     # triton_fused imports Triton only when unsupported() or the loss first runs.
     "triton": Backend(
-        "triton", triton_fused.triton_contrastive_loss, triton_fused.unsupported, ("cuda",)
+        "triton", triton_fused.triton_contrastive_loss, triton_fused.unsupported,
+        _triton_auto_declines,
     ),
-    "torch": Backend("torch", torch_contrastive_loss, _anything),
-    "reference": Backend("reference", reference_contrastive_loss, _anything),
+    "torch": Backend("torch", torch_contrastive_loss, _nothing, _nothing),
+    "reference": Backend("reference", reference_contrastive_loss, _nothing, _nothing),
 }
 AUTO_ORDER: tuple[str, ...] = ("triton", "torch")
 BACKEND_NAMES: tuple[str, ...] = ("auto", "triton", "torch", "reference")
@@ -71,19 +128,33 @@ def _requested(name: str) -> str:
     return override
 
 
+def _auto(anchors: Tensor, keys: Sequence[Tensor]) -> tuple[Backend, dict[str, list[str]]]:
+    """Auto's backend and, per backend it passed over, the reasons."""
+    passed_over = {}
+    for candidate in AUTO_ORDER:
+        backend = BACKENDS[candidate]
+        # Declines first: they need no Triton import, so CPU tensors never load it.
+        reasons = backend.auto_declines(anchors, keys) or backend.unsupported(anchors, keys)
+        if not reasons:
+            return backend, passed_over
+        passed_over[candidate] = reasons
+    raise RuntimeError("no backend supports these inputs")  # "torch" supports everything
+
+
+def explain_auto(anchors: Tensor, keys: Sequence[Tensor] = ()) -> str:
+    """Which backend ``"auto"`` takes for these inputs and why it passed over the others."""
+    backend, passed_over = _auto(anchors, keys)
+    lines = [f"auto -> {backend.name!r}"]
+    lines += [f"  not {name!r}: " + "; ".join(reasons) for name, reasons in passed_over.items()]
+    return "\n".join(lines)
+
+
 def select_backend(name: str, anchors: Tensor, keys: Sequence[Tensor]) -> Backend:
     """The backend that will run ``name`` on these inputs (``name`` already validated; ``keys``
     the key parts)."""
     name = _requested(name)
     if name == "auto":
-        for candidate in AUTO_ORDER:
-            backend = BACKENDS[candidate]
-            devices = backend.auto_devices
-            if devices is not None and anchors.device.type not in devices:
-                continue
-            if not backend.unsupported(anchors, keys):
-                return backend
-        raise RuntimeError("no backend supports these inputs")  # "torch" supports everything
+        return _auto(anchors, keys)[0]
     backend = BACKENDS[name]
     reasons = backend.unsupported(anchors, keys)
     if reasons:

@@ -71,10 +71,12 @@ def contrastive_loss(
         variant: ``"paper"`` or ``"supcon"``.
         reduction: ``"mean"`` over anchors with at least one positive, ``"sum"``, or ``"none"``
             (``[N]``, zero where an anchor has no positive).
-        backend: ``"auto"`` (``"triton"`` for CUDA tensors when Triton is importable and takes
-            the inputs, else ``"torch"``; the environment variable ``PIXCONTRAST_BACKEND``
-            replaces it), ``"triton"`` (fused kernels; fp32/fp16/bf16, D <= 256), ``"torch"``
-            (chunked, any device) or ``"reference"`` (dense).
+        backend: ``"auto"`` (``"torch"``, and ``"triton"`` for CUDA inputs only where
+            committed GPU measurements show it faster, see
+            :func:`pixcontrast._dispatch.explain_auto`; the environment variable
+            ``PIXCONTRAST_BACKEND`` replaces it), ``"triton"`` (fused kernels on CUDA;
+            fp16/bf16, fp32 when TF32 is allowed, D <= 256), ``"torch"`` (chunked, any device)
+            or ``"reference"`` (dense).
 
     Returns:
         A scalar, or ``[N]`` for ``reduction="none"``; fp32 for half-precision inputs, fp64 for

@@ -35,12 +35,12 @@ def triton_state(request, monkeypatch):
 
 @pytest.fixture
 def triton_on_cpu(monkeypatch):
-    """Triton importable and ``"auto"`` allowed to consider it for CPU tensors, as it does for
-    CUDA ones (this machine may have no GPU): the selection rule, device aside."""
+    """Triton importable and ``"auto"`` declining it for nothing, as it will for measured
+    (GPU, dtype) pairs (this machine may have no GPU): the selection rule, device aside."""
     monkeypatch.setattr(triton_fused, "_load_kernels", lambda: INTERPRETED)
     monkeypatch.setitem(
         _dispatch.BACKENDS, "triton",
-        dataclasses.replace(_dispatch.BACKENDS["triton"], auto_devices=("cpu",)),
+        dataclasses.replace(_dispatch.BACKENDS["triton"], auto_declines=lambda x, k: []),
     )
     monkeypatch.delenv(_dispatch.ENV_VAR, raising=False)
 
@@ -63,18 +63,19 @@ def test_auto_on_cpu_never_asks_for_triton(monkeypatch):
 
 
 def test_auto_prefers_triton_where_it_supports_the_inputs(triton_on_cpu):
-    x = torch.randn(5, 8)
+    x = torch.randn(5, 8, dtype=torch.float16)
     assert _dispatch.select_backend("auto", x, ()).name == "triton"
-    assert _dispatch.select_backend("auto", x, (torch.randn(3, 8),)).name == "triton"
+    assert _dispatch.select_backend("auto", x, (x[:3],)).name == "triton"
     # and falls back to torch for anything it does not take, anchors or keys
     assert _dispatch.select_backend("auto", x.double(), ()).name == "torch"
-    assert _dispatch.select_backend("auto", x, (torch.randn(3, 8).double(),)).name == "torch"
-    wide = torch.randn(5, triton_fused.MAX_DIM + 1)
+    assert _dispatch.select_backend("auto", x, (x[:3].double(),)).name == "torch"
+    assert _dispatch.select_backend("auto", x.float(), ()).name == "torch"  # fp32 at "highest"
+    wide = torch.randn(5, triton_fused.MAX_DIM + 1, dtype=torch.float16)
     assert _dispatch.select_backend("auto", wide, ()).name == "torch"
 
 
 def test_explicit_backends_are_taken_as_named(triton_on_cpu):
-    x = torch.randn(5, 8)
+    x = torch.randn(5, 8, dtype=torch.float16)
     for name in ("triton", "torch", "reference"):
         assert _dispatch.select_backend(name, x, ()).name == name
 
@@ -96,11 +97,11 @@ def test_explicit_triton_lists_every_reason(monkeypatch):
 @pytest.mark.parametrize(
     ("state", "dtype", "expected"),
     [
-        (COMPILED, torch.float32, ["not CUDA"]),  # a GPU machine's Triton, CPU tensors
-        (INTERPRETED, torch.float32, []),
+        (COMPILED, torch.float16, ["not CUDA"]),  # a GPU machine's Triton, CPU tensors
+        (INTERPRETED, torch.float32, ["FMA"]),  # fp32 at "highest" precision: cuBLAS's job
         (INTERPRETED, torch.float16, []),
         (INTERPRETED, torch.bfloat16, ["interpreter does not support"]),
-        (MISSING, torch.float32, ["not importable", "not CUDA"]),
+        (MISSING, torch.float32, ["not importable", "not CUDA", "FMA"]),
     ],
 )
 def test_reasons_for_cpu_tensors(monkeypatch, state, dtype, expected):
@@ -112,7 +113,7 @@ def test_reasons_for_cpu_tensors(monkeypatch, state, dtype, expected):
 
 
 def test_environment_override(triton_on_cpu, monkeypatch):
-    x = torch.randn(5, 8)
+    x = torch.randn(5, 8, dtype=torch.float16)
     monkeypatch.setenv(_dispatch.ENV_VAR, "reference")
     assert _dispatch.select_backend("auto", x, ()).name == "reference"
     assert _dispatch.select_backend("torch", x, ()).name == "torch"  # code wins
@@ -156,3 +157,40 @@ else:
         [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120
     )
     assert result.returncode == 0, result.stderr
+
+
+def test_auto_takes_torch_for_cpu_tensors():
+    x = torch.randn(5, 8)
+    assert _dispatch.select_backend("auto", x, ()).name == "torch"
+    assert "CUDA tensors only" in _dispatch.explain_auto(x)
+
+
+@pytest.mark.parametrize(
+    "capability, dtype, precision, expected",
+    [
+        (None, torch.bfloat16, "highest", "CUDA tensors only"),
+        ((9, 0), torch.float32, "highest", "cuBLAS"),
+        ((9, 0), torch.bfloat16, "highest", "unmeasured on sm90"),
+        ((8, 6), torch.float32, "high", "unmeasured on sm86"),
+    ],
+)
+def test_auto_declines_triton_with_a_reason(capability, dtype, precision, expected):
+    reasons = _dispatch.triton_auto_declines(capability, dtype, precision)
+    assert len(reasons) == 1 and expected in reasons[0], reasons
+
+
+def test_auto_takes_triton_only_where_measured():
+    wins = frozenset({((9, 0), torch.bfloat16), ((9, 0), torch.float32)})
+    assert _dispatch.triton_auto_declines((9, 0), torch.bfloat16, "highest", wins) == []
+    assert _dispatch.triton_auto_declines((9, 0), torch.float32, "high", wins) == []
+    # A measured fp32 win is still cuBLAS's job at "highest" precision.
+    assert _dispatch.triton_auto_declines((9, 0), torch.float32, "highest", wins)
+    assert _dispatch.triton_auto_declines((8, 0), torch.bfloat16, "highest", wins)
+
+
+def test_triton_refuses_fp32_at_highest_precision(monkeypatch):
+    monkeypatch.setattr(triton_fused, "_load_kernels", lambda: (object(), True, ""))
+    x = torch.randn(5, 8)
+    assert any("FMA" in r for r in triton_fused.unsupported(x, ()))
+    monkeypatch.setattr(torch, "get_float32_matmul_precision", lambda: "high")
+    assert triton_fused.unsupported(x, ()) == []

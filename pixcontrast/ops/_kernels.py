@@ -4,20 +4,34 @@ All kernels work on the class-sorted layout of :mod:`pixcontrast.ops._layout`: s
 ``x [N, D]`` and keys ``k [M, D]``, and per anchor row ``a`` its positive block of key columns
 ``[pos_lo[a], pos_hi[a])`` and its own column ``self_col[a]`` (``-1`` without in-batch keys; the
 self column always lies inside the positive block). A row tile may span several classes, so the
-block bounds are per row. Scores ``s = x . k^T / tau`` are recomputed tile by tile and never
-written to memory; products take the operands' dtype and accumulate in fp32, and everything
-after the product is fp32.
+block bounds are per row. Scores are recomputed tile by tile and never written to memory;
+products take the operands' dtype and accumulate in fp32, everything after the product is fp32.
+
+Scores are kept in base 2: ``s2 = x . k^T * log2(e) / tau`` (the launcher folds ``log2(e)`` into
+``scale2``), so every exponential is one ``exp2``. Statistics written to memory are natural
+logarithms, the contract shared with the torch path.
 
 The "softmax columns" of a row are the set of its log-sum-exp (DESIGN.md §1):
 
     paper:  negatives, every column outside [pos_lo, pos_hi)   ->  nu_a
     supcon: every column but the self column                  ->  lam_a
 
+Only tiles that touch a boundary (the rows' positive blocks for paper, their self columns for
+supcon, the end of the keys) evaluate that membership mask; every other tile is all members.
+
+Flash-decoding split: the row kernels run on a grid of ``(row tiles, splits)``; each split takes
+an even share of whole key tiles and writes partial results, which
+:func:`combine_statistics_kernel` and :func:`sum_splits_kernel` reduce in the fixed order of the
+splits (deterministic, no atomics).
+
 The reference for every kernel is :func:`pixcontrast.ops.torch_fused.sweep`.
 """
 
 import triton
 import triton.language as tl
+
+LN2 = tl.constexpr(0.6931471805599453)
+LOG2E = tl.constexpr(1.4426950408889634)
 
 
 @triton.jit
@@ -31,27 +45,78 @@ def _load_rows(ptr, rows, num_rows, stride, dim, BLOCK_D: tl.constexpr):
 
 
 @triton.jit
-def _softmax_columns(cols, num_cols, pos_lo, pos_hi, self_col, IS_PAPER: tl.constexpr):
-    """``[rows, cols]`` mask of each row's log-sum-exp set (see the module docstring)."""
-    col = cols[None, :]
+def _store_rows(ptr, value, rows, num_rows, stride, dim, BLOCK_D: tl.constexpr):
+    offs_d = tl.arange(0, BLOCK_D)
+    offsets = rows[:, None].to(tl.int64) * stride + offs_d[None, :]
+    tl.store(ptr + offsets, value, mask=(rows[:, None] < num_rows) & (offs_d[None, :] < dim))
+
+
+@triton.jit
+def _row_bounds(pos_lo_ptr, pos_hi_ptr, self_col_ptr, rows, row_ok):
+    pos_lo = tl.load(pos_lo_ptr + rows, mask=row_ok, other=0)
+    pos_hi = tl.load(pos_hi_ptr + rows, mask=row_ok, other=0)
+    self_col = tl.load(self_col_ptr + rows, mask=row_ok, other=-1)
+    return pos_lo, pos_hi, self_col
+
+
+@triton.jit
+def _positive_range(pos_lo, pos_hi, row_ok, num_cols):
+    """``[first, last)``: the union of the tile rows' positive blocks, one contiguous range
+    because rows and columns are both sorted by class."""
+    first = tl.min(tl.where(row_ok, pos_lo, num_cols), 0)
+    last = tl.max(tl.where(row_ok, pos_hi, 0), 0)
+    return first, last
+
+
+@triton.jit
+def _masked_range(pos_lo, pos_hi, self_col, row_ok, num_cols, IS_PAPER: tl.constexpr):
+    """``[lo, hi)``: the columns where some tile row's membership is not "all members"."""
     if IS_PAPER:
-        members = (col < pos_lo[:, None]) | (col >= pos_hi[:, None])
+        lo, hi = _positive_range(pos_lo, pos_hi, row_ok, num_cols)
     else:
-        members = col != self_col[:, None]
+        has_self = row_ok & (self_col >= 0)
+        lo = tl.min(tl.where(has_self, self_col, num_cols), 0)
+        hi = tl.max(tl.where(has_self, self_col + 1, 0), 0)
+    return lo, hi
+
+
+@triton.jit
+def _split_columns(split, num_splits, num_cols, BLOCK_M: tl.constexpr):
+    """``[begin, end)``: split ``split``'s share of whole key tiles, as even as it gets (no split
+    is empty while there are at least as many tiles as splits)."""
+    num_tiles = tl.cdiv(num_cols, BLOCK_M)
+    begin = (split * num_tiles // num_splits) * BLOCK_M
+    end = tl.minimum(((split + 1) * num_tiles // num_splits) * BLOCK_M, num_cols)
+    return begin, end
+
+
+@triton.jit
+def _touches(start, BLOCK: tl.constexpr, lo, hi):
+    """Whether the tile of columns ``[start, start + BLOCK)`` intersects ``[lo, hi)``."""
+    return (start < hi) & (start + BLOCK > lo)
+
+
+@triton.jit
+def _members(col, pos_lo, pos_hi, self_col, num_cols, IS_PAPER: tl.constexpr):
+    """Membership of each (row, column) pair in the row's log-sum-exp set; ``col`` and the row
+    terms come broadcast to the tile's orientation."""
+    if IS_PAPER:
+        members = (col < pos_lo) | (col >= pos_hi)
+    else:
+        members = col != self_col
     return members & (col < num_cols)
 
 
 @triton.jit
-def _positive_columns(cols, pos_lo, pos_hi, self_col):
-    """``[rows, cols]`` mask of the positive pairs: the row's class block minus its own key."""
-    col = cols[None, :]
-    return (col >= pos_lo[:, None]) & (col < pos_hi[:, None]) & (col != self_col[:, None])
+def _positives(col, pos_lo, pos_hi, self_col):
+    """The positive pairs: the row's class block minus its own key (broadcast as ``_members``)."""
+    return (col >= pos_lo) & (col < pos_hi) & (col != self_col)
 
 
 @triton.jit
 def _score_gradient(
-    scores, cols, num_cols, lse, neg_coef, pos_coef, pos_lo, pos_hi, self_col,
-    IS_PAPER: tl.constexpr,
+    s2, col, num_cols, lse2, neg_coef, pos_coef, pos_lo, pos_hi, self_col,
+    MASKED, HAS_POSITIVES, IS_PAPER: tl.constexpr,
 ):
     """``G = g_a * dL_a / ds_aj`` on one tile, up to the factor the launcher divided out.
 
@@ -63,149 +128,224 @@ def _score_gradient(
         supcon: G_aj = rho * g_a * e on every column but the self column (neg_coef = rho * g_a);
                 its positive part -rho * g_a / |P(a)| is added outside, through class sums.
 
-    One exponential per element serves both parts. ``e`` may be ``inf`` (a row whose log-sum-exp
-    set is empty has ``lse = -inf``, or a positive far above ``nu``): such elements are either
-    masked out by ``where`` or give ``pos_coef / inf = 0 = sigma(-inf)``, never NaN.
+    Row terms and ``col`` come broadcast to the tile's orientation. ``MASKED``: the tile touches
+    a boundary; ``HAS_POSITIVES``: it intersects a positive block (paper). ``e`` may be ``inf``
+    (a row whose log-sum-exp set is empty has ``lse = -inf``, or a positive far above ``nu``):
+    such elements are masked out by ``where`` or give ``pos_coef / inf = 0 = sigma(-inf)``.
     """
-    e = tl.exp(scores - lse[:, None])
-    grad = tl.where(
-        _softmax_columns(cols, num_cols, pos_lo, pos_hi, self_col, IS_PAPER),
-        neg_coef[:, None] * e,
-        0.0,
-    )
+    e = tl.exp2(s2 - lse2)
+    grad = neg_coef * e
+    if MASKED:
+        grad = tl.where(_members(col, pos_lo, pos_hi, self_col, num_cols, IS_PAPER), grad, 0.0)
     if IS_PAPER:
-        grad = tl.where(
-            _positive_columns(cols, pos_lo, pos_hi, self_col), pos_coef[:, None] / (1.0 + e), grad
-        )
+        if HAS_POSITIVES:
+            grad = tl.where(_positives(col, pos_lo, pos_hi, self_col), pos_coef / (1.0 + e), grad)
     return grad
 
 
 @triton.jit
-def _load_row_terms(
-    pos_lo_ptr, pos_hi_ptr, self_col_ptr, lse_ptr, neg_coef_ptr, pos_coef_ptr, rows, row_ok
-):
-    """Per-row inputs of ``_score_gradient``: positive block, self column, coefficients."""
-    pos_lo = tl.load(pos_lo_ptr + rows, mask=row_ok, other=0)
-    pos_hi = tl.load(pos_hi_ptr + rows, mask=row_ok, other=0)
-    self_col = tl.load(self_col_ptr + rows, mask=row_ok, other=-1)
-    lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
-    neg_coef = tl.load(neg_coef_ptr + rows, mask=row_ok, other=0.0)
-    pos_coef = tl.load(pos_coef_ptr + rows, mask=row_ok, other=0.0)
-    return pos_lo, pos_hi, self_col, lse, neg_coef, pos_coef
-
-
-@triton.jit
-def contrast_forward_kernel(
+def contrast_statistics_kernel(
     x_ptr, k_ptr, pos_lo_ptr, pos_hi_ptr, self_col_ptr,
-    lse_ptr, softplus_sum_ptr, sigmoid_sum_ptr,
-    num_rows, num_cols, dim, stride_x, stride_k, scale,
-    IS_PAPER: tl.constexpr, PRECISION: tl.constexpr,
+    part_max_ptr, part_sum_ptr, part_acc_ptr,
+    num_rows, num_cols, dim, stride_x, stride_k, scale2,
+    IS_PAPER: tl.constexpr, STREAM_GRAD: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """Per-anchor statistics for one tile of ``BLOCK_N`` rows.
+    """Partial online log-sum-exp of one row tile over one split's key columns.
 
-    Writes ``lse`` (nu or lam, ``-inf`` for an empty set) and, for paper,
-    ``sum_p softplus(nu - s_ap)`` and ``sum_p sigma(nu - s_ap)`` over the row's positives.
+    Writes, per split and row, the running maximum ``m`` of ``s2`` over the row's members in the
+    split (``-inf``: none), ``l = sum exp2(s2 - m)`` and, with ``STREAM_GRAD``,
+    ``acc = sum exp2(s2 - m) k`` ``[D]``: attention with V = K, rescaled as flash attention
+    rescales its output, so that the negative part of ``dx`` costs no second pass.
     """
+    split = tl.program_id(1)
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < num_rows
     x = _load_rows(x_ptr, rows, num_rows, stride_x, dim, BLOCK_D)
-    pos_lo = tl.load(pos_lo_ptr + rows, mask=row_ok, other=0)
-    pos_hi = tl.load(pos_hi_ptr + rows, mask=row_ok, other=0)
-    self_col = tl.load(self_col_ptr + rows, mask=row_ok, other=-1)
+    pos_lo, pos_hi, self_col = _row_bounds(pos_lo_ptr, pos_hi_ptr, self_col_ptr, rows, row_ok)
+    mask_lo, mask_hi = _masked_range(pos_lo, pos_hi, self_col, row_ok, num_cols, IS_PAPER)
+    col_begin, col_end = _split_columns(split, tl.num_programs(1), num_cols, BLOCK_M)
 
-    # Online log-sum-exp over all columns: running maximum and sum of exp(s - maximum).
     running_max = tl.full([BLOCK_N], float("-inf"), tl.float32)
     running_sum = tl.zeros([BLOCK_N], tl.float32)
-    for start in range(0, num_cols, BLOCK_M):
+    acc = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    for start in range(col_begin, col_end, BLOCK_M):
         cols = start + tl.arange(0, BLOCK_M)
         k = _load_rows(k_ptr, cols, num_cols, stride_k, dim, BLOCK_D)
-        scores = tl.dot(x, tl.trans(k), input_precision=PRECISION) * scale
-        in_set = _softmax_columns(cols, num_cols, pos_lo, pos_hi, self_col, IS_PAPER)
-        scores = tl.where(in_set, scores, float("-inf"))
-        new_max = tl.maximum(running_max, tl.max(scores, 1))
+        s2 = tl.dot(x, tl.trans(k), input_precision=PRECISION) * scale2
+        if _touches(start, BLOCK_M, mask_lo, mask_hi) | (start + BLOCK_M > num_cols):
+            members = _members(
+                cols[None, :], pos_lo[:, None], pos_hi[:, None], self_col[:, None], num_cols,
+                IS_PAPER,
+            )
+            s2 = tl.where(members, s2, float("-inf"))
+        new_max = tl.maximum(running_max, tl.max(s2, 1))
         # While a row has met no member its maximum is -inf; shifting by 0 then keeps
-        # exp(-inf - shift) = 0 instead of exp(-inf + inf) = NaN.
+        # exp2(-inf - shift) = 0 instead of exp2(-inf + inf) = NaN.
         shift = tl.where(new_max == float("-inf"), 0.0, new_max)
-        running_sum = running_sum * tl.exp(running_max - shift) + tl.sum(
-            tl.exp(scores - shift[:, None]), 1
-        )
+        alpha = tl.exp2(running_max - shift)
+        p = tl.exp2(s2 - shift[:, None])
+        running_sum = running_sum * alpha + tl.sum(p, 1)
+        if STREAM_GRAD:
+            acc = tl.dot(p.to(k.dtype), k, acc * alpha[:, None], input_precision=PRECISION)
         running_max = new_max
-    lse = running_max + tl.log(running_sum)  # -inf + log(0) = -inf for an empty set
-    tl.store(lse_ptr + rows, lse, mask=row_ok)
+    out = split * num_rows + rows
+    tl.store(part_max_ptr + out, running_max, mask=row_ok)
+    tl.store(part_sum_ptr + out, running_sum, mask=row_ok)
+    if STREAM_GRAD:
+        _store_rows(part_acc_ptr + split * num_rows * dim, acc, rows, num_rows, dim, dim, BLOCK_D)
 
-    if IS_PAPER:
-        # Positive pass: only the columns of the tile's positive blocks, which are contiguous
-        # because rows and columns are both sorted by class (about M / C columns, not M).
-        first = tl.min(tl.where(row_ok, pos_lo, num_cols), 0)
-        last = tl.max(tl.where(row_ok, pos_hi, 0), 0)
-        softplus_sum = tl.zeros([BLOCK_N], tl.float32)
-        sigmoid_sum = tl.zeros([BLOCK_N], tl.float32)
-        for start in range(first, last, BLOCK_M):
-            cols = start + tl.arange(0, BLOCK_M)
-            k = _load_rows(k_ptr, cols, num_cols, stride_k, dim, BLOCK_D)
-            scores = tl.dot(x, tl.trans(k), input_precision=PRECISION) * scale
-            # t = nu - s_ap. With e = exp(-|t|) <= 1 nothing overflows:
-            # softplus(t) = max(t, 0) + log(1 + e), sigma(t) = 1 / (1 + e) for t >= 0 and
-            # e / (1 + e) for t < 0. nu = -inf (no negatives) gives 0 for both.
-            margin = lse[:, None] - scores
-            e = tl.exp(-tl.abs(margin))
-            softplus = tl.maximum(margin, 0.0) + tl.log(1.0 + e)
-            sigmoid = tl.where(margin >= 0, 1.0, e) / (1.0 + e)
-            is_positive = _positive_columns(cols, pos_lo, pos_hi, self_col)
-            softplus_sum += tl.sum(tl.where(is_positive, softplus, 0.0), 1)
-            sigmoid_sum += tl.sum(tl.where(is_positive, sigmoid, 0.0), 1)
-        tl.store(softplus_sum_ptr + rows, softplus_sum, mask=row_ok)
-        tl.store(sigmoid_sum_ptr + rows, sigmoid_sum, mask=row_ok)
+
+@triton.jit
+def combine_statistics_kernel(
+    part_max_ptr, part_sum_ptr, part_acc_ptr, lse_ptr, mean_key_ptr,
+    num_rows, dim, num_splits,
+    STREAM_GRAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """Merges the splits of :func:`contrast_statistics_kernel`, in split order.
+
+    Writes ``lse`` (natural log; ``-inf`` for an empty set) and, with ``STREAM_GRAD``,
+    ``mean_key = sum_j exp(s_aj - lse_a) k_j`` over the row's set (0 for an empty set).
+    """
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rows < num_rows
+    running_max = tl.full([BLOCK_N], float("-inf"), tl.float32)
+    running_sum = tl.zeros([BLOCK_N], tl.float32)
+    acc = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    for split in range(num_splits):
+        part = split * num_rows + rows
+        part_max = tl.load(part_max_ptr + part, mask=row_ok, other=float("-inf"))
+        part_sum = tl.load(part_sum_ptr + part, mask=row_ok, other=0.0)
+        new_max = tl.maximum(running_max, part_max)
+        shift = tl.where(new_max == float("-inf"), 0.0, new_max)
+        alpha = tl.exp2(running_max - shift)
+        beta = tl.exp2(part_max - shift)
+        running_sum = running_sum * alpha + part_sum * beta
+        if STREAM_GRAD:
+            part_acc = _load_rows(
+                part_acc_ptr + split * num_rows * dim, rows, num_rows, dim, dim, BLOCK_D
+            )
+            acc = acc * alpha[:, None] + part_acc * beta[:, None]
+        running_max = new_max
+    tl.store(lse_ptr + rows, (running_max + tl.log2(running_sum)) * LN2, mask=row_ok)
+    if STREAM_GRAD:
+        inverse = tl.where(running_sum > 0, 1.0 / running_sum, 0.0)
+        _store_rows(mean_key_ptr, acc * inverse[:, None], rows, num_rows, dim, dim, BLOCK_D)
+
+
+@triton.jit
+def paper_positive_kernel(
+    x_ptr, k_ptr, pos_lo_ptr, pos_hi_ptr, self_col_ptr, lse_ptr,
+    part_terms_ptr, part_acc_ptr,
+    num_rows, num_cols, dim, stride_x, stride_k, scale2,
+    STREAM_GRAD: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """Paper's positive terms of one row tile over one split of its positive columns.
+
+    Only the columns of the tile's positive blocks are visited (about M / C, not M), split
+    evenly across ``program_id(1)`` (the range is only known on the device). Writes per split
+    ``sum_p softplus(nu - s_ap)`` and ``sum_p sigma(nu - s_ap)`` (``part_terms [splits, 2, N]``)
+    and, with ``STREAM_GRAD``, ``sum_p sigma(nu - s_ap) k_p`` ``[D]``.
+    """
+    split = tl.program_id(1)
+    num_splits = tl.num_programs(1)
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rows < num_rows
+    x = _load_rows(x_ptr, rows, num_rows, stride_x, dim, BLOCK_D)
+    pos_lo, pos_hi, self_col = _row_bounds(pos_lo_ptr, pos_hi_ptr, self_col_ptr, rows, row_ok)
+    lse2 = tl.load(lse_ptr + rows, mask=row_ok, other=0.0) * LOG2E
+    first, last = _positive_range(pos_lo, pos_hi, row_ok, num_cols)
+    tiles_per_split = tl.cdiv(tl.cdiv(tl.maximum(last - first, 0), BLOCK_M), num_splits)
+    begin = first + split * tiles_per_split * BLOCK_M
+    end = tl.minimum(begin + tiles_per_split * BLOCK_M, last)
+
+    softplus_sum = tl.zeros([BLOCK_N], tl.float32)
+    sigmoid_sum = tl.zeros([BLOCK_N], tl.float32)
+    acc = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    for start in range(begin, end, BLOCK_M):
+        cols = start + tl.arange(0, BLOCK_M)
+        k = _load_rows(k_ptr, cols, num_cols, stride_k, dim, BLOCK_D)
+        s2 = tl.dot(x, tl.trans(k), input_precision=PRECISION) * scale2
+        # t = nu - s_ap (base 2). With e = exp(-|t|) <= 1 nothing overflows:
+        # softplus(t) = max(t, 0) + log(1 + e), sigma(t) = 1 / (1 + e) for t >= 0 and
+        # e / (1 + e) for t < 0. nu = -inf (no negatives) gives 0 for both.
+        margin2 = lse2[:, None] - s2
+        e = tl.exp2(-tl.abs(margin2))
+        is_positive = _positives(cols[None, :], pos_lo[:, None], pos_hi[:, None], self_col[:, None])
+        softplus = (tl.maximum(margin2, 0.0) + tl.log2(1.0 + e)) * LN2
+        sigmoid = tl.where(is_positive, tl.where(margin2 >= 0, 1.0, e) / (1.0 + e), 0.0)
+        softplus_sum += tl.sum(tl.where(is_positive, softplus, 0.0), 1)
+        sigmoid_sum += tl.sum(sigmoid, 1)
+        if STREAM_GRAD:
+            acc = tl.dot(sigmoid.to(k.dtype), k, acc, input_precision=PRECISION)
+    out = split * 2 * num_rows + rows
+    tl.store(part_terms_ptr + out, softplus_sum, mask=row_ok)
+    tl.store(part_terms_ptr + out + num_rows, sigmoid_sum, mask=row_ok)
+    if STREAM_GRAD:
+        _store_rows(part_acc_ptr + split * num_rows * dim, acc, rows, num_rows, dim, dim, BLOCK_D)
 
 
 @triton.jit
 def contrast_anchor_grad_kernel(
     x_ptr, k_ptr, pos_lo_ptr, pos_hi_ptr, self_col_ptr, lse_ptr, neg_coef_ptr, pos_coef_ptr,
-    grad_x_ptr,
-    num_rows, num_cols, dim, stride_x, stride_k, stride_grad, scale,
+    part_grad_ptr,
+    num_rows, num_cols, dim, stride_x, stride_k, scale2,
     IS_PAPER: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """``dx_a = 1/tau * sum_j G_aj k_j`` for one tile of rows, recomputing ``s`` tile by tile."""
+    """``sum_j G_aj k_j`` of one row tile over one split's key columns, recomputing ``s`` from
+    saved statistics (``reduction="none"``); the splits are summed by :func:`sum_splits_kernel`."""
+    split = tl.program_id(1)
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < num_rows
     x = _load_rows(x_ptr, rows, num_rows, stride_x, dim, BLOCK_D)
-    pos_lo, pos_hi, self_col, lse, neg_coef, pos_coef = _load_row_terms(
-        pos_lo_ptr, pos_hi_ptr, self_col_ptr, lse_ptr, neg_coef_ptr, pos_coef_ptr, rows, row_ok
-    )
+    pos_lo, pos_hi, self_col = _row_bounds(pos_lo_ptr, pos_hi_ptr, self_col_ptr, rows, row_ok)
+    lse2 = tl.load(lse_ptr + rows, mask=row_ok, other=0.0) * LOG2E
+    neg_coef = tl.load(neg_coef_ptr + rows, mask=row_ok, other=0.0)
+    pos_coef = tl.load(pos_coef_ptr + rows, mask=row_ok, other=0.0)
+    mask_lo, mask_hi = _masked_range(pos_lo, pos_hi, self_col, row_ok, num_cols, IS_PAPER)
+    first, last = _positive_range(pos_lo, pos_hi, row_ok, num_cols)
+    col_begin, col_end = _split_columns(split, tl.num_programs(1), num_cols, BLOCK_M)
 
     acc = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
-    for start in range(0, num_cols, BLOCK_M):
+    for start in range(col_begin, col_end, BLOCK_M):
         cols = start + tl.arange(0, BLOCK_M)
         k = _load_rows(k_ptr, cols, num_cols, stride_k, dim, BLOCK_D)
-        scores = tl.dot(x, tl.trans(k), input_precision=PRECISION) * scale
+        s2 = tl.dot(x, tl.trans(k), input_precision=PRECISION) * scale2
         grad = _score_gradient(
-            scores, cols, num_cols, lse, neg_coef, pos_coef, pos_lo, pos_hi, self_col, IS_PAPER
+            s2, cols[None, :], num_cols, lse2[:, None], neg_coef[:, None], pos_coef[:, None],
+            pos_lo[:, None], pos_hi[:, None], self_col[:, None],
+            _touches(start, BLOCK_M, mask_lo, mask_hi) | (start + BLOCK_M > num_cols),
+            _touches(start, BLOCK_M, first, last), IS_PAPER,
         )
         acc = tl.dot(grad.to(k.dtype), k, acc, input_precision=PRECISION)
-
-    offs_d = tl.arange(0, BLOCK_D)
-    out = grad_x_ptr + rows[:, None].to(tl.int64) * stride_grad + offs_d[None, :]
-    tl.store(out, acc * scale, mask=row_ok[:, None] & (offs_d[None, :] < dim))
+    _store_rows(part_grad_ptr + split * num_rows * dim, acc, rows, num_rows, dim, dim, BLOCK_D)
 
 
 @triton.jit
 def contrast_key_grad_kernel(
     x_ptr, k_ptr, pos_lo_ptr, pos_hi_ptr, self_col_ptr, lse_ptr, neg_coef_ptr, pos_coef_ptr,
     block_start_ptr, block_stop_ptr, grad_k_ptr,
-    num_rows, dim, stride_x, stride_k, stride_grad, scale,
-    IS_PAPER: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+    num_rows, num_cols, dim, stride_x, stride_k, stride_grad, scale2,
+    USE_TABLE: tl.constexpr, IS_PAPER: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """``dk_j = 1/tau * sum_a G_aj x_a`` for one block of key columns, looping over all rows.
+    """``sum_a G_aj x_a`` for one block of ``BLOCK_M`` key columns, looping over all rows.
 
-    Each program owns its columns ``[block_start, block_stop)`` (a table, so that only the
-    columns that need a gradient are visited) and writes them once: no atomics.
+    The tile is computed as ``k x^T`` (keys along the rows), the orientation in which both
+    products take their operands as stored, as wgmma wants them. Blocks are ``[start, stop)``
+    from a table (``USE_TABLE``: only the columns that need a gradient), or consecutive blocks of
+    all columns; each program writes its columns once: no atomics.
     """
     block = tl.program_id(0)
-    col_stop = tl.load(block_stop_ptr + block)
-    cols = tl.load(block_start_ptr + block) + tl.arange(0, BLOCK_M)
+    if USE_TABLE:
+        col_stop = tl.load(block_stop_ptr + block)
+        col_start = tl.load(block_start_ptr + block)
+    else:
+        col_stop = num_cols
+        col_start = block * BLOCK_M
+    cols = col_start + tl.arange(0, BLOCK_M)
     k = _load_rows(k_ptr, cols, col_stop, stride_k, dim, BLOCK_D)
 
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
@@ -213,15 +353,30 @@ def contrast_key_grad_kernel(
         rows = start + tl.arange(0, BLOCK_N)
         row_ok = rows < num_rows
         x = _load_rows(x_ptr, rows, num_rows, stride_x, dim, BLOCK_D)
-        pos_lo, pos_hi, self_col, lse, neg_coef, pos_coef = _load_row_terms(
-            pos_lo_ptr, pos_hi_ptr, self_col_ptr, lse_ptr, neg_coef_ptr, pos_coef_ptr, rows, row_ok
+        pos_lo, pos_hi, self_col = _row_bounds(pos_lo_ptr, pos_hi_ptr, self_col_ptr, rows, row_ok)
+        # Padded rows have zero coefficients and a finite lse: their G is exactly 0.
+        lse2 = tl.load(lse_ptr + rows, mask=row_ok, other=0.0) * LOG2E
+        neg_coef = tl.load(neg_coef_ptr + rows, mask=row_ok, other=0.0)
+        pos_coef = tl.load(pos_coef_ptr + rows, mask=row_ok, other=0.0)
+        mask_lo, mask_hi = _masked_range(pos_lo, pos_hi, self_col, row_ok, num_cols, IS_PAPER)
+        first, last = _positive_range(pos_lo, pos_hi, row_ok, num_cols)
+        s2_t = tl.dot(k, tl.trans(x), input_precision=PRECISION) * scale2
+        grad_t = _score_gradient(
+            s2_t, cols[:, None], col_stop, lse2[None, :], neg_coef[None, :], pos_coef[None, :],
+            pos_lo[None, :], pos_hi[None, :], self_col[None, :],
+            _touches(col_start, BLOCK_M, mask_lo, mask_hi) | (col_start + BLOCK_M > col_stop),
+            _touches(col_start, BLOCK_M, first, last), IS_PAPER,
         )
-        scores = tl.dot(x, tl.trans(k), input_precision=PRECISION) * scale
-        grad = _score_gradient(
-            scores, cols, col_stop, lse, neg_coef, pos_coef, pos_lo, pos_hi, self_col, IS_PAPER
-        )
-        acc = tl.dot(tl.trans(grad.to(x.dtype)), x, acc, input_precision=PRECISION)
+        acc = tl.dot(grad_t.to(x.dtype), x, acc, input_precision=PRECISION)
+    _store_rows(grad_k_ptr, acc, cols, col_stop, stride_grad, dim, BLOCK_D)
 
-    offs_d = tl.arange(0, BLOCK_D)
-    out = grad_k_ptr + cols[:, None].to(tl.int64) * stride_grad + offs_d[None, :]
-    tl.store(out, acc * scale, mask=(cols[:, None] < col_stop) & (offs_d[None, :] < dim))
+
+@triton.jit
+def sum_splits_kernel(part_ptr, out_ptr, num_splits, numel, BLOCK: tl.constexpr):
+    """``out[i] = sum_s part[s, i]``, adding the splits in order (deterministic)."""
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    ok = offs < numel
+    total = tl.zeros([BLOCK], tl.float32)
+    for split in range(num_splits):
+        total += tl.load(part_ptr + split * numel + offs.to(tl.int64), mask=ok, other=0.0)
+    tl.store(out_ptr + offs, total, mask=ok)

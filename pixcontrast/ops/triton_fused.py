@@ -1,12 +1,20 @@
 """Fused contrastive loss on Triton kernels: the contract of :mod:`pixcontrast.ops.torch_fused`.
 
-The forward kernel keeps per anchor only the statistics of DESIGN.md §1 (``nu`` or ``lam`` and,
-for paper, the positive sums); the backward kernels recompute the scores tile by tile, flash
-attention style, with ``dx = G k / tau`` over row blocks and ``dk = G^T x / tau`` over column
-blocks. Scalar reductions therefore cost three products (scores, and each gradient product
-recomputes them), ``reduction="none"`` the same split over forward and backward. The ``N x M``
-matrix is never in memory. Supcon's positive part goes through class sums, shared with the torch
-path.
+Forward keeps per anchor only the statistics of DESIGN.md §1 (``nu`` or ``lam`` and, for paper,
+``w``). The key axis of the row kernels is split across programs as in flash-decoding, so that
+few anchors and many keys still fill the GPU (:func:`launch_plan`); the splits' partial
+log-sum-exps are merged in a fixed order.
+
+Scalar reductions know the upstream weights in forward, so the statistics pass also streams the
+softmax-weighted key average ``sum_j exp(s_aj - lse_a) k_j`` (attention with V = K): the negative
+part of ``dx`` costs no pass of its own. Paper's positive terms (and the positive part of
+``dx``) take one more pass over the rows' positive blocks only, about M / C columns; supcon's
+positive part goes through class sums, shared with the torch path. ``reduction="none"``
+recomputes the scores in backward, flash-attention style. The key gradient ``dk = G^T x / tau``
+is one kernel over key-column blocks. The ``N x M`` matrix is never in memory.
+
+Nothing in this module's launch path reads a device value on the host: row bounds come from
+device-side searches, grids from shapes and upper bounds.
 
 Importing this module does not import Triton; the kernels are imported on first use (with
 ``TRITON_INTERPRET=1`` set before that, they run on CPU tensors through Triton's interpreter).
@@ -15,8 +23,10 @@ Importing this module does not import Triton; the kernels are imported on first 
 from __future__ import annotations
 
 import functools
+import math
+from dataclasses import dataclass
 from types import ModuleType
-from typing import Optional, Sequence
+from typing import Callable, NamedTuple, Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -26,11 +36,25 @@ from ._layout import ContrastLayout
 from ._options import ContrastOptions
 from .torch_fused import add_supcon_positive_gradient, supcon_positive_sums
 
-__all__ = ["sweep", "triton_contrastive_loss", "unsupported"]
+__all__ = [
+    "KernelLaunch",
+    "Target",
+    "TileConfig",
+    "launch_plan",
+    "operand_dtype",
+    "sweep",
+    "tile_config",
+    "triton_contrastive_loss",
+    "unsupported",
+]
 
 _SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # D lives in one register tile per row block (padded to a power of two), as in flash attention.
 MAX_DIM = 256
+_LOG2E = 1.4426950408889634
+# fp32 operands reach the kernels only when TF32 is allowed (see unsupported()); the setting
+# means nothing for half-precision operands.
+_PRECISION = "tf32"
 
 
 @functools.cache
@@ -44,6 +68,13 @@ def _load_kernels() -> tuple[Optional[ModuleType], bool, str]:
     except ImportError as error:  # triton missing, or too old for the kernels
         return None, False, f"triton is not importable ({error}); pip install 'pixcontrast[triton]'"
     return _kernels, bool(triton.knobs.runtime.interpret), ""
+
+
+def operand_dtype(anchors: Tensor, keys: Sequence[Tensor]) -> torch.dtype:
+    """Products take half-precision operands when every input is in that dtype (the layout's fp32
+    copy converts back exactly), and fp32 otherwise."""
+    dtypes = {anchors.dtype} | {part.dtype for part in keys}
+    return dtypes.pop() if len(dtypes) == 1 else torch.float32
 
 
 def unsupported(anchors: Tensor, keys: Sequence[Tensor]) -> list[str]:
@@ -61,52 +92,239 @@ def unsupported(anchors: Tensor, keys: Sequence[Tensor]) -> list[str]:
             reasons.append(f"{name} have dtype {tensor.dtype}; supported: fp32, fp16, bf16")
         elif tensor.dtype == torch.bfloat16 and interpreted:
             reasons.append(f"{name} are bf16, which the Triton interpreter does not support")
+    if operand_dtype(anchors, keys) == torch.float32 and _float32_highest():
+        reasons.append(
+            "fp32 products at 'highest' matmul precision would run on FMA units in Triton; allow "
+            "TF32 (torch.set_float32_matmul_precision('high')) or use backend='torch' (cuBLAS)"
+        )
     if anchors.shape[-1] > MAX_DIM:
         reasons.append(f"the feature dimension D={anchors.shape[-1]} exceeds {MAX_DIM}")
     return reasons
 
 
-def _operand_dtype(anchors: Tensor, keys: Sequence[Tensor]) -> torch.dtype:
-    """Products take half-precision operands when every input is in that dtype (the layout's fp32
-    copy converts back exactly), and fp32 otherwise."""
-    dtypes = {anchors.dtype} | {part.dtype for part in keys}
-    return dtypes.pop() if len(dtypes) == 1 else torch.float32
+def _float32_highest() -> bool:
+    return torch.get_float32_matmul_precision() == "highest"
 
 
-def _dot_precision(operand_dtype: torch.dtype) -> str:
-    """fp32 products follow torch's setting, IEEE unless the user allowed TF32 (the default
-    ``"highest"`` does not); the setting means nothing for half-precision operands."""
-    highest = torch.get_float32_matmul_precision() == "highest"
-    return "ieee" if operand_dtype == torch.float32 and highest else "tf32"
+class TileConfig(NamedTuple):
+    """Tiles of the score kernels: the row kernels take ``rows`` anchors x ``cols`` keys per tile
+    over ``num_warps``; the key-gradient kernel ``key_rows`` keys x ``cols`` anchors over
+    ``key_warps``. Both pipeline ``num_stages`` deep."""
+
+    rows: int
+    cols: int
+    num_warps: int
+    num_stages: int
+    key_rows: int
+    key_warps: int
 
 
-def _tiles(block_d: int, operand_dtype: torch.dtype, interpreted: bool) -> tuple[int, ...]:
-    """``(BLOCK_N, BLOCK_M, num_warps, num_stages)``.
+# Shared memory per block that each family of GPUs grants a kernel (opt-in maximum).
+SHARED_MEMORY = {"sm80": 163 * 1024, "sm86": 99 * 1024, "sm90": 227 * 1024}
 
-    On GPUs the tiles target sm80+ (A100, H100, also RTX 30xx/40xx; untuned): 64 x 64 score
-    tiles with the whole padded D in registers; at D = 256 fewer key rows per tile and more warps
-    for the ``[64, D]`` fp32 accumulator, and 32 x 32 tiles for fp32 operands, so that every
-    kernel's shared memory (two pipeline stages) stays under the 99 KiB of consumer GPUs. Under
-    the interpreter 32 x 32 tiles make small test sizes span several tiles.
+# (family, operand bytes, padded D) -> tiles, checked by compiling every entry for its family
+# (tests/test_triton.py: zero spills, shared memory within SHARED_MEMORY). 64 rows per 4 warps
+# are one warpgroup's wgmma height on sm90 (so no two warpgroups compute the same scores) and
+# the score tile of 4 warps on sm80. The [rows, D] fp32 accumulators bound the rest: from
+# D = 128 on, sm8x row kernels (whose mma.sync operands also sit in registers) and every
+# key-gradient kernel but sm90's at D = 128 spread them over 8 warps. D = 256 takes fewer key
+# columns on sm86/89 (99 KiB of shared memory). Untuned: to be timed on GPUs
+# (benchmarks/gpu_check.py).
+_TILES = {
+    ("sm90", 2, 64): TileConfig(128, 64, 8, 3, 64, 4),
+    ("sm90", 2, 128): TileConfig(128, 64, 8, 3, 64, 4),
+    ("sm90", 2, 256): TileConfig(128, 64, 8, 2, 64, 8),
+    ("sm90", 4, 64): TileConfig(128, 32, 8, 3, 64, 4),
+    ("sm90", 4, 128): TileConfig(128, 32, 8, 2, 64, 4),
+    ("sm90", 4, 256): TileConfig(128, 32, 8, 2, 64, 8),
+    ("sm80", 2, 64): TileConfig(64, 64, 4, 3, 64, 4),
+    ("sm80", 2, 128): TileConfig(64, 64, 8, 3, 64, 8),
+    ("sm80", 2, 256): TileConfig(64, 64, 8, 2, 64, 8),
+    ("sm80", 4, 64): TileConfig(64, 32, 4, 3, 64, 4),
+    ("sm80", 4, 128): TileConfig(64, 32, 8, 2, 64, 8),
+    ("sm80", 4, 256): TileConfig(64, 32, 8, 2, 64, 8),
+    ("sm86", 2, 64): TileConfig(64, 64, 4, 2, 64, 4),
+    ("sm86", 2, 128): TileConfig(64, 64, 8, 2, 64, 8),
+    ("sm86", 2, 256): TileConfig(64, 32, 8, 2, 64, 8),
+    ("sm86", 4, 64): TileConfig(64, 32, 4, 2, 64, 4),
+    ("sm86", 4, 128): TileConfig(64, 32, 8, 2, 64, 8),
+    ("sm86", 4, 256): TileConfig(64, 16, 8, 1, 64, 8),
+}
+# Under the interpreter small tiles make small test sizes span several tiles and splits.
+_INTERPRETER_TILES = TileConfig(32, 32, 1, 1, 32, 1)
+# The combine and sum kernels are memory-bound and tiny: fixed tiles.
+_COMBINE_ROWS, _SUM_BLOCK, _SMALL_WARPS = 16, 1024, 4
+# A split below this many key tiles spends more on its prologue and partials than it saves.
+_MIN_TILES_PER_SPLIT = 4
+# Splits are searched up to this many waves' worth (the partials grow with the splits).
+_MAX_WAVES = 4
+# Splits whose wave efficiency is within this of the best count as equally good; the fewest win
+# (fewer partials to write and merge).
+_WAVE_SLACK = 0.05
+
+
+def arch_family(capability: tuple[int, int]) -> str:
+    """The tile family of a CUDA compute capability: sm90 for Hopper and newer (untested beyond
+    sm90), sm80 for A100, sm86 (99 KiB of shared memory) for the other sm8x GPUs and older."""
+    if capability >= (9, 0):
+        return "sm90"
+    return "sm80" if capability == (8, 0) else "sm86"
+
+
+def _block_d(dim: int) -> int:
+    return max(16, 1 << max(dim - 1, 0).bit_length())
+
+
+def tile_config(capability: tuple[int, int], dtype: torch.dtype, dim: int) -> TileConfig:
+    """Score-kernel tiles for a GPU, operand dtype and feature dimension (``dim <= MAX_DIM``)."""
+    bucket = max(64, _block_d(dim))
+    return _TILES[(arch_family(capability), 4 if dtype == torch.float32 else 2, bucket)]
+
+
+@dataclass(frozen=True)
+class KernelLaunch:
+    """One kernel launch: its grid, tiles, warps, stages and key splits."""
+
+    kernel: str
+    grid: tuple[int, ...]
+    block_rows: int
+    block_cols: int
+    block_d: int
+    num_warps: int
+    num_stages: int
+    splits: int
+
+    @property
+    def programs(self) -> int:
+        return math.prod(self.grid)
+
+
+def choose_splits(row_tiles: int, col_tiles: int, sm_count: int) -> int:
+    """Key splits per row tile, flash-decoding style.
+
+    No split when the row tiles alone fill the GPU. Otherwise enough to fill at least one wave of
+    ``sm_count`` programs (one per SM, a conservative occupancy), and among those counts the
+    fewest whose wave efficiency (programs / (waves * sm_count)) is within ``_WAVE_SLACK`` of the
+    best: a last wave that is nearly empty costs as much as a full one. Each split keeps at least
+    ``_MIN_TILES_PER_SPLIT`` key tiles; with too few keys for a full wave, as many as that allows.
     """
-    if interpreted:
-        return 32, 32, 1, 1
-    if block_d <= 128:
-        return 64, 64, 4, 2
-    if operand_dtype == torch.float32:
-        return 32, 32, 4, 2
-    return 64, 32, 8, 2
+    if row_tiles >= sm_count:
+        return 1
+    least = -(-sm_count // row_tiles)
+    most = max(1, min(_MAX_WAVES * least, col_tiles // _MIN_TILES_PER_SPLIT))
+    if most <= least:
+        return most
+
+    def efficiency(splits: int) -> float:
+        programs = row_tiles * splits
+        return programs / (-(-programs // sm_count) * sm_count)
+
+    best = max(efficiency(s) for s in range(least, most + 1))
+    return next(s for s in range(least, most + 1) if efficiency(s) >= best - _WAVE_SLACK)
+
+
+def launch_plan(
+    n: int,
+    m: int,
+    dim: int,
+    dtype: torch.dtype,
+    sm_count: int,
+    *,
+    capability: tuple[int, int] = (9, 0),
+    num_splits: Optional[int] = None,
+    interpreted: bool = False,
+) -> dict[str, KernelLaunch]:
+    """Every kernel a loss evaluation over ``n`` sorted anchors and ``m`` sorted keys may launch,
+    planned without launching anything: grid, tiles, warps, stages and key splits.
+
+    ``dtype`` is the products' operand dtype, ``num_splits`` overrides the split choice (tests).
+    ``"key_grad"``'s grid is its upper bound, all ``m`` columns; ``"split_sum"``'s is that of an
+    ``[n, dim]`` sum of partials (paper's positive terms are a smaller one). ``"positive"`` (paper
+    only) and ``"anchor_grad"`` (backward of ``reduction="none"``) take the split of
+    ``"statistics"``.
+    """
+    tiles = _INTERPRETER_TILES if interpreted else tile_config(capability, dtype, dim)
+    block_d = _block_d(dim)
+    row_tiles, col_tiles = -(-n // tiles.rows), -(-m // tiles.cols)
+    wanted = num_splits if num_splits is not None else choose_splits(row_tiles, col_tiles, sm_count)
+    splits = max(1, min(wanted, col_tiles))  # no empty split
+
+    def score_kernel(name: str, grid: tuple[int, ...], kernel_splits: int) -> KernelLaunch:
+        return KernelLaunch(
+            name, grid, tiles.rows, tiles.cols, block_d, tiles.num_warps, tiles.num_stages,
+            kernel_splits,
+        )
+
+    def small_kernel(name: str, grid: tuple[int, ...], rows: int) -> KernelLaunch:
+        return KernelLaunch(name, grid, rows, 1, block_d, _SMALL_WARPS, 1, splits)
+
+    row_grid = (row_tiles, splits)
+    return {
+        "statistics": score_kernel("contrast_statistics_kernel", row_grid, splits),
+        "combine": small_kernel(
+            "combine_statistics_kernel", (-(-n // _COMBINE_ROWS),), _COMBINE_ROWS
+        ),
+        "positive": score_kernel("paper_positive_kernel", row_grid, splits),
+        "split_sum": small_kernel("sum_splits_kernel", (-(-n * dim // _SUM_BLOCK),), _SUM_BLOCK),
+        "anchor_grad": score_kernel("contrast_anchor_grad_kernel", row_grid, splits),
+        "key_grad": KernelLaunch(
+            "contrast_key_grad_kernel", (-(-m // tiles.key_rows),), tiles.key_rows, tiles.cols,
+            block_d, tiles.key_warps, tiles.num_stages, 1,
+        ),
+    }
+
+
+class Target(NamedTuple):
+    """What the plan needs to know of the device."""
+
+    capability: tuple[int, int]
+    sm_count: int
+
+
+@functools.cache
+def _cuda_target(index: int) -> Target:
+    properties = torch.cuda.get_device_properties(index)
+    return Target((properties.major, properties.minor), properties.multi_processor_count)
+
+
+def device_target(device: torch.device) -> Target:
+    """The device's target; CPU tensors (interpreter) take one SM, so no split unless asked."""
+    if device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        return _cuda_target(index)
+    return Target((9, 0), 1)
+
+
+def _row_bounds(layout: ContrastLayout) -> tuple[Tensor, Tensor, Tensor]:
+    """``pos_lo, pos_hi, self_col`` (int32) per sorted anchor, found on the device: the class
+    block of each anchor is where its class id sorts into the non-decreasing key classes."""
+    key_class, anchor_class = layout.key_class, layout.anchor_class
+    pos_lo = torch.searchsorted(key_class, anchor_class, out_int32=True)
+    pos_hi = torch.searchsorted(key_class, anchor_class, right=True, out_int32=True)
+    if layout.self_column is not None:
+        self_col = layout.self_column.to(torch.int32)
+    else:
+        self_col = torch.full_like(pos_lo, -1)
+    return pos_lo, pos_hi, self_col
 
 
 def _key_blocks(columns: list[tuple[int, int]], block: int, device) -> tuple[Tensor, Tensor]:
-    """The table of column blocks of the ``dk`` kernel: ``[start, stop)`` per program."""
-    starts, stops = [], []
-    for lo, hi in columns:
-        for start in range(lo, hi, block):
-            starts.append(start)
-            stops.append(hi)
-    as_tensor = functools.partial(torch.tensor, dtype=torch.int32, device=device)
-    return as_tensor(starts), as_tensor(stops)
+    """The table of column blocks of the ``dk`` kernel, ``[start, stop)`` per program, copied to
+    the device from pinned memory without waiting (the ranges are host values already)."""
+    starts = [start for lo, hi in columns for start in range(lo, hi, block)]
+    stops = [hi for lo, hi in columns for _ in range(lo, hi, block)]
+    table = torch.tensor([starts, stops], dtype=torch.int32)
+    if device.type == "cuda":
+        table = table.pin_memory()
+    table = table.to(device, non_blocking=True)
+    return table[0], table[1]
+
+
+Launch = Callable[..., None]
+
+
+def _launch(kernel, grid: tuple[int, ...], *args, **meta) -> None:
+    kernel[grid](*args, **meta)
 
 
 def sweep(
@@ -120,12 +338,16 @@ def sweep(
     saved: Optional[AnchorStatistics] = None,
     *,
     operand_dtype: torch.dtype = torch.float32,
+    num_splits: Optional[int] = None,
+    target: Optional[Target] = None,
+    launch: Launch = _launch,
 ) -> tuple[Tensor, AnchorStatistics, Optional[Tensor], Optional[Tensor]]:
     """The Triton ``sweep`` of :mod:`pixcontrast.ops._autograd` (see ``torch_fused.sweep``).
 
-    With ``saved`` statistics the forward kernel is skipped and the returned loss is zeros (only
-    backward passes ``saved``, and it uses the gradients alone). ``operand_dtype`` is the dtype
-    of the products' operands.
+    With ``saved`` statistics the statistics kernels are skipped and the returned loss is zeros
+    (only backward passes ``saved``, and it uses the gradients alone). ``operand_dtype`` is the
+    dtype of the products' operands; ``num_splits`` overrides the planned key splits, ``target``
+    the device's, and ``launch(kernel, grid, *args, **meta)`` runs a kernel (tests record).
     """
     x, k = layout.anchors, layout.keys
     n, m, dim = x.shape[0], k.shape[0], x.shape[1]
@@ -140,41 +362,74 @@ def sweep(
         grad_k = k.new_zeros(k.shape) if want_grad_k else None
         return loss, stats, grad_x, grad_k
 
-    import triton  # importable: the dispatcher asked unsupported() first
-
     kernels, interpreted, _ = _load_kernels()
-    block_d = max(16, triton.next_power_of_2(dim))
-    block_n, block_m, num_warps, num_stages = _tiles(block_d, operand_dtype, interpreted)
+    target = target or device_target(x.device)
+    plan = launch_plan(
+        n, m, dim, operand_dtype, target.sm_count, capability=target.capability,
+        num_splits=num_splits, interpreted=interpreted,
+    )
+    stats_plan = plan["statistics"]
+    block_d, splits = stats_plan.block_d, stats_plan.splits
     x_op = x.to(operand_dtype).contiguous()
     k_op = k.to(operand_dtype).contiguous()
-    class_bounds = torch.tensor(layout.key_offsets, dtype=torch.int32, device=x.device)
-    pos_lo = class_bounds.index_select(0, layout.anchor_class)
-    pos_hi = class_bounds.index_select(0, layout.anchor_class + 1)
-    self_col = (
-        layout.self_column.to(torch.int32)
-        if layout.self_column is not None
-        else torch.full((n,), -1, dtype=torch.int32, device=x.device)
-    )
+    pos_lo, pos_hi, self_col = _row_bounds(layout)
     is_paper = variant == "paper"
     inv_pos = 1.0 / layout.positives.clamp(min=1)
     has_pos = layout.positives > 0
     positive_sums = None if is_paper else supcon_positive_sums(layout)
-    common = dict(
-        scale=1.0 / temperature, IS_PAPER=is_paper, PRECISION=_dot_precision(operand_dtype),
-        BLOCK_N=block_n,
-        BLOCK_M=block_m, BLOCK_D=block_d, num_warps=num_warps, num_stages=num_stages,
-    )
-    row_blocks = (triton.cdiv(n, block_n),)
+    scale2 = _LOG2E / temperature
+    fp32 = dict(dtype=torch.float32, device=x.device)
 
+    def run(name: str, kernel, *args, **constexprs) -> None:
+        """A row kernel of the plan: anchors along ``BLOCK_N``, keys along ``BLOCK_M``."""
+        step = plan[name]
+        launch(
+            kernel, step.grid, *args, **constexprs, BLOCK_N=step.block_rows,
+            BLOCK_M=step.block_cols, BLOCK_D=block_d, num_warps=step.num_warps,
+            num_stages=step.num_stages,
+        )
+
+    def sum_splits(partial: Tensor) -> Tensor:
+        """``partial.sum(0)`` in split order, by the kernel."""
+        out = torch.empty(partial.shape[1:], **fp32)
+        numel = out.numel()
+        launch(
+            kernels.sum_splits_kernel, (-(-numel // _SUM_BLOCK),), partial, out,
+            partial.shape[0], numel, BLOCK=_SUM_BLOCK, num_warps=_SMALL_WARPS,
+        )
+        return out
+
+    # Scalar reductions pass the weights to forward: the negative part of dx streams there.
+    stream = saved is None and want_grad_x
+    mean_key = pos_acc = None
     if saved is None:
-        lse = torch.empty(n, dtype=torch.float32, device=x.device)
-        softplus_sum = torch.zeros_like(lse)
-        sigmoid_sum = torch.zeros_like(lse)
-        kernels.contrast_forward_kernel[row_blocks](
-            x_op, k_op, pos_lo, pos_hi, self_col, lse, softplus_sum, sigmoid_sum,
-            n, m, dim, x_op.stride(0), k_op.stride(0), **common,
+        part_max = torch.empty((splits, n), **fp32)
+        part_sum = torch.empty((splits, n), **fp32)
+        part_acc = torch.empty((splits, n, dim), **fp32) if stream else part_max
+        run(
+            "statistics", kernels.contrast_statistics_kernel,
+            x_op, k_op, pos_lo, pos_hi, self_col, part_max, part_sum, part_acc,
+            n, m, dim, x_op.stride(0), k_op.stride(0), scale2,
+            IS_PAPER=is_paper, STREAM_GRAD=stream, PRECISION=_PRECISION,
+        )
+        lse = torch.empty(n, **fp32)
+        mean_key = torch.empty((n, dim), **fp32) if stream else lse
+        launch(
+            kernels.combine_statistics_kernel, plan["combine"].grid,
+            part_max, part_sum, part_acc, lse, mean_key, n, dim, splits,
+            STREAM_GRAD=stream, BLOCK_N=_COMBINE_ROWS, BLOCK_D=block_d, num_warps=_SMALL_WARPS,
         )
         if is_paper:
+            part_terms = torch.empty((splits, 2, n), **fp32)
+            part_pos_acc = torch.empty((splits, n, dim), **fp32) if stream else part_terms
+            run(
+                "positive", kernels.paper_positive_kernel,
+                x_op, k_op, pos_lo, pos_hi, self_col, lse, part_terms, part_pos_acc,
+                n, m, dim, x_op.stride(0), k_op.stride(0), scale2,
+                STREAM_GRAD=stream, PRECISION=_PRECISION,
+            )
+            softplus_sum, sigmoid_sum = sum_splits(part_terms)
+            pos_acc = sum_splits(part_pos_acc) if stream else None
             loss = rho * softplus_sum * inv_pos
             stats = AnchorStatistics(lse, sigmoid_sum * inv_pos)
         else:
@@ -191,9 +446,9 @@ def sweep(
         pos_coef = -row_scale * inv_pos
     else:
         neg_coef, pos_coef = row_scale, torch.zeros_like(row_scale)
-    # G is cast to the operand dtype for the gradient products: in units of its largest row
-    # coefficient it is at most ~1, so fp16 neither overflows nor flushes small upstream
-    # gradients (1 / N for a mean) to zero. The factor is applied to the fp32 results.
+    # The recomputing kernels cast G to the operand dtype for their products: in units of its
+    # largest row coefficient it is at most ~1, so fp16 neither overflows nor flushes small
+    # upstream gradients (1 / N for a mean) to zero. The factor is applied to the fp32 results.
     coef_unit = torch.maximum(neg_coef.abs().max(), pos_coef.abs().max()).clamp(
         min=torch.finfo(torch.float32).tiny
     )
@@ -201,21 +456,40 @@ def sweep(
         pos_lo, pos_hi, self_col, stats.log_normalizer, neg_coef / coef_unit, pos_coef / coef_unit
     )
     grad_x = grad_k = None
-    if want_grad_x:
-        grad_x = torch.empty_like(x)
-        kernels.contrast_anchor_grad_kernel[row_blocks](
-            x_op, k_op, *row_args, grad_x,
-            n, m, dim, x_op.stride(0), k_op.stride(0), grad_x.stride(0), **common,
+    if want_grad_x and stream:
+        grad_x = neg_coef[:, None] * mean_key
+        if is_paper:
+            grad_x += pos_coef[:, None] * pos_acc
+        grad_x /= temperature
+    elif want_grad_x:
+        part_grad = torch.empty((splits, n, dim), **fp32)
+        run(
+            "anchor_grad", kernels.contrast_anchor_grad_kernel,
+            x_op, k_op, *row_args, part_grad,
+            n, m, dim, x_op.stride(0), k_op.stride(0), scale2,
+            IS_PAPER=is_paper, PRECISION=_PRECISION,
         )
-        grad_x *= coef_unit
+        grad_x = sum_splits(part_grad) * (coef_unit / temperature)
     if want_grad_k:
-        starts, stops = _key_blocks(key_grad_columns, block_m, x.device)
-        grad_k = torch.zeros_like(k)  # columns outside key_grad_columns stay zero
-        kernels.contrast_key_grad_kernel[(starts.numel(),)](
+        use_table = key_grad_columns != [(0, m)]
+        block = plan["key_grad"].block_rows
+        if use_table:
+            starts, stops = _key_blocks(key_grad_columns, block, x.device)
+            grid = (starts.numel(),)
+            grad_k = torch.zeros_like(k)  # columns outside key_grad_columns stay zero
+        else:
+            starts = stops = pos_lo  # unused without the table
+            grid = plan["key_grad"].grid
+            grad_k = torch.empty_like(k)  # every column is written
+        launch(
+            kernels.contrast_key_grad_kernel, grid,
             x_op, k_op, *row_args, starts, stops, grad_k,
-            n, dim, x_op.stride(0), k_op.stride(0), grad_k.stride(0), **common,
+            n, m, dim, x_op.stride(0), k_op.stride(0), grad_k.stride(0), scale2,
+            USE_TABLE=use_table, IS_PAPER=is_paper, PRECISION=_PRECISION,
+            BLOCK_M=block, BLOCK_N=plan["key_grad"].block_cols, BLOCK_D=block_d,
+            num_warps=plan["key_grad"].num_warps, num_stages=plan["key_grad"].num_stages,
         )
-        grad_k *= coef_unit
+        grad_k *= coef_unit / temperature
     if not is_paper:
         add_supcon_positive_gradient(
             layout, positive_sums, temperature, rho, weight, grad_x, grad_k
@@ -231,5 +505,5 @@ def triton_contrastive_loss(
     in_batch: bool,
     options: ContrastOptions,
 ) -> Tensor:
-    fused_sweep = functools.partial(sweep, operand_dtype=_operand_dtype(anchors, keys))
+    fused_sweep = functools.partial(sweep, operand_dtype=operand_dtype(anchors, keys))
     return apply_contrast(anchors, labels, keys, key_labels, in_batch, options, sweep=fused_sweep)

@@ -1,0 +1,196 @@
+"""Compile the Triton path's launches for a GPU, without a GPU.
+
+:func:`record_launches` runs :func:`pixcontrast.ops.triton_fused.sweep` on meta tensors with a
+launcher that records each kernel launch instead of running it; as meta tensors hold no values,
+this also proves that the launch path reads no device value on the host (a host sync would
+raise). :func:`compile_launch` compiles one recorded launch with the argument specialisation the
+JIT would give it at run time (16-byte aligned pointers and integers divisible by 16 carry
+``tt.divisibility``; tensor allocations are aligned, as on CUDA) and reports registers and spills
+from the bundled ``ptxas``, shared memory, and whether the PTX uses wgmma.
+
+Run as ``python -m pixcontrast.ops.triton_compile ARCH DTYPE DIM VARIANT REDUCTION`` (without
+``TRITON_INTERPRET``): prints one JSON line per distinct compiled kernel.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+
+from . import triton_fused
+from ._layout import ContrastLayout
+
+__all__ = ["CompileReport", "Launch", "compile_launch", "meta_layout", "record_launches"]
+
+
+@dataclass(frozen=True)
+class Launch:
+    kernel: Any
+    grid: tuple[int, ...]
+    args: tuple[Any, ...]
+    meta: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class CompileReport:
+    kernel: str
+    grid: tuple[int, ...]
+    num_warps: int
+    num_stages: int
+    registers: int
+    spill_bytes: int
+    shared_bytes: int
+    wgmma: bool
+
+
+def meta_layout(n: int, m: int, dim: int, in_batch: bool, num_classes: int = 19) -> ContrastLayout:
+    """A class-sorted layout of ``n`` anchors and ``m`` keys (``+ n`` in-batch) on the meta
+    device; the host offsets are an even split into ``num_classes`` classes."""
+    meta = dict(device="meta")
+    total = m + (n if in_batch else 0)
+    index = dict(dtype=torch.long, **meta)
+
+    def offsets(count: int) -> list[int]:
+        return [count * c // num_classes for c in range(num_classes + 1)]
+
+    return ContrastLayout(
+        anchors=torch.empty(n, dim, **meta),
+        anchor_order=torch.empty(n, **index),
+        anchor_class=torch.empty(n, **index),
+        keys=torch.empty(total, dim, **meta),
+        key_source=torch.empty(total, **index),
+        key_class=torch.empty(total, **index),
+        self_column=torch.empty(n, **index) if in_batch else None,
+        positives=torch.empty(n, **meta),
+        anchor_offsets=offsets(n),
+        key_offsets=offsets(total),
+        key_part_sizes=(m,),
+    )
+
+
+def record_launches(
+    layout: ContrastLayout,
+    variant: str,
+    reduction: str,
+    operand_dtype: torch.dtype,
+    target: triton_fused.Target,
+    key_grad_columns: list[tuple[int, int]] | None = None,
+) -> list[Launch]:
+    """The launches of one training step (forward and backward, anchor and key gradients) on
+    meta tensors: a scalar reduction does everything in forward, ``"none"`` recomputes."""
+    launches: list[Launch] = []
+
+    def record(kernel, grid, *args, **meta):
+        launches.append(Launch(kernel, tuple(grid), args, meta))
+
+    n = layout.anchors.shape[0]
+    columns = key_grad_columns or [(0, layout.keys.shape[0])]
+    weight = torch.empty(n, device="meta")
+    options = dict(operand_dtype=operand_dtype, target=target, launch=record)
+    sweep = triton_fused.sweep
+    if reduction == "none":
+        _, stats, _, _ = sweep(layout, 0.1, 1.0, variant, None, False, None, **options)
+        sweep(layout, 0.1, 1.0, variant, weight, True, columns, saved=stats, **options)
+    else:
+        sweep(layout, 0.1, 1.0, variant, weight, True, columns, **options)
+    return launches
+
+
+def _ptxas_usage(ptx: str, capability: int) -> tuple[int, int]:
+    """``(registers, spill bytes)`` per thread, as the bundled ptxas reports them."""
+    from triton.backends.nvidia.compiler import get_ptxas, sm_arch_from_capability
+
+    with tempfile.TemporaryDirectory() as folder:
+        path = os.path.join(folder, "kernel.ptx")
+        with open(path, "w") as file:
+            file.write(ptx)
+        log = subprocess.run(
+            [get_ptxas(capability).path, "-v", f"--gpu-name={sm_arch_from_capability(capability)}",
+             path, "-o", path + ".o"],
+            capture_output=True, text=True, check=True,
+        ).stderr
+    registers = int(re.search(r"Used (\d+) registers", log).group(1))
+    spills = sum(int(count) for count in re.findall(r"(\d+) bytes spill (?:stores|loads)", log))
+    return registers, spills
+
+
+def compile_launch(launch: Launch, capability: int) -> CompileReport:
+    """Compile a recorded launch for ``sm{capability}`` as the JIT would specialise it."""
+    import triton
+    from triton._C.libtriton import native_specialize_impl
+    from triton.backends.compiler import GPUTarget
+    from triton.backends.nvidia.compiler import CUDABackend
+    from triton.compiler import ASTSource
+
+    kernel = launch.kernel
+    constexprs = {name: launch.meta[name] for name in kernel.arg_names if name in launch.meta}
+    values = iter(launch.args)
+    signature, attrs = {}, {}
+    for index, name in enumerate(kernel.arg_names):
+        if name in constexprs:
+            signature[name] = "constexpr"
+            continue
+        kind, specialisation = native_specialize_impl(CUDABackend, next(values), False, True, True)
+        signature[name] = kind
+        if kind == "constexpr":  # the JIT turns an integer 1 into a constant
+            constexprs[name] = specialisation
+        elif isinstance(specialisation, str) and specialisation:
+            attrs[(index,)] = CUDABackend.parse_attr(specialisation)
+    source = ASTSource(kernel, signature, constexprs=constexprs, attrs=attrs)
+    num_warps, num_stages = launch.meta["num_warps"], launch.meta.get("num_stages", 3)
+    compiled = triton.compile(
+        source, target=GPUTarget("cuda", capability, 32),
+        options=dict(num_warps=num_warps, num_stages=num_stages),
+    )
+    ptx = compiled.asm["ptx"]
+    registers, spills = _ptxas_usage(ptx, capability)
+    return CompileReport(
+        kernel.fn.__name__, launch.grid, num_warps, num_stages, registers, spills,
+        compiled.metadata.shared, "wgmma" in ptx,
+    )
+
+
+def distinct(launches: list[Launch]) -> list[Launch]:
+    """One launch per distinct compiled binary (kernel and compile-time arguments)."""
+    seen, kept = set(), []
+    for launch in launches:
+        meta = tuple(sorted((name, str(value)) for name, value in launch.meta.items()))
+        key = (launch.kernel.fn.__name__, meta)
+        if key not in seen:
+            seen.add(key)
+            kept.append(launch)
+    return kept
+
+
+def step_launches(
+    target: triton_fused.Target, operand_dtype: torch.dtype, dim: int, variant: str,
+    reduction: str, n: int = 1024, m: int = 190_000,
+) -> list[Launch]:
+    """Every launch of a step at the paper's shape, for both ways of choosing key-gradient
+    columns: all of them, and a table of ranges (here the in-batch anchors' own columns)."""
+    launches = []
+    for in_batch, columns in [(False, None), (True, [(0, n)])]:
+        layout = meta_layout(n, m, dim, in_batch)
+        launches += record_launches(layout, variant, reduction, operand_dtype, target, columns)
+    return launches
+
+
+def main(argv: list[str]) -> None:
+    arch, dtype_name, dim, variant, reduction = argv
+    capability = int(arch)
+    target = triton_fused.Target((capability // 10, capability % 10), 132)
+    for launch in distinct(step_launches(target, getattr(torch, dtype_name), int(dim), variant,
+                                         reduction)):
+        print(json.dumps(asdict(compile_launch(launch, capability))), flush=True)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
