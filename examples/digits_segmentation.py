@@ -16,7 +16,8 @@ in each mode with the same steps, data order and initialisation per seed:
   ``--contrast-weight``);
 - ``ce+contrast-plain``: the library's defaults, background included, the weight on from step 1;
 - ``ce+contrast-bg`` (not run by default): the recipe's schedule with the background included;
-- ``ce+contrast+memory`` (not run by default): the recipe with a :class:`pixcontrast.ClassMemoryBank`.
+- ``ce+contrast+memory`` (not run by default): the recipe with a
+  :class:`pixcontrast.ClassMemoryBank`.
 
 Reported per run: test mIoU and per-class IoU, mIoU on a shifted test set (the same held-out
 scans under twice the training noise), and a class-balanced linear probe of the backbone features
@@ -43,6 +44,7 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing
+import os
 import platform
 import queue as queue_module
 import sys
@@ -87,10 +89,10 @@ class Config:
     train_noise: float = 0.15
     shifted_noise: float = 0.3  # the shifted test condition: twice the training noise
     batch_size: int = 16
-    steps: int = 600
-    eval_every: int = 60
+    steps: int = 800
+    eval_every: int = 80
     grad_every: int = 20  # steps between gradient_ratio measurements
-    width: int = 24
+    width: int = 16
     proj_dim: int = 32
     lr: float = 2e-3
     contrast_weight: float = 0.1
@@ -362,7 +364,7 @@ def train_one(mode: str, seed: int, config: Config, data: dict[str, Tensor],
         key: [] for key in ("step", "ce", "contrast", "weight", "grad_step", "grad_ratio",
                             "grad_cosine", "anchors", "mean_positives", "eval_step", "val_miou")
     }
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     reported = 0
     for step in range(1, config.steps + 1):
         pick = torch.from_numpy(order.choice(len(train_images), config.batch_size, replace=False))
@@ -426,6 +428,7 @@ def train_one(mode: str, seed: int, config: Config, data: dict[str, Tensor],
         record["panel_predictions"] = predict(
             model, data["test_images"][: config.panel_scenes]).tolist()
     record["seconds"] = time.perf_counter() - start
+    record["cpu_seconds"] = time.process_time() - cpu_start
     return record
 
 
@@ -640,7 +643,8 @@ def main(argv: Optional[list[str]] = None) -> dict:
     parser.add_argument("--steps", type=int, help="training steps per run")
     parser.add_argument("--seeds", type=int, nargs="+", help="seeds (one run per mode and seed)")
     parser.add_argument("--modes", nargs="+", choices=MODES,
-                        help=f"modes, the first is the baseline (default {' '.join(DEFAULT_MODES)})")
+                        help="modes, the first is the baseline (default: "
+                        f"{' '.join(DEFAULT_MODES)})")
     parser.add_argument("--contrast-weight", type=float, help="final weight of the contrast term")
     parser.add_argument("--warmup", type=float,
                         help="fraction of the steps with the term off (recipe modes)")
@@ -675,7 +679,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
     args.output.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(1)
 
-    started = time.perf_counter()
+    started, cpu_started, load_before = time.perf_counter(), time.process_time(), os.getloadavg()
     data = build_data(config)
     scans = data.pop("scans").tolist()
     print(
@@ -713,13 +717,20 @@ def main(argv: Optional[list[str]] = None) -> dict:
         "table": table,
         "runs": sorted(records, key=lambda r: (config.modes.index(r["mode"]), r["seed"])),
         "seconds_total": time.perf_counter() - started,
+        # CPU time of this process and of every run: what an idle machine needs, whatever the
+        # load of a shared one was
+        "cpu_seconds_total": time.process_time() - cpu_started
+        + (sum(r["cpu_seconds"] for r in records) if args.workers > 1 else 0.0),
+        "load_average": {"start": load_before[0], "end": os.getloadavg()[0]},
         "versions": {"pixcontrast": pixcontrast.__version__, "torch": torch.__version__,
                      "python": platform.python_version()},
         "machine": {"processor": platform.processor() or platform.machine(),
                     "cpus": multiprocessing.cpu_count()},
     }
     (args.output / "digits_results.json").write_text(json.dumps(result, indent=1))
-    print(f"\nwrote {', '.join(written)} to {args.output} ({result['seconds_total']:.0f} s)")
+    print(f"\nwrote {', '.join(written)} to {args.output}: {result['seconds_total']:.0f} s wall, "
+          f"{result['cpu_seconds_total']:.0f} CPU s, load average "
+          f"{load_before[0]:.1f} at the start, {os.getloadavg()[0]:.1f} at the end")
     return result
 
 
