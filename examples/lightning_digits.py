@@ -45,7 +45,7 @@ class ContrastSegmenter(L.LightningModule):
         max_samples, max_views: of the anchor sampler.
     """
 
-    def __init__(self, width: int = 16, proj_dim: int = 32, lr: float = 2e-3,
+    def __init__(self, width: int = 16, proj_dim: int = 32, lr: float = 1e-2,
                  contrast_weight: float = 0.1, warmup_steps: int = 120, ramp_steps: int = 120,
                  grad_every: int = 20, max_samples: int = 1024, max_views: int = 64) -> None:
         super().__init__()

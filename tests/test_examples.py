@@ -28,7 +28,8 @@ def load_example(name: str):
 
 def test_digits_segmentation_smoke(tmp_path: Path) -> None:
     example = load_example("digits_segmentation")
-    result = example.main(["--smoke", "--output", str(tmp_path)])
+    result = example.main(["--smoke", "--modes", "ce", "ce+contrast", "ce+contrast-plain",
+                           "--output", str(tmp_path)])
 
     for name in ("digits_results.json", "digits_curves.png", "digits_panels.png",
                  "digits_embeddings.png"):
