@@ -32,12 +32,18 @@ Writes under ``--output`` (default ``examples/output/``): ``digits_results.json`
 ``digits_curves.png``, ``digits_panels.png`` (image / ground truth / prediction per mode) and
 ``digits_embeddings.png`` (t-SNE of test-pixel backbone features, one panel per mode).
 
+The step budget and the learning rate were chosen on the validation split only (``ce`` and
+``ce+contrast``, seed 0, ``--validation-only``: the test split is not evaluated); the JSON of
+those runs is in ``examples/results/budget/``.
+
 Usage::
 
-    python examples/digits_segmentation.py                     # the main job
-    python examples/digits_segmentation.py --smoke             # a few steps, for CI
-    python examples/digits_segmentation.py --validation-only --steps 900 --seeds 0
-        # budget study: validation mIoU only, the test split is not touched
+    python examples/digits_segmentation.py --output examples/results     # the main job
+    python examples/digits_segmentation.py --smoke                       # a few steps, for CI
+    python examples/digits_segmentation.py --validation-only --steps 400 --seeds 0 \
+        --modes ce ce+contrast                                           # a budget study
+    python examples/digits_segmentation.py --modes ce+contrast-plain ce+contrast-bg
+    python examples/digits_segmentation.py --train-scenes 100     # also --steps, --contrast-weight
 """
 
 from __future__ import annotations
