@@ -515,15 +515,16 @@ def _pm(entry: dict, key: str = "") -> str:
 
 def summary_tables(summary: dict, modes: tuple[str, ...], final_test: bool) -> str:
     if not final_test:
-        lines = ["| mode | validation mIoU | - ce (paired) |", "| --- | --- | --- |"]
+        lines = [f"| mode | validation mIoU | - {modes[0]} (paired) |", "| --- | --- | --- |"]
         for mode in modes:
             e = summary[mode]["val_miou"]
             diff = _pm(e, "paired_diff") if "paired_diff" in e else ""
             lines.append(f"| {mode} | {_pm(e)} | {diff} |")
         return "\n".join(lines)
+    paired = f"- {modes[0]} (paired)"
     lines = [
-        "| mode | test mIoU | - ce (paired) | shifted test mIoU | - ce (paired) | probe "
-        "(balanced acc.) | - ce (paired) |",
+        f"| mode | test mIoU | {paired} | shifted test mIoU | {paired} | probe "
+        f"(balanced acc.) | {paired} |",
         "| --- | --- | --- | --- | --- | --- | --- |",
     ]
     for mode in modes:

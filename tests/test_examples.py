@@ -133,3 +133,27 @@ def test_iou_from_confusion_matrix() -> None:
 def test_quickstart(capsys: pytest.CaptureFixture[str]) -> None:
     runpy.run_path(str(EXAMPLES / "quickstart.py"), run_name="__main__")
     assert capsys.readouterr().out.startswith("loss ")
+
+
+def test_compare_runs_pairs_seeds_of_identical_training(tmp_path: Path) -> None:
+    example = load_example("digits_segmentation")
+    compare = load_example("compare_runs")
+    base = example.main(["--smoke", "--steps", "2", "--modes", "ce", "ce+contrast",
+                         "--workers", "1", "--no-figures", "--output", str(tmp_path / "a")])
+    other = example.main(["--smoke", "--steps", "2", "--modes", "ce+contrast-plain",
+                          "--contrast-weight", "0.5", "--workers", "1", "--no-figures",
+                          "--output", str(tmp_path / "b")])
+    report = compare.main([str(tmp_path / "a" / "digits_results.json"),
+                           str(tmp_path / "b" / "digits_results.json")])
+    diffs = report[str(tmp_path / "b" / "digits_results.json")]["ce+contrast-plain"]
+    by_mode = {r["mode"]: r for r in base["runs"]}
+    (plain,) = other["runs"]
+    for base_mode in ("ce", "ce+contrast"):
+        for metric in ("miou", "shifted_miou", "probe"):
+            assert diffs[base_mode][metric] == pytest.approx(
+                [plain[metric] - by_mode[base_mode][metric]])
+    fewer = example.main(["--smoke", "--steps", "2", "--modes", "ce", "--train-scenes", "32",
+                          "--workers", "1", "--no-figures", "--output", str(tmp_path / "c")])
+    assert fewer["runs"]
+    assert compare.main([str(tmp_path / "a" / "digits_results.json"),
+                         str(tmp_path / "c" / "digits_results.json")]) == {}
