@@ -458,6 +458,9 @@ def run_all(jobs: list[tuple[str, int, bool, bool]], config: Config, data: dict[
     progress bar over all training steps."""
     bar = tqdm(total=len(jobs) * config.steps, desc="training steps", unit="step",
                dynamic_ncols=True)
+    if workers > 1 and "fork" not in multiprocessing.get_all_start_methods():
+        print("this platform cannot fork worker processes: running the jobs in this one")
+        workers = 1
     try:
         if workers == 1:
             return [train_one(*job[:2], config, data, bar.update, *job[2:]) for job in jobs]
