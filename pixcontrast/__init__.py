@@ -1,6 +1,7 @@
 """pixcontrast: supervised pixel-wise contrastive learning for semantic segmentation."""
 
-from . import distributed
+from . import diagnostics, distributed
+from .diagnostics import GradientRatio, contrast_stats, gradient_ratio
 from .functional import contrastive_loss, resize_labels
 from .heads import ProjectionHead
 from .losses import PixelContrastLoss, RegionContrastLoss
@@ -13,6 +14,7 @@ from .samplers import (
     RandomAnchorSampler,
     select_anchors,
 )
+from .schedule import ContrastWeightSchedule
 
 __version__ = "0.1.0"
 
@@ -21,6 +23,8 @@ __all__ = [
     "AnchorSample",
     "ClassMemoryBank",
     "ConfidenceAnchorSampler",
+    "ContrastWeightSchedule",
+    "GradientRatio",
     "HardAnchorSampler",
     "MinedContrastLoss",
     "MinedPairs",
@@ -29,8 +33,11 @@ __all__ = [
     "RandomAnchorSampler",
     "RegionContrastLoss",
     "__version__",
+    "contrast_stats",
     "contrastive_loss",
+    "diagnostics",
     "distributed",
+    "gradient_ratio",
     "mine_keys",
     "pair_contrastive_loss",
     "region_embeddings",

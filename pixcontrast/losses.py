@@ -3,16 +3,16 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import _checks, distributed
+from . import _checks, diagnostics, distributed
 from ._dispatch import BACKEND_NAMES
 from .functional import VARIANTS, contrastive_loss, predicted_labels, resize_labels
-from .memory import ClassMemoryBank, region_embeddings
+from .memory import ClassMemoryBank, check_exclude_classes, exclude_labels, region_embeddings
 from .samplers import AnchorSample, HardAnchorSampler
 
 __all__ = ["GATHER_MODES", "PixelContrastLoss", "RegionContrastLoss", "prepare_pixel_inputs"]
@@ -174,6 +174,13 @@ class PixelContrastLoss(nn.Module):
             step 4 above).
         gather: ``"none"`` (contrast within this process's batch) or ``"keys"`` (contrast with
             the anchors of every rank of the default process group, see above).
+        exclude_classes: classes left out of the contrast only: their pixels are never anchors
+            nor keys, they are never enqueued into ``memory``, and memory keys of these classes
+            are not used. Unlike ``ignore_index`` ("unlabelled everywhere") the pixels stay
+            labelled for the caller's other losses. Use it for a catch-all class (background,
+            "stuff" that is merely "not an object"): as anchors and keys its pixels pull every
+            such pixel into one cluster opposite all objects, which erases the context near
+            object boundaries. Integers in ``[0, num_classes)`` when ``num_classes`` is known.
 
     Shape:
         - embeddings: ``[B, D, h, w]``
@@ -183,7 +190,9 @@ class PixelContrastLoss(nn.Module):
 
     A batch with no valid pixel, or where no anchor has a positive, gives an exact zero that is
     connected to ``embeddings``. The anchors of the last call are kept, detached, in
-    ``last_sample``.
+    ``last_sample``, and its statistics in ``last_stats`` (see
+    :func:`pixcontrast.diagnostics.contrast_stats`): detached tensors, computed without a host
+    synchronisation, to ``.item()`` when logging.
     ``generator`` (a CPU ``torch.Generator``) drives both the anchor sampling and the memory's
     pixel choice.
 
@@ -224,6 +233,7 @@ class PixelContrastLoss(nn.Module):
         use_region_memory: bool = True,
         enqueue: bool = True,
         gather: str = "none",
+        exclude_classes: Sequence[int] = (),
     ) -> None:
         super().__init__()
         self.temperature = _checks.check_positive(temperature, "temperature")
@@ -260,7 +270,11 @@ class PixelContrastLoss(nn.Module):
         self.use_region_memory = bool(use_region_memory)
         self.enqueue = bool(enqueue)
         self.gather = _checks.check_choice(gather, "gather", GATHER_MODES)
+        self.exclude_classes = check_exclude_classes(
+            exclude_classes, self.ignore_index, num_classes
+        )
         self.last_sample: Optional[AnchorSample] = None
+        self.last_stats: Optional[dict[str, Tensor]] = None
 
     def prepare(
         self, embeddings: Tensor, labels: Tensor, predictions: Optional[Tensor] = None
@@ -272,7 +286,12 @@ class PixelContrastLoss(nn.Module):
         _checks.check_finite(embeddings, "embeddings")
         if self.memory is not None:
             self.memory.check_batch(embeddings, labels)
-        return labels, predicted
+        return exclude_labels(labels, self.exclude_classes, self.ignore_index), predicted
+
+    def _memory_keys(self, pixels: bool, regions: bool) -> tuple[Tensor, Tensor]:
+        """The memory's keys, those of ``exclude_classes`` marked invalid (label -1)."""
+        keys, key_labels = self.memory.keys(pixels, regions)
+        return keys, exclude_labels(key_labels, self.exclude_classes, -1)
 
     def unit(self, embeddings: Tensor) -> Tensor:
         """``embeddings`` L2-normalised over channels when ``normalize`` (rows ``[N, D]`` or maps
@@ -317,7 +336,7 @@ class PixelContrastLoss(nn.Module):
         if self.gather == "keys":
             parts += _rank_keys(sample.embeddings, sample.labels, own=False)
         if self.memory is not None and (self.use_pixel_memory or self.use_region_memory):
-            parts.append(self.memory.keys(self.use_pixel_memory, self.use_region_memory))
+            parts.append(self._memory_keys(self.use_pixel_memory, self.use_region_memory))
         return (*_join(parts), True)
 
     def forward(
@@ -366,6 +385,8 @@ class PixelContrastLoss(nn.Module):
             enqueue = self.enqueue and self.training and torch.is_grad_enabled()
         if self.memory is not None and enqueue:
             self.memory.enqueue(embeddings, labels, generator, normalize=self.normalize)
+        self.last_stats = diagnostics.contrast_stats(sample, key_labels, in_batch, loss,
+                                                     self.memory)
         return loss
 
     def extra_repr(self) -> str:
@@ -374,6 +395,8 @@ class PixelContrastLoss(nn.Module):
             f"variant={self.variant!r}, ignore_index={self.ignore_index}, "
             f"backend={self.backend!r}, gather={self.gather!r}"
         )
+        if self.exclude_classes:
+            text += f", exclude_classes={self.exclude_classes}"
         if self.memory is not None:
             text += (
                 f", use_pixel_memory={self.use_pixel_memory}, "
@@ -397,7 +420,8 @@ class RegionContrastLoss(PixelContrastLoss):
 
     Args:
         temperature, base_temperature, variant, max_samples, max_views, ignore_index, normalize,
-        backend, sampler, num_classes, enqueue, gather: as for :class:`PixelContrastLoss`.
+        backend, sampler, num_classes, enqueue, gather, exclude_classes: as for
+        :class:`PixelContrastLoss` (an excluded class has no region key either).
         memory: a :class:`~pixcontrast.ClassMemoryBank` whose region keys are contrasted too.
         use_batch_regions: contrast with the regions of the current batch.
 
@@ -430,6 +454,7 @@ class RegionContrastLoss(PixelContrastLoss):
         use_batch_regions: bool = True,
         enqueue: bool = True,
         gather: str = "none",
+        exclude_classes: Sequence[int] = (),
     ) -> None:
         if not use_batch_regions and memory is None:
             raise ValueError("use_batch_regions=False needs a memory to take region keys from")
@@ -437,6 +462,7 @@ class RegionContrastLoss(PixelContrastLoss):
             temperature, base_temperature, variant, max_samples, max_views, ignore_index,
             normalize, backend, sampler, num_classes, memory, use_pixel_memory=False,
             use_region_memory=memory is not None, enqueue=enqueue, gather=gather,
+            exclude_classes=exclude_classes,
         )
         self.use_batch_regions = bool(use_batch_regions)
 
@@ -452,7 +478,7 @@ class RegionContrastLoss(PixelContrastLoss):
             )
             parts += _rank_keys(*regions, own=True) if self.gather == "keys" else [regions]
         if self.memory is not None:
-            parts.append(self.memory.keys(pixels=False, regions=True))
+            parts.append(self._memory_keys(pixels=False, regions=True))
         return (*_join(parts), False)
 
     def extra_repr(self) -> str:

@@ -8,7 +8,7 @@ The memory gives every anchor keys from many more images than one batch holds (W
 from __future__ import annotations
 
 import warnings
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -23,6 +23,49 @@ __all__ = ["ClassMemoryBank", "region_embeddings"]
 
 _STATE_VERSION = 1  # of the layout record in state_dict()
 _COUNTERS = ("pixel_pointer", "pixel_count", "region_pointer", "region_count")
+
+
+def check_exclude_classes(
+    exclude_classes: object, ignore_index: int, num_classes: Optional[int] = None
+) -> tuple[int, ...]:
+    """``exclude_classes`` as a sorted tuple of distinct class ids, validated: integers in
+    ``[0, num_classes)`` when ``num_classes`` is known, else ``>= 0``, never ``ignore_index``."""
+    if isinstance(exclude_classes, int) and not isinstance(exclude_classes, bool):
+        raise TypeError(
+            f"exclude_classes must be a sequence of class ids, e.g. ({exclude_classes},), "
+            "not an int"
+        )
+    try:
+        values = list(exclude_classes)  # type: ignore[call-overload]
+    except TypeError:
+        raise TypeError(
+            "exclude_classes must be a sequence of class ids, got "
+            f"{type(exclude_classes).__name__}"
+        ) from None
+    for value in values:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError(f"exclude_classes must hold integers, got {value!r}")
+        high = f", {num_classes})" if num_classes is not None else ", inf)"
+        if value < 0 or (num_classes is not None and value >= num_classes):
+            raise ValueError(f"exclude_classes must lie in [0{high}, got {value}")
+        if value == ignore_index:
+            raise ValueError(
+                f"exclude_classes holds ignore_index={ignore_index}, which is never contrasted "
+                "anyway"
+            )
+    if len(set(values)) != len(values):
+        raise ValueError(f"exclude_classes holds a class twice: {values}")
+    return tuple(sorted(values))
+
+
+def exclude_labels(labels: Tensor, exclude_classes: tuple[int, ...], ignore_index: int) -> Tensor:
+    """``labels`` with every class of ``exclude_classes`` replaced by ``ignore_index`` (a copy;
+    one elementwise pass per excluded class, no host synchronisation)."""
+    for cls in exclude_classes:
+        labels = labels.masked_fill(labels == cls, ignore_index)
+    return labels
+
+
 _NORM_EPS = 1e-12  # F.normalize's: a pixel embedding x becomes x / max(|x|, eps)
 _SCATTER_CHANNELS = 16  # channels per block when scattering scaled pixel embeddings
 
@@ -289,6 +332,9 @@ class ClassMemoryBank(nn.Module):
         pixels_per_image: most pixels enqueued per image and class.
         ignore_index: label of pixels never enqueued.
         gather: under :mod:`torch.distributed`, enqueue every rank's entries on every rank.
+        exclude_classes: classes never enqueued (their rings stay empty), e.g. a catch-all
+            background class that the losses leave out too; see
+            :class:`~pixcontrast.PixelContrastLoss`.
 
     Example:
         >>> bank = ClassMemoryBank(num_classes=3, dim=8, pixels_per_class=20, regions_per_class=4)
@@ -315,6 +361,7 @@ class ClassMemoryBank(nn.Module):
         pixels_per_image: int = 10,
         ignore_index: int = 255,
         gather: bool = True,
+        exclude_classes: Sequence[int] = (),
     ) -> None:
         super().__init__()
         for name, value, low in (
@@ -340,6 +387,9 @@ class ClassMemoryBank(nn.Module):
         self.pixels_per_image = pixels_per_image
         self.ignore_index = ignore_index
         self.gather = bool(gather)
+        self.exclude_classes = check_exclude_classes(
+            exclude_classes, self.ignore_index, num_classes
+        )
         slots = pixels_per_class + regions_per_class
         self.register_buffer("queue", torch.zeros(num_classes, slots, dim))
         for name in _COUNTERS:
@@ -545,6 +595,7 @@ class ClassMemoryBank(nn.Module):
         """
         labels = self.check_batch(embeddings, labels)
         self._check_foreign_write()
+        labels = exclude_labels(labels, self.exclude_classes, self.ignore_index)
         embeddings = embeddings.detach()
         _checks.check_finite(embeddings, "embeddings")
         b, _, h, w = embeddings.shape
@@ -609,4 +660,5 @@ class ClassMemoryBank(nn.Module):
             f"regions_per_class={self.regions_per_class}, "
             f"pixels_per_image={self.pixels_per_image}, ignore_index={self.ignore_index}, "
             f"gather={self.gather}"
+            + (f", exclude_classes={self.exclude_classes}" if self.exclude_classes else "")
         )
