@@ -53,8 +53,8 @@ def parser(
     )
     flags.add_argument("--quick", action="store_true",
                        help="a small configuration, results to a temporary folder")
-    flags.add_argument("--repeats", type=int,
-                       help=f"timed calls per provider (default: {repeats}, quick: {quick_repeats})")
+    flags.add_argument("--repeats", type=int, help=f"timed calls per provider (default: "
+                       f"{repeats}, quick: {quick_repeats})")
     flags.set_defaults(default_repeats=(repeats, quick_repeats))
     flags.add_argument("--threads", type=int, default=threads,
                        help="torch intra-op threads (default: %(default)s; None: torch's)")
