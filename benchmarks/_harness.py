@@ -53,13 +53,13 @@ def parser(
     )
     flags.add_argument("--quick", action="store_true",
                        help="a small configuration, results to a temporary folder")
-    flags.add_argument("--repeats", type=int, help=f"timed calls per provider (default: "
-                       f"{repeats}, quick: {quick_repeats})")
+    flags.add_argument("--repeats", type=int, help="timed calls per provider (default: "
+                       f"{repeats or 'by configuration'}; with --quick: {quick_repeats})")
     flags.set_defaults(default_repeats=(repeats, quick_repeats))
     flags.add_argument("--threads", type=int, default=threads,
-                       help="torch intra-op threads (default: %(default)s; None: torch's)")
-    flags.add_argument("--output", type=Path,
-                       help="result path, '.json' added (default: benchmarks/results/SCRIPT.json)")
+                       help=f"torch intra-op threads (default: {threads or 'torch chooses'})")
+    flags.add_argument("--output", type=Path, help="result path, its suffix made .json "
+                       "(default: benchmarks/results/SCRIPT.json)")
     flags.add_argument("--child", type=json.loads, help=argparse.SUPPRESS)
     return flags
 
