@@ -78,7 +78,7 @@ class Column:
         value = row.get(self.key)
         if value is None or (isinstance(value, float) and math.isnan(value)):
             return ""
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
+        if self.scale != 1.0:  # unscaled integers stay integers, for formats such as "d"
             value = value * self.scale
         return format(value, self.fmt)
 
