@@ -1,6 +1,6 @@
 """Shared helpers of the pixcontrast benchmarks: metadata, timing, peak memory, child processes.
 
-Measuring rules (DESIGN.md §4): a figure is a ratio of two things measured in the same run, with
+Measuring rules: a figure is a ratio of two things measured in the same run, with
 the sides alternated and medians taken; peak memory on CPU is the growth of the peak resident set
 size in a fresh process per point, on CUDA ``torch.cuda.max_memory_allocated``.
 

@@ -7,9 +7,9 @@ rest:
 
 - flags shared by every script (:func:`parser`): ``--quick`` (a small configuration, written to a
   temporary folder so that it never overwrites the committed results), ``--repeats``,
-  ``--threads`` (torch intra-op threads), ``--output`` (the result path; ``.json`` is added) and
-  the hidden ``--child SPEC`` of the fresh processes that measure peak memory
-  (``_common.run_child``);
+  ``--threads`` (torch intra-op threads), ``--output`` (the result path, its suffix made ``.json``;
+  a script may write beside it, e.g. a plot) and the hidden ``--child SPEC`` of the fresh
+  processes that measure peak memory (``_common.run_child``);
 - one JSON layout: ``{"benchmark": name, "metadata": {versions, CPU/GPU, threads, date, load
   average, command}, "config": {...}, "rows": [{...}, ...]}``, plus ``"summary"`` when the script
   derives one;
@@ -39,7 +39,7 @@ from _common import metadata  # noqa: E402
 RESULTS = Path(__file__).parent / "results"
 QUICK_RESULTS = Path(tempfile.gettempdir()) / "pixcontrast-bench"
 
-__all__ = ["Column", "convert", "markdown_table", "parser", "run"]
+__all__ = ["Column", "convert", "convert_files", "markdown_table", "parser", "run"]
 
 
 def parser(

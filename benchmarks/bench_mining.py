@@ -11,7 +11,7 @@ the script asserts. ``mine_keys(miner="semi-hard")`` is measured alongside, for 
   (``_common.run_child``), after a warm-up call on a small problem; inputs are not counted. The
   children run with ``MALLOC_MMAP_THRESHOLD_=65536`` (large blocks are returned on free), and
   each reports its slack, peak minus current RSS before the call (near 0: nothing hidden).
-- Time: the sides alternate in one process, medians of ``--repeats`` calls (DESIGN.md §4).
+- Time: the sides alternate in one process, medians of ``--repeats`` calls.
 
 Run ``python benchmarks/bench_mining.py`` (one thread unless ``--threads``; ``--quick``: N = 256,
 M = 4,000, one repeat). Writes ``benchmarks/results/bench_mining.json`` and prints a markdown

@@ -17,8 +17,8 @@ gradient is random. Two operations, each against a baseline written here:
   :func:`normalized_one_hot_product`, ``F.normalize`` of the whole map first.
 
 Each pair is checked to give the same output and gradient. Time: the providers of an operation
-alternate in one process, medians of ``--repeats`` calls (DESIGN.md §4). Peak memory: growth of
-the peak RSS over one call, in a fresh process per point (``_common.run_child``) with
+alternate in one process, medians of ``--repeats`` calls. Peak memory: growth of the peak RSS
+over one call, in a fresh process per point (``_common.run_child``) with
 ``MALLOC_MMAP_THRESHOLD_=65536``, after a warm-up call on a small problem; inputs and the
 upstream gradient are not counted.
 

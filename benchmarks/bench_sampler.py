@@ -10,10 +10,9 @@ things (anchor embeddings, labels, flat indices) and share the embedding gather
 alone, at the anchors of 16 draws in turn. Each side is also timed on D = 0 embeddings: the
 same selection with nothing to gather. A last row reads as many values at random addresses
 of the map (sorted, one ``index_select``): the memory system's floor for the gather. Sides
-alternate in one process, medians of ``--repeats``
-calls (DESIGN.md §4), of wall time and of CPU (process) time; one thread by default
-(``--threads``): the machines are shared, and at one thread the CPU time leaves out the waits
-for a core.
+alternate in one process, medians of ``--repeats`` calls, of wall time and of CPU (process)
+time; one thread by default (``--threads``): the machines are shared, and at one thread the CPU
+time leaves out the waits for a core.
 
 Run ``python benchmarks/bench_sampler.py`` (``--quick``: 3 repeats; the shared flags of
 ``_harness``). Writes ``benchmarks/results/bench_sampler.json`` and prints a markdown table.
