@@ -1,12 +1,13 @@
 """Shared helpers of the pixcontrast benchmarks: metadata, timing, peak memory, child processes.
 
-Measuring rules (DESIGN.md §4): a figure is a ratio of two things measured in the same run, with
+Measuring rules: a figure is a ratio of two things measured in the same run, with
 the sides alternated and medians taken; peak memory on CPU is the growth of the peak resident set
 size in a fresh process per point, on CUDA ``torch.cuda.max_memory_allocated``.
 
 API:
 
-- :func:`metadata` -> dict of versions, CPU/GPU model, thread count and date, for result JSONs.
+- :func:`metadata` -> dict of versions, CPU/GPU model, thread count, date and load average, for
+  result JSONs (``_harness.run`` writes them).
 - :func:`time_wall_and_cpu` (fns, repeats, warmup) -> median wall and CPU seconds per name, the
   callables run in rotating order within each repeat; :func:`time_alternating`, the wall part.
 - :func:`time_cuda` (fn) -> median seconds of a CUDA callable through ``triton.testing.do_bench``.
@@ -14,8 +15,10 @@ API:
   Linux, ``getrusage`` elsewhere).
 - :func:`measure_peak_growth` (setup) -> bytes by which one call of the callable returned by
   ``setup()`` raised the peak RSS (CPU) or the peak allocated CUDA memory.
+- :func:`peak_growth_and_slack` (warm_up, setup, threads) -> in a fresh process, the peak growth
+  and wall seconds of one call, and the slack that would hide growth: what every child reports.
 - :func:`run_child` (script, spec) -> the JSON dict a fresh ``python script --child SPEC`` process
-  printed on its last line; pair it with :func:`child_spec` in the script's ``main``.
+  printed on its last line (``_harness.run`` answers ``--child`` with the script's child function).
 """
 
 from __future__ import annotations
@@ -37,10 +40,10 @@ from typing import Callable, Optional
 import torch
 
 __all__ = [
-    "child_spec",
     "cpu_model",
     "measure_peak_growth",
     "metadata",
+    "peak_growth_and_slack",
     "peak_rss_bytes",
     "run_child",
     "time_alternating",
@@ -86,13 +89,8 @@ def metadata() -> dict:
         "torch_threads": torch.get_num_threads(),
         "gpu": gpu,
         "cuda": torch.version.cuda if gpu else None,
+        "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None,
     }
-
-
-def write_results(path: Path, result: dict) -> None:
-    """Write a benchmark's ``result`` as indented JSON to ``path``, creating its folder."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(result, indent=2) + "\n")
 
 
 def time_wall_and_cpu(
@@ -183,28 +181,27 @@ def peak_growth_and_slack(
     warm_up: Callable[[], object], setup: Callable[[], Callable[[], object]], threads: int
 ) -> dict:
     """In a fresh process (see :func:`run_child`): after ``warm_up()`` (library initialisation,
-    not counted), the peak RSS growth of one call of ``setup()``'s callable, and the slack (peak
-    minus current RSS) before that call, which would hide part of the growth (near 0: nothing
-    hidden)."""
+    not counted), the peak RSS growth and the wall seconds of one call of ``setup()``'s callable,
+    and the slack (peak minus current RSS) before that call, which would hide part of the growth
+    (near 0: nothing hidden)."""
     torch.set_num_threads(threads)
-    slack = {}
+    measured = {}
 
     def prepared() -> Callable[[], object]:
         warm_up()
         run = setup()
         rss, peak = rss_and_peak_bytes()
-        slack["bytes"] = peak - rss
-        return run
+        measured["slack_bytes"] = peak - rss
+
+        def timed() -> None:
+            start = time.perf_counter()
+            run()
+            measured["seconds"] = time.perf_counter() - start
+
+        return timed
 
     growth = measure_peak_growth(prepared)
-    return {"peak_rss_growth_bytes": growth, "slack_bytes": slack["bytes"]}
-
-
-def child_spec(argv: list[str]) -> Optional[dict]:
-    """The spec dict when ``argv`` is ``[..., "--child", JSON]``, else ``None``."""
-    if "--child" in argv:
-        return json.loads(argv[argv.index("--child") + 1])
-    return None
+    return {"peak_rss_growth_bytes": growth, **measured}
 
 
 def run_child(script: Path, spec: dict, timeout: float = 600.0) -> dict:

@@ -23,16 +23,15 @@ Usage::
     python benchmarks/bench_loss.py --headline   # only the headline point of the core issue
     python benchmarks/bench_loss.py --quick      # small sweep, results to a temporary folder
 
-Writes ``PREFIX.json`` (metadata, every row, the headline ratios) and ``PREFIX.png``; prints a
-markdown table. ``PREFIX`` defaults to ``benchmarks/results/bench_loss``.
+Writes ``PREFIX.json`` (the harness's layout: metadata, config, every row, the headline ratios as
+the summary) and ``PREFIX.png``; prints a markdown table. ``PREFIX`` (``--output``) defaults to
+``benchmarks/results/bench_loss``.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Optional
@@ -44,14 +43,16 @@ import matplotlib.pyplot as plt  # noqa: E402
 import matplotlib.ticker  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).parent))
 from _common import (  # noqa: E402
-    child_spec,
     measure_peak_growth,
-    metadata,
+    peak_growth_and_slack,
     run_child,
     time_alternating,
     time_cuda,
 )
+from _harness import Column, parser, run  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 import pixcontrast  # noqa: E402
@@ -61,6 +62,18 @@ COLORS = {"reference": "tab:green", "torch": "tab:purple", "triton": "tab:red", 
           "floor": "tab:blue"}
 TEMPERATURE = 0.1
 LOSS_PROVIDERS = ("reference", "torch", "triton")
+REPEATS = {"quick": 3, "headline": 9, "full": 5}
+COLUMNS = [
+    Column("variant", "variant"),
+    Column("mode", "mode"),
+    Column("N", "n", "d"),
+    Column("M", "m", "d"),
+    Column("provider", "provider"),
+    Column("time (ms)", "time_s", ".2f", 1e3),
+    Column("/ floor", "over_floor", ".2f"),
+    Column("peak growth (MiB)", "peak_bytes", ".1f", 2**-20),
+    Column("loss", "loss", ".5f"),
+]
 
 
 @dataclass(frozen=True)
@@ -203,17 +216,19 @@ def measure_peak(point: Point, provider: str) -> int:
     if point.device.startswith("cuda"):
         return measure_peak_growth(lambda: setup(provider, point), point.device)
     spec = {"point": asdict(point), "provider": provider, "threads": torch.get_num_threads()}
-    return run_child(HERE, spec)["peak_bytes"]
+    return run_child(HERE, spec)["peak_rss_growth_bytes"]
 
 
-def child(spec: dict) -> None:
-    """Entry point of a fresh measuring process: prints ``{"peak_bytes": ...}``."""
-    point = Point(**spec["point"])
-    torch.set_num_threads(spec["threads"])
-    warm = torch.ones(8, 8, requires_grad=True)  # initialise BLAS and autograd before measuring
+def warm_up() -> None:
+    """Initialise BLAS and autograd before measuring."""
+    warm = torch.ones(8, 8, requires_grad=True)
     (warm @ warm).sum().backward()
-    peak = measure_peak_growth(lambda: setup(spec["provider"], point), point.device)
-    print(json.dumps({"peak_bytes": peak}))
+
+
+def child(spec: dict) -> dict:
+    """A fresh measuring process's answer (see :func:`measure_peak`)."""
+    point = Point(**spec["point"])
+    return peak_growth_and_slack(warm_up, lambda: setup(spec["provider"], point), spec["threads"])
 
 
 # --------------------------------------------------------------------------- sweeps
@@ -255,21 +270,6 @@ def headline_ratios(rows: list[dict]) -> Optional[dict]:
 
 
 # --------------------------------------------------------------------------- reporting
-
-
-def markdown(rows: list[dict]) -> str:
-    lines = [
-        "| variant | mode | N | M | provider | time (ms) | / floor | peak growth (MiB) | loss |",
-        "| --- | --- | ---: | ---: | --- | ---: | ---: | ---: | ---: |",
-    ]
-    for row in rows:
-        peak = "" if row["peak_bytes"] is None else f"{row['peak_bytes'] / 2**20:.1f}"
-        loss = "" if row["loss"] != row["loss"] else f"{row['loss']:.5f}"
-        lines.append(
-            f"| {row['variant']} | {row['mode']} | {row['n']} | {row['m']} | {row['provider']} | "
-            f"{1e3 * row['time_s']:.2f} | {row['over_floor']:.2f} | {peak} | {loss} |"
-        )
-    return "\n".join(lines)
 
 
 def plot(rows: list[dict], path: Path) -> bool:
@@ -321,27 +321,12 @@ def plot(rows: list[dict], path: Path) -> bool:
 # --------------------------------------------------------------------------- main
 
 
-def main(argv: Optional[list[str]] = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    group = parser.add_mutually_exclusive_group()
-    group.add_argument("--quick", action="store_true", help="small sweep (about a minute)")
-    group.add_argument("--headline", action="store_true", help="only the headline point")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--repeats", type=int, help="timed repeats per provider and point")
-    parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's)")
-    parser.add_argument("--output", type=Path, help="output prefix (PREFIX.json, PREFIX.png)")
-    args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-
+def measure(args: argparse.Namespace) -> dict:
+    if args.quick and args.headline:
+        raise SystemExit("--quick and --headline exclude each other")
     kind = "quick" if args.quick else "headline" if args.headline else "full"
-    repeats = args.repeats or {"quick": 3, "headline": 9, "full": 5}[kind]
-    if args.output is None:  # a quick run never overwrites the committed results
-        folder = Path(tempfile.gettempdir()) / "pixcontrast-bench" if kind == "quick" else (
-            HERE.parent / "results"
-        )
-        args.output = folder / "bench_loss"
-    args.output.parent.mkdir(parents=True, exist_ok=True)
+    if args.repeats is None:  # the harness knows the quick default only
+        args.repeats = REPEATS[kind]
 
     skipped = triton_unavailable(args.device)
     if skipped:
@@ -353,7 +338,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
     rows = []
     for point in tqdm(points, desc="bench_loss", unit="point", dynamic_ncols=True):
         names = providers_for(point)
-        times, values = measure_times(point, names, repeats)
+        times, values = measure_times(point, names, args.repeats)
         for name in names:
             peak = None
             if point.mode == "fwd+bwd" and name != "floor":
@@ -366,36 +351,25 @@ def main(argv: Optional[list[str]] = None) -> dict:
                 "loss": values[name],
             })
 
-    result = {
-        "metadata": metadata(),
-        "setting": {"kind": kind, "repeats": repeats, "temperature": TEMPERATURE,
-                    "keys": "unit vectors, labels in contiguous class blocks, no grad",
-                    "anchors": "unit vectors, requires_grad for fwd+bwd"},
-        "skipped": {"triton": skipped, "pml": [] if pml_supcon() else ["not installed"]},
-        "headline": headline_ratios(rows),
+    if plot(rows, args.output.with_suffix(".png")):
+        print(f"wrote {args.output.with_suffix('.png')}")
+    return {
+        "metadata": {"skipped": {"triton": skipped,
+                                 "pml": [] if pml_supcon() else ["not installed"]}},
+        "config": {"kind": kind, "temperature": TEMPERATURE,
+                   "keys": "unit vectors, labels in contiguous class blocks, no grad",
+                   "anchors": "unit vectors, requires_grad for fwd+bwd"},
         "rows": rows,
+        "summary": {"headline": headline_ratios(rows)},
     }
-    json_path = args.output.with_suffix(".json")
-    json_path.write_text(json.dumps(result, indent=1))
-    plotted = plot(rows, args.output.with_suffix(".png"))
 
-    print()
-    print(markdown(rows))
-    if result["headline"]:
-        h = result["headline"]
-        print(
-            f"\nheadline (N=1024, M=40,000, D=256, 19 classes, paper, fp32, fwd+bwd, "
-            f"{args.device}): torch is {h['speedup_torch_vs_reference']:.2f}x faster than "
-            f"reference, uses {h['peak_memory_torch_over_reference']:.3f}x its peak memory "
-            f"growth, and takes {h['time_torch_over_floor']:.2f}x the time of the floor"
-        )
-    print(f"\nwrote {json_path}" + (f" and {args.output.with_suffix('.png')}" if plotted else ""))
-    return result
+
+def main(argv: Optional[list[str]] = None) -> Optional[dict]:
+    flags = parser(__doc__, repeats=None, quick_repeats=REPEATS["quick"], threads=None)
+    flags.add_argument("--headline", action="store_true", help="only the headline point")
+    flags.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    return run(__file__, "loss", flags, measure, COLUMNS, child=child, argv=argv)
 
 
 if __name__ == "__main__":
-    spec = child_spec(sys.argv)
-    if spec is not None:
-        child(spec)
-    else:
-        main()
+    main()

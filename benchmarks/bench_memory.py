@@ -6,54 +6,58 @@ forward + backward of ``contrastive_loss(anchors, labels, *bank.keys(), in_batch
 gradients for the anchors only (memory keys are detached).
 
 - Peak memory: growth of the process's peak RSS over one forward + backward, each point in a fresh
-  process (``--point memory``), after a small warm-up call that loads the math libraries.
+  process (``_common.run_child``), after a small warm-up call that loads the math libraries.
 - Time: the torch backend against the products no implementation can avoid, ``x @ k.T`` and one
   ``[N, M] @ [M, D]`` (k: the N + M keys), alternated in one fresh process; medians and their
   ratio.
 
 Run ``python benchmarks/bench_memory.py`` (add ``--skip-reference`` to leave out the dense
-reference, which needs several GB; ``--threads`` sets torch's intra-op threads). Writes
-``benchmarks/results/bench_memory.json`` and prints a markdown table.
+reference, which needs several GB; ``--threads`` sets torch's intra-op threads; ``--quick``: 250
+slots per class and kind, 256 anchors, one repeat). Writes ``benchmarks/results/bench_memory.json``
+and prints a markdown table.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
-import time
 from pathlib import Path
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import (  # noqa: E402
-    child_spec,
-    metadata,
-    peak_rss_bytes,
-    run_child,
-    time_alternating,
-    write_results,
-)
+from _common import peak_growth_and_slack, run_child, time_alternating  # noqa: E402
+from _harness import Column, parser, run  # noqa: E402
 
 from pixcontrast.functional import contrastive_loss  # noqa: E402
 from pixcontrast.memory import ClassMemoryBank  # noqa: E402
 
 NUM_CLASSES, DIM, SLOTS, ANCHORS = 19, 256, 5000, 1024
+QUICK_SLOTS, QUICK_ANCHORS = 250, 256
 MEMORY_TARGET_BYTES = 1.5e9
 TIME_TARGET = 1.6
-RESULTS = Path(__file__).parent / "results" / "bench_memory.json"
+COLUMNS = [
+    Column("measure", "point"),
+    Column("variant", "variant"),
+    Column("backend", "backend"),
+    Column("peak RSS growth (GB)", "peak_rss_growth_bytes", ".2f", 1e-9),
+    Column("seconds", "seconds", ".2f"),
+    Column("fused median (s)", "fused_median_s", ".2f"),
+    Column("floor median (s)", "floor_median_s", ".2f"),
+    Column("fused / floor", "ratio", ".2f"),
+]
 
 
-def full_bank(seed: int) -> ClassMemoryBank:
+def full_bank(seed: int, slots: int) -> ClassMemoryBank:
     """A memory with every slot filled by random unit vectors (what many enqueues would give)."""
-    bank = ClassMemoryBank(NUM_CLASSES, DIM, pixels_per_class=SLOTS, regions_per_class=SLOTS)
+    bank = ClassMemoryBank(NUM_CLASSES, DIM, pixels_per_class=slots, regions_per_class=slots)
     generator = torch.Generator().manual_seed(seed)
     bank.queue.normal_(generator=generator)
     bank.queue.div_(bank.queue.norm(dim=-1, keepdim=True))
-    bank.pixel_count.fill_(SLOTS)
-    bank.region_count.fill_(SLOTS)
+    bank.pixel_count.fill_(slots)
+    bank.region_count.fill_(slots)
     return bank
 
 
@@ -73,23 +77,24 @@ def loss_step(bank: ClassMemoryBank, x, labels, variant: str, backend: str) -> N
     x.grad = None
 
 
-def memory_point(variant: str, backend: str) -> dict:
+def memory_point(spec: dict) -> dict:
     """Runs in a fresh process: peak RSS growth of one forward + backward."""
+    variant, backend = spec["variant"], spec["backend"]
     small = ClassMemoryBank(NUM_CLASSES, DIM, pixels_per_class=8, regions_per_class=8)
     small.queue.normal_()
     small.pixel_count.fill_(8)
     small.region_count.fill_(8)
-    loss_step(small, *anchors(1, n=32), variant, backend)  # warm-up: library initialisation
-    bank = full_bank(0)
-    x, labels = anchors(1)
-    before = peak_rss_bytes()
-    start = time.perf_counter()
-    loss_step(bank, x, labels, variant, backend)
-    seconds = time.perf_counter() - start
-    return {
-        "point": "memory", "variant": variant, "backend": backend,
-        "peak_rss_growth_bytes": peak_rss_bytes() - before, "seconds": seconds,
-    }
+
+    def setup() -> Callable[[], None]:
+        bank = full_bank(0, spec["slots"])
+        x, labels = anchors(1, spec["anchors"])
+        return lambda: loss_step(bank, x, labels, variant, backend)
+
+    def warm_up() -> None:  # library initialisation
+        loss_step(small, *anchors(1, n=32), variant, backend)
+
+    measured = peak_growth_and_slack(warm_up, setup, spec["threads"])
+    return {"point": "memory", "variant": variant, "backend": backend, **measured}
 
 
 def floor_step(x: torch.Tensor, all_keys: torch.Tensor) -> None:
@@ -98,9 +103,12 @@ def floor_step(x: torch.Tensor, all_keys: torch.Tensor) -> None:
         scores @ all_keys
 
 
-def time_point(variant: str, repeats: int) -> dict:
-    bank = full_bank(0)
-    x, labels = anchors(1)
+def time_point(spec: dict) -> dict:
+    """Runs in a fresh process: the torch backend and the floor, alternated."""
+    torch.set_num_threads(spec["threads"])
+    variant, repeats = spec["variant"], spec["repeats"]
+    bank = full_bank(0, spec["slots"])
+    x, labels = anchors(1, spec["anchors"])
     all_keys = torch.cat([x.detach(), bank.keys()[0]])
     times = time_alternating(
         {
@@ -116,68 +124,45 @@ def time_point(variant: str, repeats: int) -> dict:
     }
 
 
-def config() -> dict:
-    return {"num_classes": NUM_CLASSES, "dim": DIM, "pixels_per_class": SLOTS,
-            "regions_per_class": SLOTS, "memory_keys": 2 * NUM_CLASSES * SLOTS,
-            "anchors": ANCHORS, "temperature": 0.1, "dtype": "float32"}
+def child(spec: dict) -> dict:
+    return memory_point(spec) if spec["point"] == "memory" else time_point(spec)
 
 
-def table(points: list[dict]) -> str:
-    lines = [
-        "| measure | variant | backend | value | target | met |",
-        "|---|---|---|---|---|---|",
-    ]
-    for p in points:
-        if p["point"] == "memory":
-            gb = p["peak_rss_growth_bytes"] / 1e9
-            target = f"<= {MEMORY_TARGET_BYTES / 1e9:.1f} GB" if p["backend"] == "torch" else "-"
-            met = "-" if p["backend"] != "torch" else (
-                "yes" if p["peak_rss_growth_bytes"] <= MEMORY_TARGET_BYTES else "no"
-            )
-            value = f"{gb:.2f} GB peak RSS growth ({p['seconds']:.2f} s)"
-        else:
-            value = (
-                f"{p['ratio']:.2f}x ({p['fused_median_s']:.2f} s fused / "
-                f"{p['floor_median_s']:.2f} s floor, median of {p['repeats']})"
-            )
-            target = f"<= {TIME_TARGET}x"
-            met = "yes" if p["ratio"] <= TIME_TARGET else "no"
-        lines.append(f"| {p['point']} | {p['variant']} | {p['backend']} | {value} | {target} "
-                     f"| {met} |")
-    return "\n".join(lines)
-
-
-def main() -> None:
-    spec = child_spec(sys.argv)
-    if spec is not None:
-        torch.set_num_threads(spec["threads"])
-        if spec["point"] == "memory":
-            print(json.dumps(memory_point(spec["variant"], spec["backend"])))
-        else:
-            print(json.dumps(time_point(spec["variant"], spec["repeats"])))
-        return
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--variants", nargs="+", default=["paper", "supcon"])
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
-    parser.add_argument("--skip-reference", action="store_true")
-    args = parser.parse_args()
-
+def measure(args: argparse.Namespace) -> dict:
+    slots, n = (QUICK_SLOTS, QUICK_ANCHORS) if args.quick else (SLOTS, ANCHORS)
     script = Path(__file__)
-    base = {"threads": args.threads, "repeats": args.repeats}
-    points = []
+    base = {"threads": torch.get_num_threads(), "repeats": args.repeats, "slots": slots,
+            "anchors": n}
+    rows = []
     for variant in args.variants:
-        points.append(run_child(script, {**base, "point": "memory", "variant": variant,
-                                         "backend": "torch"}))
+        rows.append(run_child(script, {**base, "point": "memory", "variant": variant,
+                                       "backend": "torch"}))
     if not args.skip_reference:
-        points.append(run_child(script, {**base, "point": "memory", "variant": "paper",
-                                         "backend": "reference"}, timeout=1800))
+        rows.append(run_child(script, {**base, "point": "memory", "variant": "paper",
+                                       "backend": "reference"}, timeout=1800))
     for variant in args.variants:
-        points.append(run_child(script, {**base, "point": "time", "variant": variant,
-                                         "backend": "torch"}, timeout=1800))
-    info = {**metadata(), "torch_threads": args.threads, "config": config()}
-    write_results(RESULTS, {"metadata": info, "points": points})
-    print(table(points))
+        rows.append(run_child(script, {**base, "point": "time", "variant": variant,
+                                       "backend": "torch"}, timeout=1800))
+    torch_peaks = [r["peak_rss_growth_bytes"] for r in rows if r["point"] == "memory"
+                   and r["backend"] == "torch"]
+    config = {
+        "num_classes": NUM_CLASSES, "dim": DIM, "pixels_per_class": slots,
+        "regions_per_class": slots, "memory_keys": 2 * NUM_CLASSES * slots, "anchors": n,
+        "temperature": 0.1, "dtype": "float32",
+        "memory_target_bytes": MEMORY_TARGET_BYTES, "time_target": TIME_TARGET,
+    }
+    summary = {
+        "memory_target_met": all(peak <= MEMORY_TARGET_BYTES for peak in torch_peaks),
+        "time_target_met": all(r["ratio"] <= TIME_TARGET for r in rows if r["point"] == "time"),
+    }
+    return {"config": config, "rows": rows, "summary": summary}
+
+
+def main(argv: Optional[list[str]] = None) -> Optional[dict]:
+    flags = parser(__doc__, repeats=5, quick_repeats=1, threads=None)
+    flags.add_argument("--variants", nargs="+", default=["paper", "supcon"])
+    flags.add_argument("--skip-reference", action="store_true")
+    return run(__file__, "memory", flags, measure, COLUMNS, child=child, argv=argv)
 
 
 if __name__ == "__main__":

@@ -11,41 +11,42 @@ the script asserts. ``mine_keys(miner="semi-hard")`` is measured alongside, for 
   (``_common.run_child``), after a warm-up call on a small problem; inputs are not counted. The
   children run with ``MALLOC_MMAP_THRESHOLD_=65536`` (large blocks are returned on free), and
   each reports its slack, peak minus current RSS before the call (near 0: nothing hidden).
-- Time: the sides alternate in one process, medians of ``--repeats`` calls (DESIGN.md §4).
+- Time: the sides alternate in one process, medians of ``--repeats`` calls.
 
-Run ``python benchmarks/bench_mining.py`` (one thread unless ``--threads``). Writes
-``benchmarks/results/bench_mining.json`` and prints a markdown table.
+Run ``python benchmarks/bench_mining.py`` (one thread unless ``--threads``; ``--quick``: N = 256,
+M = 4,000, one repeat). Writes ``benchmarks/results/bench_mining.json`` and prints a markdown
+table.
 """
 
 from __future__ import annotations
 
 import argparse
 import functools
-import json
 import os
 import sys
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import (  # noqa: E402
-    child_spec,
-    metadata,
-    peak_growth_and_slack,
-    run_child,
-    time_alternating,
-    write_results,
-)
+from _common import peak_growth_and_slack, run_child, time_alternating  # noqa: E402
+from _harness import Column, parser, run  # noqa: E402
 
 from pixcontrast.mining import mine_keys  # noqa: E402
 
 ANCHORS, KEYS, DIM, CLASSES = 1024, 40_000, 256, 19
+QUICK_ANCHORS, QUICK_KEYS = 256, 4000
 NUM_POSITIVES, NUM_NEGATIVES = 64, 256
 MEMORY_TARGET = 0.2  # chunked peak growth <= 1/5 of the dense one
-RESULTS = Path(__file__).parent / "results" / "bench_mining.json"
 SIDES = ("dense top-k", "chunked hardest", "chunked semi-hard")
+COLUMNS = [
+    Column("side", "side"),
+    Column("peak RSS growth (MB)", "peak_rss_growth_bytes", ".1f", 1e-6),
+    Column("vs dense", "memory_vs_dense", ".3f"),
+    Column("median time (s)", "median_s", ".3f"),
+    Column("time vs dense", "time_vs_dense", ".2f"),
+]
 
 
 def unit_rows(count: int, g: torch.Generator) -> torch.Tensor:
@@ -92,39 +93,34 @@ def side(name: str, seed: int) -> Callable[[torch.Tensor, torch.Tensor, torch.Te
     )
 
 
-def memory_child(name: str, threads: int) -> dict:
-    """In a fresh process: peak RSS growth of one call of side ``name``, and the slack."""
+def memory_child(spec: dict) -> dict:
+    """In a fresh process: peak RSS growth of one call of side ``spec["side"]`` on the problem of
+    ``spec["anchors"]`` x ``spec["keys"]``, and the slack."""
+    name = spec["side"]
     fn = side(name, 0)
 
     def setup() -> Callable[[], object]:
-        inputs = problem(0)
+        inputs = problem(0, spec["anchors"], spec["keys"])
         return lambda: fn(*inputs)
 
     warm_up = functools.partial(fn, *problem(1, n=32, m=512))
-    return {"side": name, **peak_growth_and_slack(warm_up, setup, threads)}
+    return {"side": name, **peak_growth_and_slack(warm_up, setup, spec["threads"])}
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--repeats", type=int, default=7)
-    parser.add_argument("--threads", type=int, default=1)
-    spec = child_spec(sys.argv)
-    if spec is not None:
-        print(json.dumps(memory_child(spec["side"], spec["threads"])))
-        return
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-
+def measure(args: argparse.Namespace) -> dict:
+    n, m = (QUICK_ANCHORS, QUICK_KEYS) if args.quick else (ANCHORS, KEYS)
+    threads = torch.get_num_threads()
     # A fixed mmap threshold: every allocation of 64 KiB or more is its own mapping, returned
     # to the system when freed, so freed-but-resident heap memory cannot absorb the growth.
     os.environ.setdefault("MALLOC_MMAP_THRESHOLD_", str(1 << 16))
     children = {
-        name: run_child(Path(__file__), {"side": name, "threads": args.threads})
+        name: run_child(Path(__file__), {"side": name, "threads": threads, "anchors": n,
+                                         "keys": m})
         for name in SIDES
     }
     memory = {name: child["peak_rss_growth_bytes"] for name, child in children.items()}
 
-    inputs = problem(0)
+    inputs = problem(0, n, m)
     dense_pos, dense_neg = dense_hardest(*inputs)
     chunked = side("chunked hardest", 0)(*inputs)
     assert torch.equal(chunked.positive_index, dense_pos), "chunked != dense positives"
@@ -145,31 +141,19 @@ def main() -> None:
         for name in SIDES
     ]
     ratio = memory["chunked hardest"] / dense_bytes
-    result = {
-        "benchmark": "mining",
-        "metadata": {**metadata(), "load_average": os.getloadavg()},
-        "config": {
-            "anchors": ANCHORS, "keys": KEYS, "dim": DIM, "classes": CLASSES,
-            "num_positives": NUM_POSITIVES, "num_negatives": NUM_NEGATIVES, "dtype": "float32",
-            "repeats": args.repeats, "threads": args.threads,
-            "malloc_mmap_threshold": os.environ["MALLOC_MMAP_THRESHOLD_"],
-        },
+    config = {
+        "anchors": n, "keys": m, "dim": DIM, "classes": CLASSES,
+        "num_positives": NUM_POSITIVES, "num_negatives": NUM_NEGATIVES, "dtype": "float32",
+        "malloc_mmap_threshold": os.environ["MALLOC_MMAP_THRESHOLD_"],
         "memory_target": f"chunked hardest <= {MEMORY_TARGET:g} x dense",
-        "memory_ratio": ratio,
-        "memory_target_met": ratio <= MEMORY_TARGET,
-        "rows": rows,
     }
-    write_results(RESULTS, result)
-    print(f"N={ANCHORS}, M={KEYS}, D={DIM}, {CLASSES} classes, K_pos={NUM_POSITIVES}, "
-          f"K_neg={NUM_NEGATIVES}, {args.threads} thread(s), median of {args.repeats}")
-    print("| side | peak RSS growth (MB) | vs dense | median time (s) | vs dense |")
-    print("|---|---:|---:|---:|---:|")
-    for row in rows:
-        print(f"| {row['side']} | {row['peak_rss_growth_bytes'] / 1e6:.1f} | "
-              f"{row['memory_vs_dense']:.3f} | {row['median_s']:.3f} | "
-              f"{row['time_vs_dense']:.2f}x |")
-    print(f"Target: chunked hardest <= {MEMORY_TARGET:g} x dense peak growth: "
-          f"{'met' if ratio <= MEMORY_TARGET else 'NOT met'} ({ratio:.3f}).")
+    summary = {"memory_ratio": ratio, "memory_target_met": ratio <= MEMORY_TARGET}
+    return {"config": config, "rows": rows, "summary": summary}
+
+
+def main(argv: Optional[list[str]] = None) -> Optional[dict]:
+    flags = parser(__doc__, repeats=7, quick_repeats=1, threads=1)
+    return run(__file__, "mining", flags, measure, COLUMNS, child=memory_child, argv=argv)
 
 
 if __name__ == "__main__":

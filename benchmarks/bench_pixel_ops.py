@@ -17,43 +17,45 @@ gradient is random. Two operations, each against a baseline written here:
   :func:`normalized_one_hot_product`, ``F.normalize`` of the whole map first.
 
 Each pair is checked to give the same output and gradient. Time: the providers of an operation
-alternate in one process, medians of ``--repeats`` calls (DESIGN.md §4). Peak memory: growth of
-the peak RSS over one call, in a fresh process per point (``_common.run_child``) with
+alternate in one process, medians of ``--repeats`` calls. Peak memory: growth of the peak RSS
+over one call, in a fresh process per point (``_common.run_child``) with
 ``MALLOC_MMAP_THRESHOLD_=65536``, after a warm-up call on a small problem; inputs and the
 upstream gradient are not counted.
 
-Run ``python benchmarks/bench_pixel_ops.py`` (one thread unless ``--threads``). Writes
-``benchmarks/results/bench_pixel_ops.json`` and prints a markdown table.
+Run ``python benchmarks/bench_pixel_ops.py`` (one thread unless ``--threads``; ``--quick``: maps
+of 32 x 64, one repeat). Writes ``benchmarks/results/bench_pixel_ops.json`` and prints a markdown
+table.
 """
 
 from __future__ import annotations
 
 import argparse
 import functools
-import json
 import os
 import sys
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import (  # noqa: E402
-    child_spec,
-    metadata,
-    peak_growth_and_slack,
-    run_child,
-    time_alternating,
-    write_results,
-)
+from _common import peak_growth_and_slack, run_child, time_alternating  # noqa: E402
+from _harness import Column, parser, run  # noqa: E402
 
 from pixcontrast.memory import region_embeddings  # noqa: E402
 from pixcontrast.samplers import HardAnchorSampler, gather_pixels  # noqa: E402
 
 BATCH, DIM, HEIGHT, WIDTH, IGNORE = 8, 256, 128, 256, 255
-RESULTS = Path(__file__).parent / "results" / "bench_pixel_ops.json"
+QUICK_SIZE, WARM_UP_SIZE = (32, 64), (32, 32)
+COLUMNS = [
+    Column("operation", "operation"),
+    Column("provider", "provider"),
+    Column("median time (ms)", "median_s", ".1f", 1e3),
+    Column("speed-up (x)", "speedup", ".2f"),
+    Column("peak RSS growth (MB)", "peak_rss_growth_bytes", ".0f", 1e-6),
+    Column("vs baseline", "memory_vs_baseline", ".2f"),
+]
 
 
 def per_image_autograd(
@@ -119,10 +121,10 @@ OPERATIONS = {
 }
 
 
-def step(operation: str, provider: str, seed: int, small: bool = False) -> Callable[[], tuple]:
-    """Forward + backward of one provider on fresh inputs; returns (output, gradient)."""
+def step(operation: str, provider: str, seed: int, size: tuple[int, int]) -> Callable[[], tuple]:
+    """Forward + backward of one provider on fresh inputs of maps ``size``; returns (output,
+    gradient)."""
     classes, providers = OPERATIONS[operation]
-    size = (32, 32) if small else (HEIGHT, WIDTH)
     embeddings, labels, predictions = maps(seed, classes, *size)
     fn = providers[provider]
     if operation == "gather":
@@ -147,28 +149,23 @@ def step(operation: str, provider: str, seed: int, small: bool = False) -> Calla
     return run
 
 
-def memory_child(operation: str, provider: str, threads: int) -> dict:
+def memory_child(spec: dict) -> dict:
     """In a fresh process: peak RSS growth of one call, and the slack."""
-    warm_up = step(operation, provider, 1, small=True)
-    return peak_growth_and_slack(warm_up, lambda: step(operation, provider, 0), threads)
+    operation, provider, size = spec["operation"], spec["provider"], tuple(spec["size"])
+    warm_up = step(operation, provider, 1, WARM_UP_SIZE)
+    return peak_growth_and_slack(warm_up, lambda: step(operation, provider, 0, size),
+                                 spec["threads"])
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--threads", type=int, default=1)
-    spec = child_spec(sys.argv)
-    if spec is not None:
-        print(json.dumps(memory_child(spec["operation"], spec["provider"], spec["threads"])))
-        return
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
+def measure(args: argparse.Namespace) -> dict:
+    size = QUICK_SIZE if args.quick else (HEIGHT, WIDTH)
+    threads = torch.get_num_threads()
     os.environ.setdefault("MALLOC_MMAP_THRESHOLD_", str(1 << 16))
 
     rows = []
     for operation, (_, providers) in OPERATIONS.items():
         library, baseline = providers
-        runs = {provider: step(operation, provider, 0) for provider in providers}
+        runs = {provider: step(operation, provider, 0, size) for provider in providers}
         (out, grad), (base_out, base_grad) = runs[library](), runs[baseline]()
         torch.testing.assert_close(out, base_out, rtol=1e-4, atol=1e-5)
         torch.testing.assert_close(grad, base_grad, rtol=1e-4, atol=1e-5)
@@ -177,7 +174,7 @@ def main() -> None:
         del runs
         for provider in providers:
             child = run_child(Path(__file__), {
-                "operation": operation, "provider": provider, "threads": args.threads
+                "operation": operation, "provider": provider, "threads": threads, "size": size
             })
             rows.append({
                 "operation": operation, "provider": provider, "median_s": times[provider],
@@ -187,26 +184,16 @@ def main() -> None:
         for row in rows[-2:]:
             row["memory_vs_baseline"] = row["peak_rss_growth_bytes"] / base_bytes
 
-    result = {
-        "benchmark": "pixel_ops",
-        "metadata": {**metadata(), "load_average": os.getloadavg()},
-        "config": {
-            "batch": BATCH, "dim": DIM, "height": HEIGHT, "width": WIDTH, "dtype": "float32",
-            "repeats": args.repeats, "threads": args.threads,
-            "malloc_mmap_threshold": os.environ["MALLOC_MMAP_THRESHOLD_"],
-        },
-        "rows": rows,
+    config = {
+        "batch": BATCH, "dim": DIM, "height": size[0], "width": size[1], "dtype": "float32",
+        "malloc_mmap_threshold": os.environ["MALLOC_MMAP_THRESHOLD_"],
     }
-    write_results(RESULTS, result)
-    print(f"B={BATCH}, D={DIM}, {HEIGHT} x {WIDTH}, forward + backward, {args.threads} "
-          f"thread(s), median of {args.repeats}, load average {os.getloadavg()[0]:.1f}")
-    print("| operation | provider | median time (ms) | speed-up | peak RSS growth (MB) | "
-          "vs baseline |")
-    print("|---|---|---:|---:|---:|---:|")
-    for row in rows:
-        print(f"| {row['operation']} | {row['provider']} | {1e3 * row['median_s']:.1f} | "
-              f"{row['speedup']:.2f}x | {row['peak_rss_growth_bytes'] / 1e6:.0f} | "
-              f"{row['memory_vs_baseline']:.2f} |")
+    return {"config": config, "rows": rows}
+
+
+def main(argv: Optional[list[str]] = None) -> Optional[dict]:
+    flags = parser(__doc__, repeats=5, quick_repeats=1, threads=1)
+    return run(__file__, "pixel_ops", flags, measure, COLUMNS, child=memory_child, argv=argv)
 
 
 if __name__ == "__main__":

@@ -10,33 +10,41 @@ things (anchor embeddings, labels, flat indices) and share the embedding gather
 alone, at the anchors of 16 draws in turn. Each side is also timed on D = 0 embeddings: the
 same selection with nothing to gather. A last row reads as many values at random addresses
 of the map (sorted, one ``index_select``): the memory system's floor for the gather. Sides
-alternate in one process, medians of ``--repeats``
-calls (DESIGN.md §4), of wall time and of CPU (process) time; one thread by default
-(``--threads``): the machines are shared, and at one thread the CPU time leaves out the waits
-for a core.
+alternate in one process, medians of ``--repeats`` calls, of wall time and of CPU (process)
+time; one thread by default (``--threads``): the machines are shared, and at one thread the CPU
+time leaves out the waits for a core.
 
-Run ``python benchmarks/bench_sampler.py``. Writes ``benchmarks/results/bench_sampler.json`` and
-prints a markdown table.
+Run ``python benchmarks/bench_sampler.py`` (``--quick``: 3 repeats; the shared flags of
+``_harness``). Writes ``benchmarks/results/bench_sampler.json`` and prints a markdown table.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
+from typing import Optional
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import metadata, time_wall_and_cpu, write_results  # noqa: E402
+from _common import time_wall_and_cpu  # noqa: E402
+from _harness import Column, parser, run  # noqa: E402
 
 from pixcontrast.samplers import HardAnchorSampler, gather_pixels  # noqa: E402
 
 BATCH, DIM, HEIGHT, WIDTH, CLASSES, IGNORE = 8, 256, 128, 256, 19, 255
 MAX_SAMPLES, MAX_VIEWS = 1024, 100
 SPEEDUP_TARGET = 10.0
-RESULTS = Path(__file__).parent / "results" / "bench_sampler.json"
+QUICK_REPEATS = 3
+COLUMNS = [
+    Column("side", "side"),
+    Column("median wall ms", "median_ms", ".2f"),
+    Column("median CPU ms", "median_cpu_ms", ".2f"),
+    Column("speed-up wall (x)", "speedup", ".1f"),
+    Column("speed-up CPU (x)", "speedup_cpu", ".1f"),
+    Column("versus", "versus"),
+]
 
 
 def loop_baseline(
@@ -99,13 +107,7 @@ def group_counts(
     return torch.bincount(key, minlength=BATCH * CLASSES * 2)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--repeats", type=int, default=31)
-    parser.add_argument("--threads", type=int, default=1)
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-
+def measure(args: argparse.Namespace) -> dict:
     embeddings, labels, predictions = batch(0)
     no_channels = embeddings[:, :0]  # D = 0: the same selection with nothing to gather
     samplers = {
@@ -166,30 +168,17 @@ def main() -> None:
             "speedup": times[other][0] / wall if other else None,
             "speedup_cpu": times[other][1] / cpu if other else None,
         })
-    result = {
-        "benchmark": "sampler",
-        "metadata": {**metadata(), "load_average": os.getloadavg()},
-        "config": {
-            "batch": BATCH, "dim": DIM, "height": HEIGHT, "width": WIDTH, "classes": CLASSES,
-            "max_samples": MAX_SAMPLES, "max_views": MAX_VIEWS,
-            "anchors": draws[0].indices.numel(), "repeats": args.repeats,
-            "threads": args.threads,
-        },
+    config = {
+        "batch": BATCH, "dim": DIM, "height": HEIGHT, "width": WIDTH, "classes": CLASSES,
+        "max_samples": MAX_SAMPLES, "max_views": MAX_VIEWS, "anchors": draws[0].indices.numel(),
         "speedup_target": SPEEDUP_TARGET,
-        "rows": rows,
     }
-    write_results(RESULTS, result)
-    print(f"{args.threads} thread(s), load average {os.getloadavg()[0]:.1f}; "
-          f"target: HardAnchorSampler >= {SPEEDUP_TARGET:g}x faster than the loop baseline")
-    print("| side | median wall ms | median CPU ms | speed-up wall / CPU | versus |")
-    print("|---|---:|---:|---:|---|")
-    for row in rows:
-        speedup = (
-            "" if row["versus"] is None
-            else f"{row['speedup']:.1f}x / {row['speedup_cpu']:.1f}x"
-        )
-        print(f"| {row['side']} | {row['median_ms']:.2f} | {row['median_cpu_ms']:.2f} | "
-              f"{speedup} | {row['versus'] or ''} |")
+    return {"config": config, "rows": rows}
+
+
+def main(argv: Optional[list[str]] = None) -> Optional[dict]:
+    flags = parser(__doc__, repeats=31, quick_repeats=QUICK_REPEATS, threads=1)
+    return run(__file__, "sampler", flags, measure, COLUMNS, argv=argv)
 
 
 if __name__ == "__main__":
