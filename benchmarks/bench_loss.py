@@ -56,6 +56,7 @@ from _harness import Column, parser, run  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 import pixcontrast  # noqa: E402
+from pixcontrast.ops import triton_fused  # noqa: E402
 
 HERE = Path(__file__).resolve()
 COLORS = {"reference": "tab:green", "torch": "tab:purple", "triton": "tab:red", "pml": "tab:orange",
@@ -117,7 +118,10 @@ def triton_unavailable(device: str) -> list[str]:
 def providers_for(point: Point) -> list[str]:
     names = ["reference", "torch"]
     if not triton_unavailable(point.device):
-        names.append("triton")
+        # the backend's own refusals for this dtype (fp32 at "highest" precision is cuBLAS's)
+        probe = torch.empty(1, point.d, dtype=getattr(torch, point.dtype), device=point.device)
+        if not triton_fused.unsupported(probe, ()):
+            names.append("triton")
     if point.variant == "supcon" and pml_supcon() is not None:
         names.append("pml")
     return names + ["floor"]
