@@ -8,6 +8,7 @@ from .memory import ClassMemoryBank, region_embeddings
 from .mining import MINERS, MinedContrastLoss, MinedPairs, mine_keys, pair_contrastive_loss
 from .samplers import (
     AnchorSample,
+    AnchorSampler,
     ConfidenceAnchorSampler,
     HardAnchorSampler,
     RandomAnchorSampler,
@@ -19,6 +20,7 @@ __version__ = "0.1.0"
 __all__ = [
     "MINERS",
     "AnchorSample",
+    "AnchorSampler",
     "ClassMemoryBank",
     "ConfidenceAnchorSampler",
     "HardAnchorSampler",

@@ -5,7 +5,7 @@ gather the selected embeddings (with gradient). All of them are configurations o
 selection, :func:`select_anchors`: per image and per ground-truth class, a quota of random pixels,
 split between "hard" and "easy" pixels.
 
-A sampler is a callable::
+A sampler is a callable (typed as :class:`AnchorSampler`)::
 
     sampler(embeddings, labels, predictions=None, ignore_index=255, generator=None, *, logits=None)
         -> AnchorSample
@@ -17,8 +17,9 @@ with ``embeddings [B, D, h, w]``, ``labels [B, h, w]`` (class ids at the embeddi
 
 from __future__ import annotations
 
+import abc
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Optional, Protocol, runtime_checkable
 
 import torch
 import torch.nn.functional as F
@@ -26,11 +27,12 @@ from torch import Tensor
 
 from . import _checks
 from ._compile import eager_under_compile
-from .functional import predicted_labels, resize_labels
+from ._pixels import PixelMaps, _true_positions, gather_pixels, pixel_maps, random_rank_in_group
 
 __all__ = [
     "DEFAULT_NUM_CLASSES",
     "AnchorSample",
+    "AnchorSampler",
     "ConfidenceAnchorSampler",
     "HardAnchorSampler",
     "RandomAnchorSampler",
@@ -73,131 +75,63 @@ class AnchorSample:
     num_easy: int
 
 
-class _GatherByImage(torch.autograd.Function):
-    """Rows ``[N, D]`` of ``flat [B, D, P]`` at per-image pixel positions.
+@runtime_checkable
+class AnchorSampler(Protocol):
+    """What :class:`~pixcontrast.PixelContrastLoss` takes as its ``sampler``: a callable with the
+    signature of the module docstring (the three samplers here satisfy it).
 
-    Autograd through ``flat[image].index_select(...)`` would give every image's ``select`` a
-    zero gradient the size of the whole batch; the backward here fills one.
+    Example:
+        >>> isinstance(HardAnchorSampler(), AnchorSampler)
+        True
     """
 
-    @staticmethod
-    def forward(ctx, flat: Tensor, pixels: tuple[Tensor, ...]) -> Tensor:  # type: ignore[override]
-        ctx.pixels, ctx.shape = pixels, flat.shape
-        out = flat.new_empty(sum(part.numel() for part in pixels), flat.shape[1])
-        start = 0
-        for image, part in enumerate(pixels):
-            stop = start + part.numel()
-            # [D, n] read channel row by channel row, written transposed into the rows
-            out[start:stop].t().copy_(flat[image].index_select(1, part))
-            start = stop
-        return out
+    def __call__(
+        self,
+        embeddings: Tensor,
+        labels: Tensor,
+        predictions: Optional[Tensor] = None,
+        ignore_index: int = 255,
+        generator: Optional[torch.Generator] = None,
+        *,
+        logits: Optional[Tensor] = None,
+    ) -> AnchorSample:
+        """Anchors of a batch.
 
-    @staticmethod
-    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
-        # (linear in grad and made of differentiable ops: double backward works)
-        grad_flat = grad.new_zeros(ctx.shape)
-        start = 0
-        for image, part in enumerate(ctx.pixels):
-            stop = start + part.numel()
-            grad_flat[image].index_add_(1, part, grad[start:stop].t())
-            start = stop
-        return grad_flat, None
+        Args:
+            embeddings: ``[B, D, h, w]``.
+            labels: ``[B, h, w]`` class ids at the embedding resolution.
+            predictions: ``[B, h', w']`` predicted class ids, or ``None``.
+            ignore_index: label of pixels never sampled.
+            generator: random source, for reproducible sampling.
+            logits: ``[B, C, h', w']`` class scores, or ``None``.
 
-
-def gather_pixels(
-    embeddings: Tensor, indices: Tensor, counts: Optional[Sequence[int]] = None
-) -> Tensor:
-    """Rows ``[N, D]`` of ``embeddings [B, D, h, w]`` at flat pixel ``indices``, without copying
-    the whole map.
-
-    Given ``counts``, how many of ``indices`` fall in each image (which must then come grouped
-    by image, in image order, as increasing indices do), each image's ``[D, h * w]`` map is read
-    with one ``index_select`` along its pixels, walking every channel row in order: faster than
-    the general gather used without ``counts``, which takes the indices in any order. Either way
-    the backward pass writes one gradient map, the size of ``embeddings``.
-    """
-    b, d, h, w = embeddings.shape
-    flat = embeddings.reshape(b, d, h * w)
-    if counts is None or b == 0:  # (an empty batch has no image map to read)
-        return flat[indices // (h * w), :, indices % (h * w)]
-    pixels = tuple((indices % (h * w)).split(list(counts)))
-    return _GatherByImage.apply(flat, pixels)
+        Returns:
+            The :class:`AnchorSample`.
+        """
+        ...
 
 
-def _rank_in_sorted_groups(sorted_groups: Tensor) -> Tensor:
-    """Position ``0..count-1`` of each element within its run of equal values of a sorted
-    tensor."""
-    n = sorted_groups.numel()
-    first = torch.ones_like(sorted_groups, dtype=torch.bool)
-    first[1:] = sorted_groups[1:] != sorted_groups[:-1]
-    position = torch.arange(n, device=sorted_groups.device)
-    return position - torch.cummax(torch.where(first, position, 0), dim=0).values
+class _MapSampler(abc.ABC):
+    """The samplers of this module: one validating call that prepares the maps with
+    :func:`~pixcontrast._pixels.pixel_maps`, and :meth:`sample_maps` on prepared maps (which the
+    losses call directly, having validated the batch once)."""
 
+    def __call__(self, embeddings: Tensor, labels: Tensor, predictions: Optional[Tensor] = None,
+                 ignore_index: int = 255, generator: Optional[torch.Generator] = None, *,
+                 logits: Optional[Tensor] = None) -> AnchorSample:
+        """Sample anchors; the arguments and the result are those of :class:`AnchorSampler`.
 
-# torch.nonzero_static exists on CPU since torch 2.1 and on CUDA since 2.6.
-_NONZERO_STATIC_ANY_DEVICE = torch.__version__ >= "2.6"
+        Raises:
+            TypeError, ValueError: invalid maps (see :func:`select_anchors`).
+        """
+        _checks.check_pixel_maps(embeddings, labels)
+        maps = pixel_maps(embeddings, labels, predictions, logits, ignore_index=ignore_index)
+        return self.sample_maps(embeddings, maps, ignore_index, generator)
 
-
-def _true_positions(mask: Tensor, count: int) -> Tensor:
-    """Positions of the ``count`` true entries of a 1-D mask whose count the host already knows:
-    no synchronisation where ``nonzero_static`` runs on the mask's device."""
-    if mask.device.type == "cpu" or _NONZERO_STATIC_ANY_DEVICE:
-        return torch.nonzero_static(mask, size=count).squeeze(1)
-    return mask.nonzero().squeeze(1)
-
-
-def random_rank_in_group(groups: Tensor, generator: Optional[torch.Generator]) -> Tensor:
-    """A uniformly random rank ``0..count-1`` for each element within its group id."""
-    n = groups.numel()
-    perm = torch.randperm(n, generator=generator, device="cpu").to(groups.device)
-    sorted_groups, order = torch.sort(groups[perm], stable=True)
-    rank = torch.empty(n, dtype=torch.long, device=groups.device)
-    rank[perm[order]] = _rank_in_sorted_groups(sorted_groups)
-    return rank
-
-
-def _check_maps(
-    embeddings: Tensor,
-    labels: Tensor,
-    predictions: Optional[Tensor],
-    logits: Optional[Tensor],
-    ignore_index: int,
-) -> tuple[Optional[Tensor], Optional[Tensor]]:
-    """Validate a sampler's inputs; return ``predictions`` and ``logits`` at ``(h, w)``."""
-    _checks.check_pixel_maps(embeddings, labels)
-    _checks.check_ignore_index(ignore_index)
-    b, _, h, w = embeddings.shape
-    if predictions is not None:
-        _checks.check_labels(predictions, "predictions", 3)
-    if logits is not None:
-        _checks.check_embeddings(logits, "logits", 4)
-        if logits.shape[1] == 0:
-            raise ValueError("logits must have at least one class, got shape [B, 0, h, w]")
-    _checks.check_same_device(
-        [("embeddings", embeddings), ("labels", labels), ("predictions", predictions),
-         ("logits", logits)]
-    )
-    resized = []
-    for name, value in (("predictions", predictions), ("logits", logits)):
-        if value is None:
-            resized.append(None)
-            continue
-        size = tuple(value.shape[-2:])
-        if value.shape[0] != b or 0 in size:
-            raise ValueError(
-                f"{name} of shape {list(value.shape)} cannot match embeddings of batch {b} and "
-                f"resolution {(h, w)}: the batch must be equal and the spatial size non-empty"
-            )
-        if value.dim() == 3:
-            resized.append(resize_labels(value, (h, w)))
-        elif size == (h, w):
-            resized.append(value)
-        else:
-            # the source pixel of every target pixel, by the same rule as the labels' resize
-            source = torch.arange(size[0] * size[1], device=value.device).view(1, *size)
-            source = resize_labels(source, (h, w)).reshape(-1)
-            resized.append(value.flatten(2)[:, :, source].view(b, -1, h, w))
-    return resized[0], resized[1]
+    @abc.abstractmethod
+    def sample_maps(self, embeddings: Tensor, maps: PixelMaps, ignore_index: int,
+                    generator: Optional[torch.Generator]) -> AnchorSample:
+        """Sample anchors of a batch whose ``maps`` are validated and at its resolution."""
 
 
 # The selection needs one host synchronisation (the anchor count) and draws tensors of that
@@ -399,7 +333,7 @@ def select_anchors(
     )
 
 
-class HardAnchorSampler:
+class HardAnchorSampler(_MapSampler):
     """Segmentation-aware anchors: per image and class, hard (misclassified) and easy pixels.
 
     Per image and per ground-truth class present (never ``ignore_index``) with at least
@@ -449,31 +383,10 @@ class HardAnchorSampler:
             num_classes = _checks.check_count(num_classes, "num_classes")
         self.num_classes = num_classes
 
-    def __call__(
-        self,
-        embeddings: Tensor,
-        labels: Tensor,
-        predictions: Optional[Tensor] = None,
-        ignore_index: int = 255,
-        generator: Optional[torch.Generator] = None,
-        *,
-        logits: Optional[Tensor] = None,
-    ) -> AnchorSample:
-        """Sample anchors.
-
-        Args:
-            embeddings: ``[B, D, h, w]``.
-            labels: ``[B, h, w]`` class ids at embedding resolution.
-            predictions: ``[B, h', w']`` predicted class ids, or ``None``.
-            ignore_index: label of pixels never sampled.
-            generator: random source, for reproducible sampling.
-            logits: ``[B, C, h', w']`` class scores, used when ``predictions`` is ``None``.
-        """
-        predictions, logits = _check_maps(
-            embeddings, labels, predictions, logits, ignore_index
-        )
-        if predictions is None and logits is not None:
-            predictions = predicted_labels(logits.detach())
+    def sample_maps(self, embeddings: Tensor, maps: PixelMaps, ignore_index: int,
+                    generator: Optional[torch.Generator]) -> AnchorSample:
+        """Anchors of prepared maps: hard where the predicted labels differ from the labels."""
+        labels, predictions = maps.labels, maps.predicted
         hard = None if predictions is None else predictions != labels
         return select_anchors(
             embeddings, labels, hard=hard, max_samples=self.max_samples,
@@ -515,18 +428,10 @@ class RandomAnchorSampler(HardAnchorSampler):
     ) -> None:
         super().__init__(max_samples, max_views, num_classes=num_classes)
 
-    def __call__(
-        self,
-        embeddings: Tensor,
-        labels: Tensor,
-        predictions: Optional[Tensor] = None,
-        ignore_index: int = 255,
-        generator: Optional[torch.Generator] = None,
-        *,
-        logits: Optional[Tensor] = None,
-    ) -> AnchorSample:
-        """Sample anchors; ``predictions`` and ``logits`` are checked but not used."""
-        _check_maps(embeddings, labels, predictions, logits, ignore_index)
+    def sample_maps(self, embeddings: Tensor, maps: PixelMaps, ignore_index: int,
+                    generator: Optional[torch.Generator]) -> AnchorSample:
+        """Anchors of prepared maps; their predictions and logits are not used."""
+        labels = maps.labels
         return select_anchors(
             embeddings, labels, max_samples=self.max_samples, max_views=self.max_views,
             ignore_index=ignore_index, num_classes=self.num_classes, generator=generator,
@@ -539,7 +444,7 @@ class RandomAnchorSampler(HardAnchorSampler):
         )
 
 
-class ConfidenceAnchorSampler:
+class ConfidenceAnchorSampler(_MapSampler):
     """Hard queries: pixels whose predicted probability of their true class is low (after ReCo).
 
     Per image and per ground-truth class, up to ``max_views`` random pixels among those with
@@ -565,32 +470,16 @@ class ConfidenceAnchorSampler:
         self.max_views = _checks.check_count(max_views, "max_views")
         self.threshold = _checks.check_fraction(threshold, "threshold")
 
-    def __call__(
-        self,
-        embeddings: Tensor,
-        labels: Tensor,
-        predictions: Optional[Tensor] = None,
-        ignore_index: int = 255,
-        generator: Optional[torch.Generator] = None,
-        *,
-        logits: Optional[Tensor] = None,
-    ) -> AnchorSample:
-        """Sample anchors.
-
-        Args:
-            embeddings: ``[B, D, h, w]``.
-            labels: ``[B, h, w]`` class ids at embedding resolution.
-            predictions: checked but not used (the confidence comes from ``logits``).
-            ignore_index: label of pixels never sampled.
-            generator: random source, for reproducible sampling.
-            logits: ``[B, C, h', w']`` class scores, ``C`` larger than every label.
+    def sample_maps(self, embeddings: Tensor, maps: PixelMaps, ignore_index: int,
+                    generator: Optional[torch.Generator]) -> AnchorSample:
+        """Anchors of prepared maps, among the pixels of low confidence under ``maps.logits``.
 
         Raises:
-            ValueError: without ``logits``, or when a label is ``>= C``.
+            ValueError: without logits, or when a label is ``>= C``.
         """
+        labels, logits = maps.labels, maps.logits
         if logits is None:
             raise ValueError("ConfidenceAnchorSampler needs logits=[B, C, h, w]")
-        _, logits = _check_maps(embeddings, labels, predictions, logits, ignore_index)
         num_classes = logits.shape[1]
         with torch.no_grad():
             valid = labels != ignore_index

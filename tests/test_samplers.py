@@ -419,3 +419,11 @@ def test_narrow_label_dtypes(dtype):
                   torch.Generator().manual_seed(0))
     assert torch.equal(got.indices, want.indices) and torch.equal(got.labels, want.labels)
     assert (got.num_hard, got.num_easy) == (want.num_hard, want.num_easy)
+
+
+def test_the_samplers_satisfy_the_sampler_protocol():
+    from pixcontrast import AnchorSampler
+
+    for sampler in (HardAnchorSampler(), RandomAnchorSampler(), ConfidenceAnchorSampler()):
+        assert isinstance(sampler, AnchorSampler)
+    assert not isinstance(object(), AnchorSampler)
