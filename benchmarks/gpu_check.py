@@ -35,7 +35,8 @@ from pathlib import Path
 from typing import Callable, Optional
 
 import torch
-from _common import metadata, write_results
+from _common import metadata
+from _harness import write_result
 
 import pixcontrast
 from pixcontrast.ops import triton_fused
@@ -249,7 +250,7 @@ def main(argv: list[str]) -> int:
     capability = tuple(result["device"]["capability"])
     print("triton wins at every point for:", ", ".join(wins) or "no dtype",
           f"(candidates for TRITON_MEASURED_WINS on sm{capability[0]}{capability[1]})")
-    write_results(args.output, result)
+    write_result(args.output, result)
     print(f"wrote {args.output}")
     return 0
 

@@ -9,6 +9,7 @@ from .memory import ClassMemoryBank, region_embeddings
 from .mining import MINERS, MinedContrastLoss, MinedPairs, mine_keys, pair_contrastive_loss
 from .samplers import (
     AnchorSample,
+    AnchorSampler,
     ConfidenceAnchorSampler,
     HardAnchorSampler,
     RandomAnchorSampler,
@@ -21,6 +22,7 @@ __version__ = "0.1.0"
 __all__ = [
     "MINERS",
     "AnchorSample",
+    "AnchorSampler",
     "ClassMemoryBank",
     "ConfidenceAnchorSampler",
     "ContrastWeightSchedule",

@@ -10,6 +10,7 @@ from torch import Tensor
 
 from . import _checks
 from ._dispatch import BACKEND_NAMES, select_backend
+from ._pixels import resize_labels
 from .ops._layout import compute_dtype
 from .ops._options import ContrastOptions
 
@@ -163,59 +164,3 @@ def check_score_range(
             "normalise the embeddings, raise temperature (or base_temperature), or pass "
             "float64 inputs"
         )
-
-
-def predicted_labels(logits: Tensor) -> Tensor:
-    """``[B, h, w]`` argmax over the classes of ``[B, C, h, w]`` logits (the first of equal
-    maxima), taken as ``max``'s indices: on CPU ``argmax`` over this dimension is slower."""
-    return logits.max(dim=1).indices
-
-
-def resize_labels(labels: Tensor, size: tuple[int, int]) -> Tensor:
-    """Nearest-neighbour resize of a ``[B, H, W]`` integer label map to ``size = (h, w)``.
-
-    Picks exactly the source pixels of ``F.interpolate(mode="nearest")``, whose rule computes
-    the scale in float32: row ``i`` reads row ``min(floor(i * s), H - 1)`` with
-    ``s = float32(H) / float32(h)`` and the product rounded to float32 (which differs from
-    ``floor(i * H / h)`` for, e.g., 26 -> 22 rows); columns likewise. It indexes instead of
-    interpolating, so any integer id survives exactly.
-
-    Args:
-        labels: ``[B, H, W]`` integer class ids.
-        size: ``(h, w)``, two integers.
-
-    Returns:
-        ``[B, h, w]`` labels; ``labels`` itself when ``size == (H, W)`` (an empty map
-        included).
-
-    Raises:
-        TypeError: ``size`` is not a pair of integers, or ``labels`` not an integer tensor.
-        ValueError: otherwise, for a negative entry of ``size``, a zero one, or a map with no
-            pixel (``H`` or ``W`` is 0) to resize from, as ``F.interpolate`` would.
-    """
-    _checks.check_labels(labels, "labels", 3)
-    h, w = _checks.check_size(size, "size")
-    height, width = labels.shape[-2:]
-    if (h, w) == (height, width):
-        return labels
-    if h == 0 or w == 0:
-        raise ValueError(f"size must be positive to resize labels of shape "
-                         f"{list(labels.shape)}, got {(h, w)}")
-    if height == 0 or width == 0:
-        raise ValueError(
-            f"labels of shape {list(labels.shape)} has no pixel to resize to size {(h, w)}"
-        )
-    rows = _nearest_source(height, h, labels.device)
-    cols = _nearest_source(width, w, labels.device)
-    return labels.index_select(1, rows).index_select(2, cols)
-
-
-def _nearest_source(in_size: int, out_size: int, device: torch.device) -> Tensor:
-    """Source index of every output index of a nearest resize, by ATen's float32 rule."""
-    # float32(in_size / out_size): the double quotient rounded to a 24-bit significand, half to
-    # even, equals the float32 quotient (double rounding cannot differ for sizes below 2**28)
-    mantissa, exponent = math.frexp(in_size / out_size)
-    scale = math.ldexp(round(math.ldexp(mantissa, 24)), exponent - 24)
-    # a float32 product of two float32 values, correctly rounded like ATen's
-    position = torch.arange(out_size, dtype=torch.float32, device=device).mul_(scale)
-    return position.floor_().long().clamp_(max=in_size - 1)

@@ -11,73 +11,14 @@ from torch import Tensor, nn
 
 from . import _checks, diagnostics, distributed
 from ._dispatch import BACKEND_NAMES
-from .functional import VARIANTS, contrastive_loss, predicted_labels, resize_labels
-from .memory import ClassMemoryBank, check_exclude_classes, exclude_labels, region_embeddings
-from .samplers import AnchorSample, HardAnchorSampler
+from ._pixels import PixelMaps, prepare_pixel_inputs, prepare_pixel_maps, region_embeddings
+from .functional import VARIANTS, contrastive_loss
+from .memory import ClassMemoryBank, check_exclude_classes, exclude_labels
+from .samplers import AnchorSample, AnchorSampler, HardAnchorSampler, _MapSampler
 
 __all__ = ["GATHER_MODES", "PixelContrastLoss", "RegionContrastLoss", "prepare_pixel_inputs"]
 
 GATHER_MODES = ("none", "keys")
-
-
-def prepare_pixel_inputs(
-    embeddings: Tensor,
-    labels: Tensor,
-    predictions: Optional[Tensor],
-    ignore_index: int,
-    num_classes: Optional[int] = None,
-) -> tuple[Tensor, Optional[Tensor]]:
-    """Validate a batch and bring labels and predictions to the embeddings' resolution.
-
-    Args:
-        embeddings: ``[B, D, h, w]``.
-        labels: ``[B, H, W]`` integer class ids (``ignore_index`` for unlabelled pixels).
-        predictions: logits ``[B, C, h', w']`` or a label map ``[B, h', w']``, or ``None``.
-        ignore_index: the label of unlabelled pixels.
-        num_classes: when known, labels must lie in ``[0, num_classes)`` or be ``ignore_index``.
-
-    Returns:
-        ``(labels [B, h, w], predicted labels [B, h, w] or None)``.
-    """
-    _checks.check_embeddings(embeddings, "embeddings", 4)
-    _checks.check_labels(labels, "labels", 3)
-    _checks.check_same_device(
-        [("embeddings", embeddings), ("labels", labels), ("predictions", predictions)]
-    )
-    batch, _, h, w = embeddings.shape
-    if labels.shape[0] != batch:
-        raise ValueError(
-            f"labels has batch size {labels.shape[0]} but embeddings has {batch}"
-        )
-    predicted = None
-    if predictions is not None:
-        _checks.check_tensor(predictions, "predictions")
-        if predictions.dim() == 4:
-            if not predictions.is_floating_point():
-                raise TypeError("predictions with 4 dimensions must be float logits [B, C, h, w]")
-            classes = predictions.shape[1]
-            if num_classes is not None and classes != num_classes:
-                raise ValueError(
-                    f"predictions has {classes} classes but num_classes is {num_classes}"
-                )
-            num_classes = classes
-            predicted = predicted_labels(predictions.detach())
-        elif predictions.dim() == 3:
-            _checks.check_labels(predictions, "predictions", 3)
-            predicted = predictions.detach()
-        else:
-            raise ValueError(
-                "predictions must be logits [B, C, h, w] or a label map [B, h, w], "
-                f"got shape {tuple(predictions.shape)}"
-            )
-        if predicted.shape[0] != batch:
-            raise ValueError(
-                f"predictions has batch size {predicted.shape[0]} but embeddings has {batch}"
-            )
-        predicted = resize_labels(predicted, (h, w))
-    if num_classes is not None:
-        _checks.check_label_values(labels, num_classes, ignore_index, "labels")
-    return resize_labels(labels, (h, w)), predicted
 
 
 def _anchors_with_positives(
@@ -161,8 +102,8 @@ class PixelContrastLoss(nn.Module):
         normalize: L2-normalise the embeddings over channels first.
         backend: ``"auto"``, ``"triton"``, ``"torch"`` or ``"reference"``; see
             ``contrastive_loss``.
-        sampler: an anchor sampler (see :mod:`pixcontrast.samplers` for the interface); it gets
-            the predicted label map and, when ``predictions`` are logits, the logits. Defaults
+        sampler: an :class:`~pixcontrast.samplers.AnchorSampler`; it gets the predicted
+            label map and, when ``predictions`` are logits, the logits. Defaults
             to ``HardAnchorSampler(max_samples, max_views, num_classes=num_classes)``: half of
             each class's anchors mispredicted ("hard") pixels when predictions are given.
         num_classes: when given, labels outside ``[0, num_classes)`` (other than
@@ -226,7 +167,7 @@ class PixelContrastLoss(nn.Module):
         ignore_index: int = 255,
         normalize: bool = True,
         backend: str = "auto",
-        sampler=None,
+        sampler: Optional[AnchorSampler] = None,
         num_classes: Optional[int] = None,
         memory: Optional[ClassMemoryBank] = None,
         use_pixel_memory: bool = True,
@@ -280,16 +221,27 @@ class PixelContrastLoss(nn.Module):
         self, embeddings: Tensor, labels: Tensor, predictions: Optional[Tensor] = None
     ) -> tuple[Tensor, Optional[Tensor]]:
         """Validate a batch; ``(labels, predicted labels)`` at the embeddings' resolution."""
-        labels, predicted = prepare_pixel_inputs(
+        maps = self._prepare(embeddings, labels, predictions)
+        return maps.labels, maps.predicted
+
+    def _prepare(
+        self, embeddings: Tensor, labels: Tensor, predictions: Optional[Tensor]
+    ) -> PixelMaps:
+        """Validate a batch once (for the sampler and the memory too): its maps at the
+        embeddings' resolution."""
+        if self.memory is not None:
+            self.memory._check_embeddings(embeddings)
+        maps = prepare_pixel_maps(
             embeddings, labels, predictions, self.ignore_index, self.num_classes
         )
         _checks.check_finite(embeddings, "embeddings")
-        if self.memory is not None:
-            self.memory.check_batch(embeddings, labels)
-        return exclude_labels(labels, self.exclude_classes, self.ignore_index), predicted
+        return dataclasses.replace(
+            maps, labels=exclude_labels(maps.labels, self.exclude_classes, self.ignore_index)
+        )
 
     def _memory_keys(self, pixels: bool, regions: bool) -> tuple[Tensor, Tensor]:
         """The memory's keys, those of ``exclude_classes`` marked invalid (label -1)."""
+        assert self.memory is not None  # (called only with a memory)
         keys, key_labels = self.memory.keys(pixels, regions)
         return keys, exclude_labels(key_labels, self.exclude_classes, -1)
 
@@ -306,23 +258,26 @@ class PixelContrastLoss(nn.Module):
         generator: Optional[torch.Generator] = None,
     ) -> AnchorSample:
         """The anchors ``forward`` would contrast (after resizing, with normalised embeddings)."""
-        labels, predicted = self.prepare(embeddings, labels, predictions)
-        return self._draw(embeddings, labels, predicted, predictions, generator)
+        maps = self._prepare(embeddings, labels, predictions)
+        return self._draw(embeddings, maps, predictions, generator)
 
     def _draw(
         self,
         embeddings: Tensor,
-        labels: Tensor,
-        predicted: Optional[Tensor],
+        maps: PixelMaps,
         predictions: Optional[Tensor],
         generator: Optional[torch.Generator],
     ) -> AnchorSample:
-        logits = None
-        if predictions is not None and predictions.dim() == 4:
-            logits = predictions.detach()
-        sample = self.sampler(
-            embeddings, labels, predicted, self.ignore_index, generator, logits=logits
-        )
+        if isinstance(self.sampler, _MapSampler):
+            sample = self.sampler.sample_maps(embeddings, maps, self.ignore_index, generator)
+        else:
+            logits = None
+            if predictions is not None and predictions.dim() == 4:
+                logits = predictions.detach()
+            sample = self.sampler(
+                embeddings, maps.labels, maps.predicted, self.ignore_index, generator,
+                logits=logits,
+            )
         # Normalising the N sampled rows instead of the whole map gives the same anchors.
         return dataclasses.replace(sample, embeddings=self.unit(sample.embeddings))
 
@@ -360,8 +315,9 @@ class PixelContrastLoss(nn.Module):
                 (so validation under ``eval()``, ``torch.no_grad()`` or
                 ``torch.inference_mode()`` leaves the memory as it was).
         """
-        labels, predicted = self.prepare(embeddings, labels, predictions)
-        sample = self._draw(embeddings, labels, predicted, predictions, generator)
+        maps = self._prepare(embeddings, labels, predictions)
+        labels = maps.labels
+        sample = self._draw(embeddings, maps, predictions, generator)
         # Detached: holding the graph would keep it alive and make the module impossible to
         # deepcopy (EMA and teacher copies) after a training step.
         self.last_sample = dataclasses.replace(sample, embeddings=sample.embeddings.detach())
@@ -384,7 +340,7 @@ class PixelContrastLoss(nn.Module):
         if enqueue is None:
             enqueue = self.enqueue and self.training and torch.is_grad_enabled()
         if self.memory is not None and enqueue:
-            self.memory.enqueue(embeddings, labels, generator, normalize=self.normalize)
+            self.memory._enqueue_prepared(embeddings, labels, generator, normalize=self.normalize)
         self.last_stats = diagnostics.contrast_stats(sample, key_labels, in_batch, loss,
                                                      self.memory)
         return loss
@@ -448,7 +404,7 @@ class RegionContrastLoss(PixelContrastLoss):
         ignore_index: int = 255,
         normalize: bool = True,
         backend: str = "auto",
-        sampler=None,
+        sampler: Optional[AnchorSampler] = None,
         num_classes: Optional[int] = None,
         memory: Optional[ClassMemoryBank] = None,
         use_batch_regions: bool = True,

@@ -15,8 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import _checks, distributed
-from .functional import resize_labels
-from .samplers import gather_pixels, random_rank_in_group
+from ._pixels import gather_pixels, pixel_maps, random_rank_in_group, region_embeddings
 
 __all__ = ["ClassMemoryBank", "region_embeddings"]
 
@@ -64,184 +63,6 @@ def exclude_labels(labels: Tensor, exclude_classes: tuple[int, ...], ignore_inde
     for cls in exclude_classes:
         labels = labels.masked_fill(labels == cls, ignore_index)
     return labels
-
-
-_NORM_EPS = 1e-12  # F.normalize's: a pixel embedding x becomes x / max(|x|, eps)
-_SCATTER_CHANNELS = 16  # channels per block when scattering scaled pixel embeddings
-
-
-def _channel_dot(a: Tensor, b: Tensor, dtype: torch.dtype) -> Tensor:
-    """``sum_d a[:, d] * b[:, d]`` of two ``[B, D, P]`` CPU maps, as ``[B, P]`` in ``dtype``: a
-    loop of in-place products over the channels, each a contiguous ``[B, P]`` plane, with no
-    temporary the size of the map (on CPU a reduction over the strided channel dimension is
-    slow)."""
-    out = torch.zeros((a.shape[0], a.shape[2]), dtype=dtype, device=a.device)
-    for channel in range(a.shape[1]):
-        out.addcmul_(a[:, channel].to(dtype), b[:, channel].to(dtype))
-    return out
-
-
-def _pixel_norms(flat: Tensor, dtype: torch.dtype) -> Tensor:
-    """``[B, P]`` L2 norms over the channels of ``flat [B, D, P]``, in ``dtype``."""
-    if flat.device.type == "cpu":
-        return _channel_dot(flat, flat, dtype).sqrt_()
-    return torch.linalg.vector_norm(flat, dim=1, dtype=dtype)
-
-
-def _region_means_by_product(device: torch.device) -> bool:
-    """Which way :class:`_RegionMeans` takes on ``device``: the scatter on CPU, the product
-    elsewhere."""
-    return device.type != "cpu"
-
-
-class _RegionMeans(torch.autograd.Function):
-    r"""Per (image, column) means ``[B, D, K]`` of the pixel embeddings ``flat [B, D, P]``, or of
-    their L2-normalised versions, without a copy of the (normalised) map.
-
-    ``column [B, P]`` holds each pixel's column in ``[0, K]`` (column ``K`` is dropped) and
-    ``counts [B, K]`` the pixels per column (a mean over no pixel is 0).
-
-    With :math:`n` the count of pixel :math:`i`'s column and :math:`g_i` the output gradient
-    there, unnormalised means give :math:`\partial L / \partial x_i = g_i / n`. Normalised ones
-    average :math:`u_i = s_i x_i`, :math:`s_i = 1 / \max(\lVert x_i \rVert, \epsilon)`, and
-    :math:`\partial u_i / \partial x_i = s_i (I - u_i u_i^\top)` where
-    :math:`\lVert x_i \rVert > \epsilon` (:math:`s_i I` otherwise), so
-    :math:`\partial L / \partial x_i = (s_i g_i - s_i^3 (x_i \cdot g_i)\, x_i) / n`.
-
-    Two ways to the same numbers:
-
-    - on CPU, a scatter-add of the pixels into the ``[B, D, K]`` sums, whose cost does not grow
-      with K; its backward gathers one gradient map and updates it in place;
-    - elsewhere, a batched product with the ``[B, P, K]`` one-hot map holding each pixel's
-      weight :math:`s_i / n` (GPU atomics contend when many pixels add into the same few sums);
-      its backward is the transposed product, plus one more for the :math:`x_i \cdot g_i`.
-    """
-
-    @staticmethod
-    def forward(  # type: ignore[override]
-        ctx, flat: Tensor, column: Tensor, counts: Tensor, normalize: bool, product: bool
-    ) -> Tensor:
-        b, d, p = flat.shape
-        width = counts.shape[1]
-        scale = unit_sphere = None
-        if normalize:
-            norm = _pixel_norms(flat, counts.dtype)
-            scale = norm.clamp(min=_NORM_EPS).reciprocal_()
-            # where |x| <= eps the scale is constant, and the Jacobian's second term is 0
-            unit_sphere = norm > _NORM_EPS
-        ctx.product = product
-        if product:
-            # w_i = s_i / n, the weight of pixel i in its column's mean
-            weight = F.pad(counts.clamp(min=1), (0, 1), value=1).gather(1, column).reciprocal_()
-            if scale is not None:
-                weight.mul_(scale)
-            one_hot = flat.new_zeros((b, p, width + 1))
-            # (finite in 16 bits: a weight beyond the range belongs to a pixel of norm ~0)
-            cap = torch.finfo(flat.dtype).max
-            one_hot.scatter_(2, column[..., None], weight.clamp(max=cap)[..., None].to(flat.dtype))
-            one_hot = one_hot[..., :width]
-            ctx.save_for_backward(flat, column, counts, one_hot, weight, scale, unit_sphere)
-            return torch.bmm(flat, one_hot).to(counts.dtype)
-        sums = flat.new_zeros((b, d, width + 1), dtype=counts.dtype)
-        index = column[:, None, :]
-        for start in range(0, d, _SCATTER_CHANNELS):
-            block = flat[:, start : start + _SCATTER_CHANNELS].to(counts.dtype)
-            if scale is not None:
-                block = block * scale[:, None]
-            sums[:, start : start + block.shape[1]].scatter_add_(
-                2, index.expand(b, block.shape[1], p), block
-            )
-        ctx.save_for_backward(flat, column, counts, None, None, scale, unit_sphere)
-        return sums[..., :width] / counts.clamp(min=1)[:, None]
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(  # type: ignore[override]
-        ctx, grad_means: Tensor
-    ) -> tuple[Tensor, None, None, None, None]:
-        flat, column, counts, one_hot, weight, scale, unit_sphere = ctx.saved_tensors
-        b, d, p = flat.shape
-        if ctx.product:
-            grad_means = grad_means.to(flat.dtype)
-            grad = torch.bmm(grad_means, one_hot.transpose(1, 2))  # w_i g_i = s_i g_i / n
-            if scale is not None:
-                dots = F.pad(torch.bmm(flat.transpose(1, 2), grad_means), (0, 1))  # [B, P, K + 1]
-                dot = dots.gather(2, column[..., None]).squeeze(2).to(scale.dtype)  # x_i . g_i
-                coefficient = (dot * weight * scale.square()).masked_fill_(~unit_sphere, 0)
-                grad.addcmul_(flat, coefficient[:, None].to(flat.dtype), value=-1)
-            return grad, None, None, None, None
-        # g_i / n at every pixel, then the normalisation's Jacobian
-        per_column = F.pad(grad_means / counts.clamp(min=1)[:, None], (0, 1))
-        grad = per_column.gather(2, column[:, None, :].expand(b, d, p))
-        if scale is not None:
-            coefficient = _channel_dot(flat, grad, grad.dtype).mul_(scale.pow(3))
-            coefficient.masked_fill_(~unit_sphere, 0)
-            grad.mul_(scale[:, None]).addcmul_(flat, coefficient[:, None], value=-1)
-        return grad.to(flat.dtype), None, None, None, None
-
-
-def region_embeddings(
-    embeddings: Tensor, labels: Tensor, ignore_index: int = 255, normalize_pixels: bool = False
-) -> tuple[Tensor, Tensor]:
-    r"""Re-normalised mean embedding of every (image, class) region of a batch.
-
-    For image :math:`b` and class :math:`c` with pixels :math:`\Omega_{bc}` (never
-    ``ignore_index``):
-
-    .. math::
-        r_{bc} = \frac{m_{bc}}{\lVert m_{bc} \rVert_2}, \qquad
-        m_{bc} = \frac{1}{|\Omega_{bc}|} \sum_{i \in \Omega_{bc}} u_i
-
-    with :math:`u_i = x_i`, or with ``normalize_pixels`` :math:`u_i = x_i / \max(\lVert x_i
-    \rVert_2, \epsilon)` as ``F.normalize(embeddings, dim=1)`` gives, without building that
-    normalised map.
-
-    No copy of the (normalised) map and no loop over images or classes: on CPU one scatter-add
-    of the pixels into per-(image, class) sums, whose cost does not grow with the number of
-    classes; on other devices one batched product with the one-hot class map (a scatter's
-    atomic adds would contend there). Means of 16-bit inputs are accumulated in float32 on CPU
-    (in the product's own float32 accumulation elsewhere). Gradients flow to
-    ``embeddings`` (first derivatives: differentiating the backward pass again raises), and the
-    backward pass writes one gradient map.
-
-    Args:
-        embeddings: ``[B, D, h, w]`` pixel embeddings.
-        labels: ``[B, h, w]`` class ids at the embeddings' resolution.
-        ignore_index: label of pixels that belong to no region.
-        normalize_pixels: average the L2-normalised pixel embeddings.
-
-    Returns:
-        ``(regions [R, D], region_labels [R])``, one row per (image, class) present, ordered by
-        class, then image.
-
-    Example:
-        >>> x = torch.randn(2, 8, 4, 4)
-        >>> y = torch.randint(0, 3, (2, 4, 4))
-        >>> regions, region_labels = region_embeddings(x, y)
-        >>> regions.shape[1], bool((region_labels[1:] >= region_labels[:-1]).all())
-        (8, True)
-    """
-    _checks.check_pixel_maps(embeddings, labels)
-    ignore_index = _checks.check_ignore_index(ignore_index)
-    b, d, h, w = embeddings.shape
-    flat = labels.reshape(b, h * w).long()
-    valid = flat != ignore_index
-    classes = torch.unique(flat[valid])
-    k = classes.numel()
-    # column of a pixel: its class's rank among `classes`, or k (dropped) when ignored
-    column = torch.where(valid, torch.searchsorted(classes, flat), k)
-    accumulate = torch.promote_types(embeddings.dtype, torch.float32)
-    counts = torch.zeros((b, k + 1), dtype=accumulate, device=flat.device).scatter_add_(
-        1, column, torch.ones((), dtype=accumulate, device=flat.device).expand(b, h * w)
-    )[:, :k]  # [B, K]
-    means = _RegionMeans.apply(
-        embeddings.reshape(b, d, h * w), column, counts, normalize_pixels,
-        _region_means_by_product(embeddings.device),
-    )
-    present = (counts > 0).T  # [K, B]: class-major order
-    means = means.permute(2, 0, 1)[present].to(embeddings.dtype)
-    region_labels = classes[:, None].expand(-1, b)[present]
-    return F.normalize(means, p=2, dim=1), region_labels
 
 
 def _push(ring: Tensor, pointer: Tensor, count: Tensor, values: Tensor, classes: Tensor) -> None:
@@ -553,23 +374,21 @@ class ClassMemoryBank(nn.Module):
         Raises if ``embeddings`` is not ``[B, dim, h, w]``, if either tensor is on another device
         than the memory, or if a label is neither in ``[0, num_classes)`` nor ``ignore_index``.
         """
+        self._check_embeddings(embeddings)
+        return pixel_maps(
+            embeddings, labels, ignore_index=self.ignore_index, num_classes=self.num_classes
+        ).labels
+
+    def _check_embeddings(self, embeddings: Tensor) -> None:
+        """Raise unless ``embeddings`` is a ``[B, dim, h, w]`` float map on the memory's device
+        (what a batch whose labels are validated elsewhere must still fit)."""
         _checks.check_embeddings(embeddings, "embeddings", 4)
-        _checks.check_labels(labels, "labels", 3)
         if embeddings.shape[1] != self.dim:
             raise ValueError(
                 f"embeddings has D={embeddings.shape[1]} channels but the memory bank's dim is "
                 f"{self.dim}"
             )
-        if labels.shape[0] != embeddings.shape[0]:
-            raise ValueError(
-                f"labels has batch size {labels.shape[0]} but embeddings has {embeddings.shape[0]}"
-            )
-        _checks.check_same_device(
-            [("the memory bank", self.queue), ("embeddings", embeddings), ("labels", labels)]
-        )
-        labels = resize_labels(labels, (embeddings.shape[2], embeddings.shape[3]))
-        _checks.check_label_values(labels, self.num_classes, self.ignore_index, "labels")
-        return labels
+        _checks.check_same_device([("the memory bank", self.queue), ("embeddings", embeddings)])
 
     @torch.no_grad()
     def enqueue(
@@ -594,10 +413,18 @@ class ClassMemoryBank(nn.Module):
         ``gather=True``, the other ranks' entries are still added).
         """
         labels = self.check_batch(embeddings, labels)
+        _checks.check_finite(embeddings, "embeddings")
+        self._enqueue_prepared(embeddings, labels, generator, normalize=normalize)
+
+    @torch.no_grad()
+    def _enqueue_prepared(self, embeddings: Tensor, labels: Tensor,
+                          generator: Optional[torch.Generator], *, normalize: bool) -> None:
+        """:meth:`enqueue` a batch validated already: finite ``embeddings`` that pass
+        :meth:`_check_embeddings` and ``labels`` as :meth:`check_batch` returns them (the losses
+        validate once and call this)."""
         self._check_foreign_write()
         labels = exclude_labels(labels, self.exclude_classes, self.ignore_index)
         embeddings = embeddings.detach()
-        _checks.check_finite(embeddings, "embeddings")
         b, _, h, w = embeddings.shape
         flat = labels.reshape(-1).long()
         valid = flat != self.ignore_index

@@ -5,7 +5,7 @@ gather the selected embeddings (with gradient). All of them are configurations o
 selection, :func:`select_anchors`: per image and per ground-truth class, a quota of random pixels,
 split between "hard" and "easy" pixels.
 
-A sampler is a callable::
+A sampler is a callable (typed as :class:`AnchorSampler`)::
 
     sampler(embeddings, labels, predictions=None, ignore_index=255, generator=None, *, logits=None)
         -> AnchorSample
@@ -17,8 +17,9 @@ with ``embeddings [B, D, h, w]``, ``labels [B, h, w]`` (class ids at the embeddi
 
 from __future__ import annotations
 
+import abc
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import NamedTuple, Optional, Protocol, runtime_checkable
 
 import torch
 import torch.nn.functional as F
@@ -26,14 +27,16 @@ from torch import Tensor
 
 from . import _checks
 from ._compile import eager_under_compile
-from .functional import predicted_labels, resize_labels
+from ._pixels import PixelMaps, _true_positions, gather_pixels, pixel_maps, random_rank_in_group
 
 __all__ = [
     "DEFAULT_NUM_CLASSES",
     "AnchorSample",
+    "AnchorSampler",
     "ConfidenceAnchorSampler",
     "HardAnchorSampler",
     "RandomAnchorSampler",
+    "anchor_quotas",
     "gather_pixels",
     "random_rank_in_group",
     "select_anchors",
@@ -73,131 +76,233 @@ class AnchorSample:
     num_easy: int
 
 
-class _GatherByImage(torch.autograd.Function):
-    """Rows ``[N, D]`` of ``flat [B, D, P]`` at per-image pixel positions.
+@runtime_checkable
+class AnchorSampler(Protocol):
+    """What :class:`~pixcontrast.PixelContrastLoss` takes as its ``sampler``: a callable with the
+    signature of the module docstring (the three samplers here satisfy it).
 
-    Autograd through ``flat[image].index_select(...)`` would give every image's ``select`` a
-    zero gradient the size of the whole batch; the backward here fills one.
+    Example:
+        >>> isinstance(HardAnchorSampler(), AnchorSampler)
+        True
     """
 
-    @staticmethod
-    def forward(ctx, flat: Tensor, pixels: tuple[Tensor, ...]) -> Tensor:  # type: ignore[override]
-        ctx.pixels, ctx.shape = pixels, flat.shape
-        out = flat.new_empty(sum(part.numel() for part in pixels), flat.shape[1])
-        start = 0
-        for image, part in enumerate(pixels):
-            stop = start + part.numel()
-            # [D, n] read channel row by channel row, written transposed into the rows
-            out[start:stop].t().copy_(flat[image].index_select(1, part))
-            start = stop
-        return out
+    def __call__(
+        self,
+        embeddings: Tensor,
+        labels: Tensor,
+        predictions: Optional[Tensor] = None,
+        ignore_index: int = 255,
+        generator: Optional[torch.Generator] = None,
+        *,
+        logits: Optional[Tensor] = None,
+    ) -> AnchorSample:
+        """Anchors of a batch.
 
-    @staticmethod
-    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
-        # (linear in grad and made of differentiable ops: double backward works)
-        grad_flat = grad.new_zeros(ctx.shape)
-        start = 0
-        for image, part in enumerate(ctx.pixels):
-            stop = start + part.numel()
-            grad_flat[image].index_add_(1, part, grad[start:stop].t())
-            start = stop
-        return grad_flat, None
+        Args:
+            embeddings: ``[B, D, h, w]``.
+            labels: ``[B, h, w]`` class ids at the embedding resolution.
+            predictions: ``[B, h', w']`` predicted class ids, or ``None``.
+            ignore_index: label of pixels never sampled.
+            generator: random source, for reproducible sampling.
+            logits: ``[B, C, h', w']`` class scores, or ``None``.
+
+        Returns:
+            The :class:`AnchorSample`.
+        """
+        ...
 
 
-def gather_pixels(
-    embeddings: Tensor, indices: Tensor, counts: Optional[Sequence[int]] = None
-) -> Tensor:
-    """Rows ``[N, D]`` of ``embeddings [B, D, h, w]`` at flat pixel ``indices``, without copying
-    the whole map.
+class _MapSampler(abc.ABC):
+    """The samplers of this module: one validating call that prepares the maps with
+    :func:`~pixcontrast._pixels.pixel_maps`, and :meth:`sample_maps` on prepared maps (which the
+    losses call directly, having validated the batch once)."""
 
-    Given ``counts``, how many of ``indices`` fall in each image (which must then come grouped
-    by image, in image order, as increasing indices do), each image's ``[D, h * w]`` map is read
-    with one ``index_select`` along its pixels, walking every channel row in order: faster than
-    the general gather used without ``counts``, which takes the indices in any order. Either way
-    the backward pass writes one gradient map, the size of ``embeddings``.
+    def __call__(self, embeddings: Tensor, labels: Tensor, predictions: Optional[Tensor] = None,
+                 ignore_index: int = 255, generator: Optional[torch.Generator] = None, *,
+                 logits: Optional[Tensor] = None) -> AnchorSample:
+        """Sample anchors; the arguments and the result are those of :class:`AnchorSampler`.
+
+        Raises:
+            TypeError, ValueError: invalid maps (see :func:`select_anchors`).
+        """
+        _checks.check_pixel_maps(embeddings, labels)
+        maps = pixel_maps(embeddings, labels, predictions, logits, ignore_index=ignore_index)
+        return self.sample_maps(embeddings, maps, ignore_index, generator)
+
+    @abc.abstractmethod
+    def sample_maps(self, embeddings: Tensor, maps: PixelMaps, ignore_index: int,
+                    generator: Optional[torch.Generator]) -> AnchorSample:
+        """Sample anchors of a batch whose ``maps`` are validated and at its resolution."""
+
+
+class _SlotTable(NamedTuple):
+    """The random-level histogram of :func:`select_anchors`.
+
+    A slot is one (image, label column, state) triple, ``state = hard + 2 * (not eligible)``;
+    label columns run over the values ``low..high`` (``ignored`` is the column of ignored
+    pixels). ``bins`` holds each pixel's histogram bin ``(1 + level) * slots + slot`` and
+    ``below [_LEVELS + 1, B, span, states]`` each slot's pixels below each level (row 0: none;
+    the last row: all of them).
     """
-    b, d, h, w = embeddings.shape
-    flat = embeddings.reshape(b, d, h * w)
-    if counts is None or b == 0:  # (an empty batch has no image map to read)
-        return flat[indices // (h * w), :, indices % (h * w)]
-    pixels = tuple((indices % (h * w)).split(list(counts)))
-    return _GatherByImage.apply(flat, pixels)
+
+    bins: Tensor
+    below: Tensor
+    low: int
+    high: int
+    ignored: int
+    states: int
+
+    @property
+    def slots(self) -> int:
+        """The number of slots, ``B * span * states``."""
+        return self.below[0].numel()
 
 
-def _rank_in_sorted_groups(sorted_groups: Tensor) -> Tensor:
-    """Position ``0..count-1`` of each element within its run of equal values of a sorted
-    tensor."""
-    n = sorted_groups.numel()
-    first = torch.ones_like(sorted_groups, dtype=torch.bool)
-    first[1:] = sorted_groups[1:] != sorted_groups[:-1]
-    position = torch.arange(n, device=sorted_groups.device)
-    return position - torch.cummax(torch.where(first, position, 0), dim=0).values
-
-
-# torch.nonzero_static exists on CPU since torch 2.1 and on CUDA since 2.6.
-_NONZERO_STATIC_ANY_DEVICE = torch.__version__ >= "2.6"
-
-
-def _true_positions(mask: Tensor, count: int) -> Tensor:
-    """Positions of the ``count`` true entries of a 1-D mask whose count the host already knows:
-    no synchronisation where ``nonzero_static`` runs on the mask's device."""
-    if mask.device.type == "cpu" or _NONZERO_STATIC_ANY_DEVICE:
-        return torch.nonzero_static(mask, size=count).squeeze(1)
-    return mask.nonzero().squeeze(1)
-
-
-def random_rank_in_group(groups: Tensor, generator: Optional[torch.Generator]) -> Tensor:
-    """A uniformly random rank ``0..count-1`` for each element within its group id."""
-    n = groups.numel()
-    perm = torch.randperm(n, generator=generator, device="cpu").to(groups.device)
-    sorted_groups, order = torch.sort(groups[perm], stable=True)
-    rank = torch.empty(n, dtype=torch.long, device=groups.device)
-    rank[perm[order]] = _rank_in_sorted_groups(sorted_groups)
-    return rank
-
-
-def _check_maps(
-    embeddings: Tensor,
+def _level_histogram(
     labels: Tensor,
-    predictions: Optional[Tensor],
-    logits: Optional[Tensor],
+    hard: Optional[Tensor],
+    eligible: Optional[Tensor],
     ignore_index: int,
-) -> tuple[Optional[Tensor], Optional[Tensor]]:
-    """Validate a sampler's inputs; return ``predictions`` and ``logits`` at ``(h, w)``."""
-    _checks.check_pixel_maps(embeddings, labels)
-    _checks.check_ignore_index(ignore_index)
-    b, _, h, w = embeddings.shape
-    if predictions is not None:
-        _checks.check_labels(predictions, "predictions", 3)
-    if logits is not None:
-        _checks.check_embeddings(logits, "logits", 4)
-        if logits.shape[1] == 0:
-            raise ValueError("logits must have at least one class, got shape [B, 0, h, w]")
-    _checks.check_same_device(
-        [("embeddings", embeddings), ("labels", labels), ("predictions", predictions),
-         ("logits", logits)]
+    width: int,
+    generator: Optional[torch.Generator],
+) -> _SlotTable:
+    """Every pixel's random level and slot, and one histogram over (level, slot)."""
+    b, h, w = labels.shape
+    n = b * h * w
+    device = labels.device
+    flat = labels.reshape(b, h * w).long()  # (room for the clamp bounds below)
+    # a table column per label value in [low, high]; other values are clamped onto low or
+    # high, which are neither class ids nor ignore_index (so they count as bad below)
+    low, high = min(-1, ignore_index - 1), max(width, ignore_index + 1)
+    ignored = ignore_index  # the label of ignored pixels in `flat`
+    if high - low > width + 1024:  # a far-away ignore_index: relabel to the next column
+        flat = flat.clamp(-1, width).masked_fill_(flat == ignore_index, width + 1)
+        ignored, low, high = width + 1, -1, width + 1
+    span = high - low + 1
+    states = 2 if eligible is None else 4
+    slots = b * span * states
+    fits_int32 = (_FIRST_EXPONENT + _LEVELS) * slots <= torch.iinfo(torch.int32).max
+    index_dtype = torch.int32 if fits_int32 else torch.int64
+
+    # a random level per pixel, from one random byte with its lowest bit set: the byte's
+    # float exponent is _FIRST_EXPONENT + level, P(level <= j) = 2^(j + 1) / 256
+    random_device = generator.device if generator is not None else device
+    words = torch.empty((n + 7) // 8, dtype=torch.int64, device=random_device)
+    words.random_(-(2**63), None, generator=generator).bitwise_or_(0x0101010101010101)
+    bins = words.to(device).view(torch.uint8)[:n].float().view(torch.int32)
+    bins = bins.bitwise_right_shift_(23).to(index_dtype).view(b, h * w)
+    # histogram bin of a pixel: (1 + level) * slots + slot, built in place (fresh memory
+    # for every temporary costs page faults that show in the sampler's time)
+    image_start = torch.arange(b, dtype=index_dtype, device=device).view(b, 1)
+    image_start.mul_(span * states).sub_(low * states + (_FIRST_EXPONENT - 1) * slots)
+    bins.mul_(slots).add_(image_start).add_(flat.clamp(low, high).to(index_dtype), alpha=states)
+    if hard is not None:
+        bins.add_(hard.reshape(b, h * w))
+    if eligible is not None:
+        bins.add_(~eligible.reshape(b, h * w), alpha=2)
+    bins = bins.view(-1)
+    histogram = torch.zeros((_LEVELS + 1) * slots, dtype=torch.int32, device=device)
+    histogram.index_add_(0, bins, histogram.new_ones(1).expand(n))
+    below = histogram.view(_LEVELS + 1, b, span, states).cumsum_(dim=0)
+    return _SlotTable(bins, below, low, high, ignored, states)
+
+
+def _class_counts(table: _SlotTable, ignore_index: int, width: int) -> tuple[Tensor, Tensor]:
+    """``(counted [B, width, 2], bad)``: the eligible ``[easy, hard]`` pixels per image and
+    class, and the number of pixels whose label is neither a class id nor ``ignore_index``."""
+    members = table.below[-1]
+    classes = slice(-table.low, width - table.low)  # the columns of class ids
+    per_column = members.sum(dim=(0, 2))
+    per_column[classes] = 0
+    per_column[table.ignored - table.low] = 0
+    counted = members[:, classes, :2]
+    if 0 <= table.ignored < width:
+        counted = counted.clone()
+        counted[:, table.ignored] = 0
+    return counted, per_column.sum()
+
+
+def anchor_quotas(
+    counted: Tensor,
+    min_pixels: int,
+    max_samples: Optional[int],
+    max_views: int,
+    hard_fraction: float,
+) -> Tensor:
+    """How many easy and hard anchors every (image, class) pair gives, by the rule of
+    :func:`select_anchors`.
+
+    A pair qualifies with at least ``min_pixels`` pixels; with ``pairs`` the qualifying pairs,
+    ``n_view = min(max_samples // pairs, max_views)`` (``max_views`` without ``max_samples``),
+    ``q_hard = floor(hard_fraction * n_view)``, ``q_easy = n_view - q_hard``, and a pair takes
+    ``min(n_easy, q_easy + max(0, q_hard - n_hard))`` easy and ``min(n_hard, q_hard + max(0,
+    q_easy - n_easy))`` hard pixels. A pure function of its arguments (validated by
+    :func:`select_anchors`), with no host synchronisation.
+
+    Args:
+        counted: ``[B, C, 2]`` integer counts of the pairs' eligible ``[easy, hard]`` pixels.
+        min_pixels: fewest pixels a pair needs to qualify.
+        max_samples: anchor budget shared by the qualifying pairs; ``None``: no budget.
+        max_views: most anchors per pair.
+        hard_fraction: the share of hard anchors in a pair's quota, in ``[0, 1]``.
+
+    Returns:
+        ``[B, C, 2]`` int64: the ``[easy, hard]`` anchors each pair gives (0 where it does not
+        qualify).
+
+    Example:
+        >>> anchor_quotas(torch.tensor([[[5, 1], [0, 0], [1, 2]]]), 1, 8, 3, 0.5).tolist()
+        [[[2, 1], [0, 0], [1, 2]]]
+    """
+    qualifies = counted.sum(dim=2) >= min_pixels
+    if max_samples is None:
+        n_view = torch.tensor(max_views, device=counted.device)
+    else:
+        n_view = (max_samples // qualifies.sum().clamp(min=1)).clamp(max=max_views)
+    quota_hard = torch.floor(n_view.double() * hard_fraction).long()
+    quota = torch.stack([n_view - quota_hard, quota_hard])
+    short = (quota - counted).clamp(min=0)
+    return torch.minimum(counted, quota + short.flip(2)) * qualifies.unsqueeze(2)
+
+
+def _candidate_bins(below: Tensor, take: Tensor) -> tuple[Tensor, Tensor]:
+    """``(is_candidate_bin, candidates)``: which histogram bins hold candidates, and how many
+    candidates each slot has. A slot's candidates are its pixels at the lowest levels, up to
+    the first level that brings their number to its ``take``."""
+    levels, b, span, states = below.shape
+    is_candidate_bin = torch.zeros(levels * b * span * states, dtype=torch.bool,
+                                   device=below.device)
+    chosen_levels = is_candidate_bin[b * span * states:].view(levels - 1, b, span, states)
+    torch.lt(below[:-1], take, out=chosen_levels)
+    candidates = below.gather(0, chosen_levels.sum(dim=0, keepdim=True)).view(-1)
+    return is_candidate_bin, candidates
+
+
+def _draw_candidates(
+    table: _SlotTable,
+    is_candidate_bin: Tensor,
+    candidates: Tensor,
+    take: Tensor,
+    num_candidates: int,
+    num_anchors: int,
+    generator: Optional[torch.Generator],
+) -> Tensor:
+    """The increasing flat indices of the anchors: each slot's ``take`` candidates of smallest
+    fresh uniform key."""
+    device = table.bins.device
+    chosen = _true_positions(is_candidate_bin.index_select(0, table.bins), num_candidates)
+    chosen_slot = table.bins.index_select(0, chosen).long() % table.slots
+    # order the candidates by slot, at random within a slot; keep a slot's first `take`
+    random_device = generator.device if generator is not None else device
+    key = torch.rand(num_candidates, dtype=torch.float64, generator=generator,
+                     device=random_device).to(device)
+    order = torch.argsort(chosen_slot + key)
+    position = torch.empty_like(order).scatter_(
+        0, order, torch.arange(num_candidates, device=device)
     )
-    resized = []
-    for name, value in (("predictions", predictions), ("logits", logits)):
-        if value is None:
-            resized.append(None)
-            continue
-        size = tuple(value.shape[-2:])
-        if value.shape[0] != b or 0 in size:
-            raise ValueError(
-                f"{name} of shape {list(value.shape)} cannot match embeddings of batch {b} and "
-                f"resolution {(h, w)}: the batch must be equal and the spatial size non-empty"
-            )
-        if value.dim() == 3:
-            resized.append(resize_labels(value, (h, w)))
-        elif size == (h, w):
-            resized.append(value)
-        else:
-            # the source pixel of every target pixel, by the same rule as the labels' resize
-            source = torch.arange(size[0] * size[1], device=value.device).view(1, *size)
-            source = resize_labels(source, (h, w)).reshape(-1)
-            resized.append(value.flatten(2)[:, :, source].view(b, -1, h, w))
-    return resized[0], resized[1]
+    end = candidates.cumsum(0) - candidates + take.view(-1)  # a slot's first rank not kept
+    keep = position < end[chosen_slot]
+    return chosen[_true_positions(keep, num_anchors)]
 
 
 # The selection needs one host synchronisation (the anchor count) and draws tensors of that
@@ -275,7 +380,6 @@ def select_anchors(
         ([0, 0, 1], 3)
     """
     _checks.check_pixel_maps(embeddings, labels)
-    b, _, h, w = embeddings.shape
     if hard is not None:
         _checks.check_mask(hard, "hard", labels.shape, "labels")
     if eligible is not None:
@@ -293,78 +397,16 @@ def select_anchors(
         num_classes = _checks.check_count(num_classes, "num_classes")
     if generator is not None and not isinstance(generator, torch.Generator):
         raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
-    n = b * h * w
-    device = labels.device
-    random_device = generator.device if generator is not None else device
     width = DEFAULT_NUM_CLASSES if num_classes is None else num_classes
     with torch.no_grad():
-        flat = labels.reshape(b, h * w).long()  # (room for the clamp bounds below)
-        # a table column per label value in [low, high]; other values are clamped onto low or
-        # high, which are neither class ids nor ignore_index (so they count as bad below)
-        low, high = min(-1, ignore_index - 1), max(width, ignore_index + 1)
-        ignored = ignore_index  # the label of ignored pixels in `flat`
-        if high - low > width + 1024:  # a far-away ignore_index: relabel to the next column
-            flat = flat.clamp(-1, width).masked_fill_(flat == ignore_index, width + 1)
-            ignored, low, high = width + 1, -1, width + 1
-        span = high - low + 1
-        # slot of a pixel: (image * span + label - low) * states + hard + 2 * (not eligible)
-        states = 2 if eligible is None else 4
-        slots = b * span * states
-        fits_int32 = (_FIRST_EXPONENT + _LEVELS) * slots <= torch.iinfo(torch.int32).max
-        index_dtype = torch.int32 if fits_int32 else torch.int64
-
-        # a random level per pixel, from one random byte with its lowest bit set: the byte's
-        # float exponent is _FIRST_EXPONENT + level, P(level <= j) = 2^(j + 1) / 256
-        words = torch.empty((n + 7) // 8, dtype=torch.int64, device=random_device)
-        words.random_(-(2**63), None, generator=generator).bitwise_or_(0x0101010101010101)
-        bin_ = words.to(device).view(torch.uint8)[:n].float().view(torch.int32)
-        bin_ = bin_.bitwise_right_shift_(23).to(index_dtype).view(b, h * w)
-        # histogram bin of a pixel: (1 + level) * slots + slot, built in place (fresh memory
-        # for every temporary costs page faults that show in the sampler's time)
-        image_start = torch.arange(b, dtype=index_dtype, device=device).view(b, 1)
-        image_start.mul_(span * states).sub_(low * states + (_FIRST_EXPONENT - 1) * slots)
-        bin_.mul_(slots).add_(image_start).add_(flat.clamp(low, high).to(index_dtype), alpha=states)
-        if hard is not None:
-            bin_.add_(hard.reshape(b, h * w))
-        if eligible is not None:
-            bin_.add_(~eligible.reshape(b, h * w), alpha=2)
-        bin_ = bin_.view(-1)
-        histogram = torch.zeros((_LEVELS + 1) * slots, dtype=torch.int32, device=device)
-        histogram.index_add_(0, bin_, histogram.new_ones(1).expand(n))
-        # [_LEVELS + 1, b, span, states]: pixels of a slot below each level (row 0: none; the
-        # last row: all of them)
-        below = histogram.view(_LEVELS + 1, b, span, states).cumsum_(dim=0)
-        members = below[-1]
-
-        classes = slice(-low, width - low)  # the columns of class ids
-        per_column = members.sum(dim=(0, 2))
-        per_column[classes] = 0
-        per_column[ignored - low] = 0
-        num_bad = per_column.sum()
-        counted = members[:, classes, :2]  # per (image, class): [easy, hard]
-        if 0 <= ignored < width:
-            counted = counted.clone()
-            counted[:, ignored] = 0
-        qualifies = counted.sum(dim=2) >= min_pixels
-        if max_samples is None:
-            n_view = torch.tensor(max_views, device=device)
-        else:
-            n_view = (max_samples // qualifies.sum().clamp(min=1)).clamp(max=max_views)
-        quota_hard = torch.floor(n_view.double() * hard_fraction).long()
-        quota = torch.stack([n_view - quota_hard, quota_hard])
-        short = (quota - counted).clamp(min=0)
-        take = torch.minimum(counted, quota + short.flip(2)) * qualifies.unsqueeze(2)
+        table = _level_histogram(labels, hard, eligible, ignore_index, width, generator)
+        counted, num_bad = _class_counts(table, ignore_index, width)
+        take = anchor_quotas(counted, min_pixels, max_samples, max_views, hard_fraction)
         num_easy_hard = take.sum(dim=(0, 1))
         per_image = take.sum(dim=(1, 2))
         # per slot [b, span, states]: nothing from other columns or ineligible pixels
-        take = F.pad(take.int(), (0, states - 2, -low, high - width + 1))
-
-        # a slot's candidates: its pixels at the lowest levels, up to the first level that
-        # brings their number to `take`
-        is_candidate_bin = torch.zeros((_LEVELS + 1) * slots, dtype=torch.bool, device=device)
-        chosen_levels = is_candidate_bin[slots:].view(_LEVELS, b, span, states)
-        torch.lt(below[:-1], take, out=chosen_levels)
-        candidates = below.gather(0, chosen_levels.sum(dim=0, keepdim=True)).view(-1)
+        take = F.pad(take.int(), (0, table.states - 2, -table.low, table.high - width + 1))
+        is_candidate_bin, candidates = _candidate_bins(table.below, take)
         stats = torch.cat([candidates.sum().view(1), num_easy_hard, num_bad.view(1), per_image])
         # the one synchronisation
         num_candidates, num_easy, num_hard, num_bad, *per_image = stats.tolist()
@@ -377,19 +419,10 @@ def select_anchors(
                 " (pass num_classes; for ConfidenceAnchorSampler it is the logits' class "
                 "dimension)"
             )
-
-        chosen = _true_positions(is_candidate_bin.index_select(0, bin_), num_candidates)
-        chosen_slot = bin_.index_select(0, chosen).long() % slots
-        # order the candidates by slot, at random within a slot; keep a slot's first `take`
-        key = torch.rand(num_candidates, dtype=torch.float64, generator=generator,
-                         device=random_device).to(device)
-        order = torch.argsort(chosen_slot + key)
-        position = torch.empty_like(order).scatter_(
-            0, order, torch.arange(num_candidates, device=device)
+        indices = _draw_candidates(
+            table, is_candidate_bin, candidates, take, num_candidates, num_easy + num_hard,
+            generator,
         )
-        end = candidates.cumsum(0) - candidates + take.view(-1)  # a slot's first rank not kept
-        keep = position < end[chosen_slot]
-        indices = chosen[_true_positions(keep, num_easy + num_hard)]
     return AnchorSample(
         embeddings=gather_pixels(embeddings, indices, per_image),
         labels=labels.reshape(-1)[indices].long(),
@@ -399,7 +432,7 @@ def select_anchors(
     )
 
 
-class HardAnchorSampler:
+class HardAnchorSampler(_MapSampler):
     """Segmentation-aware anchors: per image and class, hard (misclassified) and easy pixels.
 
     Per image and per ground-truth class present (never ``ignore_index``) with at least
@@ -449,31 +482,10 @@ class HardAnchorSampler:
             num_classes = _checks.check_count(num_classes, "num_classes")
         self.num_classes = num_classes
 
-    def __call__(
-        self,
-        embeddings: Tensor,
-        labels: Tensor,
-        predictions: Optional[Tensor] = None,
-        ignore_index: int = 255,
-        generator: Optional[torch.Generator] = None,
-        *,
-        logits: Optional[Tensor] = None,
-    ) -> AnchorSample:
-        """Sample anchors.
-
-        Args:
-            embeddings: ``[B, D, h, w]``.
-            labels: ``[B, h, w]`` class ids at embedding resolution.
-            predictions: ``[B, h', w']`` predicted class ids, or ``None``.
-            ignore_index: label of pixels never sampled.
-            generator: random source, for reproducible sampling.
-            logits: ``[B, C, h', w']`` class scores, used when ``predictions`` is ``None``.
-        """
-        predictions, logits = _check_maps(
-            embeddings, labels, predictions, logits, ignore_index
-        )
-        if predictions is None and logits is not None:
-            predictions = predicted_labels(logits.detach())
+    def sample_maps(self, embeddings: Tensor, maps: PixelMaps, ignore_index: int,
+                    generator: Optional[torch.Generator]) -> AnchorSample:
+        """Anchors of prepared maps: hard where the predicted labels differ from the labels."""
+        labels, predictions = maps.labels, maps.predicted
         hard = None if predictions is None else predictions != labels
         return select_anchors(
             embeddings, labels, hard=hard, max_samples=self.max_samples,
@@ -515,18 +527,10 @@ class RandomAnchorSampler(HardAnchorSampler):
     ) -> None:
         super().__init__(max_samples, max_views, num_classes=num_classes)
 
-    def __call__(
-        self,
-        embeddings: Tensor,
-        labels: Tensor,
-        predictions: Optional[Tensor] = None,
-        ignore_index: int = 255,
-        generator: Optional[torch.Generator] = None,
-        *,
-        logits: Optional[Tensor] = None,
-    ) -> AnchorSample:
-        """Sample anchors; ``predictions`` and ``logits`` are checked but not used."""
-        _check_maps(embeddings, labels, predictions, logits, ignore_index)
+    def sample_maps(self, embeddings: Tensor, maps: PixelMaps, ignore_index: int,
+                    generator: Optional[torch.Generator]) -> AnchorSample:
+        """Anchors of prepared maps; their predictions and logits are not used."""
+        labels = maps.labels
         return select_anchors(
             embeddings, labels, max_samples=self.max_samples, max_views=self.max_views,
             ignore_index=ignore_index, num_classes=self.num_classes, generator=generator,
@@ -539,7 +543,7 @@ class RandomAnchorSampler(HardAnchorSampler):
         )
 
 
-class ConfidenceAnchorSampler:
+class ConfidenceAnchorSampler(_MapSampler):
     """Hard queries: pixels whose predicted probability of their true class is low (after ReCo).
 
     Per image and per ground-truth class, up to ``max_views`` random pixels among those with
@@ -565,32 +569,16 @@ class ConfidenceAnchorSampler:
         self.max_views = _checks.check_count(max_views, "max_views")
         self.threshold = _checks.check_fraction(threshold, "threshold")
 
-    def __call__(
-        self,
-        embeddings: Tensor,
-        labels: Tensor,
-        predictions: Optional[Tensor] = None,
-        ignore_index: int = 255,
-        generator: Optional[torch.Generator] = None,
-        *,
-        logits: Optional[Tensor] = None,
-    ) -> AnchorSample:
-        """Sample anchors.
-
-        Args:
-            embeddings: ``[B, D, h, w]``.
-            labels: ``[B, h, w]`` class ids at embedding resolution.
-            predictions: checked but not used (the confidence comes from ``logits``).
-            ignore_index: label of pixels never sampled.
-            generator: random source, for reproducible sampling.
-            logits: ``[B, C, h', w']`` class scores, ``C`` larger than every label.
+    def sample_maps(self, embeddings: Tensor, maps: PixelMaps, ignore_index: int,
+                    generator: Optional[torch.Generator]) -> AnchorSample:
+        """Anchors of prepared maps, among the pixels of low confidence under ``maps.logits``.
 
         Raises:
-            ValueError: without ``logits``, or when a label is ``>= C``.
+            ValueError: without logits, or when a label is ``>= C``.
         """
+        labels, logits = maps.labels, maps.logits
         if logits is None:
             raise ValueError("ConfidenceAnchorSampler needs logits=[B, C, h, w]")
-        _, logits = _check_maps(embeddings, labels, predictions, logits, ignore_index)
         num_classes = logits.shape[1]
         with torch.no_grad():
             valid = labels != ignore_index

@@ -349,16 +349,18 @@ def make_inputs(
     dtype: torch.dtype = torch.float64,
     seed: int = 0,
     invalid_keys: bool = True,
+    device: Union[str, torch.device] = "cpu",
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Gaussian anchors ``[n, d]`` with labels in ``[0, classes)`` and keys ``[m, d]`` whose
-    labels may be -1 (invalid) when ``invalid_keys``."""
+    labels may be -1 (invalid) when ``invalid_keys``; drawn on CPU (the same values on every
+    device), then moved to ``device``."""
     g = torch.Generator().manual_seed(seed)
     anchors = torch.randn(n, d, generator=g, dtype=dtype)
     labels = torch.randint(0, classes, (n,), generator=g)
     keys = torch.randn(m, d, generator=g, dtype=dtype)
     low = -1 if invalid_keys else 0
     key_labels = torch.randint(low, classes, (m,), generator=g)
-    return anchors, labels, keys, key_labels
+    return anchors.to(device), labels.to(device), keys.to(device), key_labels.to(device)
 
 
 def as_double(tensors: Sequence[Optional[Tensor]]) -> list[Optional[Tensor]]:

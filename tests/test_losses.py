@@ -15,16 +15,16 @@ from pixcontrast import (
 )
 
 
-def batch(b=2, d=8, h=6, w=5, classes=3, scale=2, seed=0):
+def batch(b=2, d=8, h=6, w=5, classes=3, scale=2, seed=0, dtype=torch.float64, device="cpu"):
     g = torch.Generator().manual_seed(seed)
-    embeddings = torch.randn(b, d, h, w, generator=g, dtype=torch.float64)
+    embeddings = torch.randn(b, d, h, w, generator=g, dtype=dtype)
     labels = torch.randint(0, classes, (b, h * scale, w * scale), generator=g)
-    return embeddings, labels
+    return embeddings.to(device), labels.to(device)
 
 
 @pytest.mark.parametrize("variant", ["paper", "supcon"])
-def test_module_equals_functional_on_the_sampled_anchors(variant):
-    embeddings, labels = batch()
+def test_module_equals_functional_on_the_sampled_anchors(variant, device, dtype):
+    embeddings, labels = batch(dtype=dtype, device=device)
     labels[0, :4] = 255
     criterion = PixelContrastLoss(temperature=0.2, base_temperature=0.1, variant=variant,
                                   max_samples=40, max_views=5)

@@ -160,10 +160,10 @@ def region_floors(
 def region_means(request, monkeypatch):
     """Run a test with each way of computing region means (on CPU the product is not the
     default)."""
-    import pixcontrast.memory
+    import pixcontrast._pixels
 
     monkeypatch.setattr(
-        pixcontrast.memory, "_region_means_by_product", lambda device: request.param == "product"
+        pixcontrast._pixels, "_region_means_by_product", lambda device: request.param == "product"
     )
     return request.param
 

@@ -7,12 +7,15 @@ from collections import Counter
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from pixcontrast import contrastive_loss
 from pixcontrast.samplers import (
     ConfidenceAnchorSampler,
     HardAnchorSampler,
     RandomAnchorSampler,
+    anchor_quotas,
     gather_pixels,
     select_anchors,
 )
@@ -30,18 +33,26 @@ def expected_counts(labels, predictions, max_samples, max_views, min_pixels, har
         for c in set(y) - {IGNORE}:
             n_hard = sum(1 for a, q in zip(y, p) if a == c and q != c)
             n_easy = sum(1 for a, q in zip(y, p) if a == c and q == c)
-            if n_hard + n_easy >= min_pixels:
-                pairs[(i, c)] = (n_hard, n_easy)
-    if not pairs:
-        return {}
-    n_view = min(max_samples // len(pairs), max_views)
+            pairs[(i, c)] = (n_hard, n_easy)
+    out = quotas_by_loop(pairs, max_samples, max_views, min_pixels, hard_fraction)
+    return {k: v for k, v in out.items() if v}
+
+
+def quotas_by_loop(pairs, max_samples, max_views, min_pixels, hard_fraction):
+    """The documented quotas of {pair: (n_hard, n_easy)}: {(*pair, hard): count} for the pairs
+    with at least ``min_pixels`` pixels."""
+    pairs = {key: counts for key, counts in pairs.items() if sum(counts) >= min_pixels}
+    if max_samples is None:
+        n_view = max_views
+    else:
+        n_view = min(max_samples // max(len(pairs), 1), max_views)
     q_hard = math.floor(n_view * hard_fraction)
     q_easy = n_view - q_hard
     out = {}
-    for (i, c), (n_hard, n_easy) in pairs.items():
-        out[(i, c, True)] = min(n_hard, q_hard + max(0, q_easy - n_easy))
-        out[(i, c, False)] = min(n_easy, q_easy + max(0, q_hard - n_hard))
-    return {k: v for k, v in out.items() if v}
+    for key, (n_hard, n_easy) in pairs.items():
+        out[(*key, True)] = min(n_hard, q_hard + max(0, q_easy - n_easy))
+        out[(*key, False)] = min(n_easy, q_easy + max(0, q_hard - n_hard))
+    return out
 
 
 def observed_counts(sample, labels, predictions):
@@ -419,3 +430,63 @@ def test_narrow_label_dtypes(dtype):
                   torch.Generator().manual_seed(0))
     assert torch.equal(got.indices, want.indices) and torch.equal(got.labels, want.labels)
     assert (got.num_hard, got.num_easy) == (want.num_hard, want.num_easy)
+
+
+def test_the_samplers_satisfy_the_sampler_protocol():
+    from pixcontrast import AnchorSampler
+
+    for sampler in (HardAnchorSampler(), RandomAnchorSampler(), ConfidenceAnchorSampler()):
+        assert isinstance(sampler, AnchorSampler)
+    assert not isinstance(object(), AnchorSampler)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    counts=st.lists(st.integers(0, 12), min_size=2, max_size=24).filter(lambda c: len(c) % 2 == 0),
+    images=st.integers(1, 2),
+    min_pixels=st.integers(1, 6),
+    max_samples=st.one_of(st.none(), st.integers(1, 60)),
+    max_views=st.integers(1, 20),
+    hard_fraction=st.sampled_from([0.0, 0.25, 0.3, 0.5, 2 / 3, 1.0]),
+)
+def test_anchor_quotas_follow_the_documented_rule(
+    counts, images, min_pixels, max_samples, max_views, hard_fraction
+):
+    pairs_per_image = len(counts) // 2 // images or 1
+    counts = counts[: 2 * images * pairs_per_image]
+    images = len(counts) // (2 * pairs_per_image)
+    counted = torch.tensor(counts).view(images, pairs_per_image, 2)  # [easy, hard]
+    take = anchor_quotas(counted, min_pixels, max_samples, max_views, hard_fraction)
+    pairs = {
+        (i, c): (int(counted[i, c, 1]), int(counted[i, c, 0]))
+        for i in range(images) for c in range(pairs_per_image)
+    }
+    want = quotas_by_loop(pairs, max_samples, max_views, min_pixels, hard_fraction)
+    got = {(i, c, bool(hard)): int(take[i, c, hard]) for i, c in pairs for hard in (0, 1)}
+    assert take.dtype == torch.int64
+    assert got == {key: want.get(key, 0) for key in got}
+
+
+def test_level_histogram_and_candidates():
+    from pixcontrast.samplers import _candidate_bins, _class_counts, _level_histogram
+
+    g = torch.Generator().manual_seed(3)
+    labels = torch.randint(0, 4, (2, 16, 16), generator=g)
+    labels[0, :2] = IGNORE
+    hard = torch.rand(2, 16, 16, generator=g) < 0.4
+    table = _level_histogram(labels, hard, None, IGNORE, 4, torch.Generator().manual_seed(4))
+    counted, bad = _class_counts(table, IGNORE, 4)
+    for i in range(2):
+        for c in range(4):
+            mine = labels[i] == c
+            easy, hard_ = int((mine & ~hard[i]).sum()), int((mine & hard[i]).sum())
+            assert counted[i, c].tolist() == [easy, hard_]
+    assert int(bad) == 0
+    # levels: P(level <= j) = 2^(j + 1) / 256, so about half the pixels are at the top level
+    top = table.below[-1] - table.below[-2]
+    assert 0.4 < int(top.sum()) / labels.numel() < 0.6
+    take = torch.zeros_like(table.below[-1])
+    take[:, -table.low : 4 - table.low, :2] = counted.clamp(max=3)
+    is_candidate_bin, candidates = _candidate_bins(table.below, take)
+    assert bool((candidates.view_as(take) >= take).all())
+    assert int(is_candidate_bin.index_select(0, table.bins).sum()) == int(candidates.sum())
