@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import Iterable, Optional, Sequence
+from typing import Iterable, Optional, Sequence, cast
 
 import torch
 from torch import Tensor
@@ -186,8 +186,17 @@ def check_contrast_inputs(
     if keys is not None and key_labels is None:
         raise ValueError("keys requires key_labels")
     single = keys is None or isinstance(keys, Tensor)
-    key_parts = () if keys is None else (keys,) if single else tuple(keys)
-    label_parts = () if key_labels is None else (key_labels,) if single else tuple(key_labels)
+    # (tuple() raises TypeError for anything that is not iterable)
+    key_parts: tuple[object, ...] = (
+        () if keys is None else (keys,) if single else tuple(cast("Iterable[object]", keys))
+    )
+    label_parts: tuple[object, ...] = (
+        ()
+        if key_labels is None
+        else (key_labels,)
+        if single
+        else tuple(cast("Iterable[object]", key_labels))
+    )
     if not single and (
         isinstance(key_labels, Tensor) or len(label_parts) != len(key_parts) or not key_parts
     ):
@@ -196,10 +205,14 @@ def check_contrast_inputs(
             "a sequence of tensors"
         )
     named = [("anchors", anchors), ("labels", labels)]
-    for i, (part, part_labels) in enumerate(zip(key_parts, label_parts)):
+    checked_keys: list[Tensor] = []
+    checked_labels: list[Tensor] = []
+    for i, (raw_part, raw_labels) in enumerate(zip(key_parts, label_parts)):
         suffix = "" if single else f"[{i}]"
-        part = check_embeddings(part, f"keys{suffix}", 2)
-        part_labels = check_labels(part_labels, f"key_labels{suffix}", 1)
+        part = check_embeddings(raw_part, f"keys{suffix}", 2)
+        part_labels = check_labels(raw_labels, f"key_labels{suffix}", 1)
+        checked_keys.append(part)
+        checked_labels.append(part_labels)
         if part_labels.shape[0] != part.shape[0]:
             raise ValueError(
                 f"key_labels{suffix} must have one entry per key: got {part_labels.shape[0]} "
@@ -218,9 +231,9 @@ def check_contrast_inputs(
     check_finite(anchors, "anchors")
     for name, tensor in named[2::2]:
         check_finite(tensor, name)
-    if not label_parts:
-        return key_parts, None
-    return key_parts, label_parts[0] if single else torch.cat(label_parts)
+    if not checked_labels:
+        return (), None
+    return tuple(checked_keys), checked_labels[0] if single else torch.cat(checked_labels)
 
 
 def check_pixel_maps(embeddings: object, labels: object) -> tuple[Tensor, Tensor]:

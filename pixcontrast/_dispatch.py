@@ -130,7 +130,7 @@ def _requested(name: str) -> str:
 
 def _auto(anchors: Tensor, keys: Sequence[Tensor]) -> tuple[Backend, dict[str, list[str]]]:
     """Auto's backend and, per backend it passed over, the reasons."""
-    passed_over = {}
+    passed_over: dict[str, list[str]] = {}
     for candidate in AUTO_ORDER:
         backend = BACKENDS[candidate]
         # Declines first: they need no Triton import, so CPU tensors never load it.

@@ -14,6 +14,7 @@ Run as ``python -m pixcontrast.ops.triton_compile ARCH DTYPE DIM VARIANT REDUCTI
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -54,22 +55,26 @@ class CompileReport:
 def meta_layout(n: int, m: int, dim: int, in_batch: bool, num_classes: int = 19) -> ContrastLayout:
     """A class-sorted layout of ``n`` anchors and ``m`` keys (``+ n`` in-batch) on the meta
     device; the host offsets are an even split into ``num_classes`` classes."""
-    meta = dict(device="meta")
     total = m + (n if in_batch else 0)
-    index = dict(dtype=torch.long, **meta)
+
+    def floats(*shape: int) -> torch.Tensor:
+        return torch.empty(shape, device="meta")
+
+    def index(size: int) -> torch.Tensor:
+        return torch.empty(size, dtype=torch.long, device="meta")
 
     def offsets(count: int) -> list[int]:
         return [count * c // num_classes for c in range(num_classes + 1)]
 
     return ContrastLayout(
-        anchors=torch.empty(n, dim, **meta),
-        anchor_order=torch.empty(n, **index),
-        anchor_class=torch.empty(n, **index),
-        keys=torch.empty(total, dim, **meta),
-        key_source=torch.empty(total, **index),
-        key_class=torch.empty(total, **index),
-        self_column=torch.empty(n, **index) if in_batch else None,
-        positives=torch.empty(n, **meta),
+        anchors=floats(n, dim),
+        anchor_order=index(n),
+        anchor_class=index(n),
+        keys=floats(total, dim),
+        key_source=index(total),
+        key_class=index(total),
+        self_column=index(n) if in_batch else None,
+        positives=floats(n),
         anchor_offsets=offsets(n),
         key_offsets=offsets(total),
         key_part_sizes=(m,),
@@ -88,19 +93,20 @@ def record_launches(
     meta tensors: a scalar reduction does everything in forward, ``"none"`` recomputes."""
     launches: list[Launch] = []
 
-    def record(kernel, grid, *args, **meta):
+    def record(kernel: Any, grid: tuple[int, ...], *args: Any, **meta: Any) -> None:
         launches.append(Launch(kernel, tuple(grid), args, meta))
 
     n = layout.anchors.shape[0]
     columns = key_grad_columns or [(0, layout.keys.shape[0])]
     weight = torch.empty(n, device="meta")
-    options = dict(operand_dtype=operand_dtype, target=target, launch=record)
-    sweep = triton_fused.sweep
+    sweep = functools.partial(
+        triton_fused.sweep, operand_dtype=operand_dtype, target=target, launch=record
+    )
     if reduction == "none":
-        _, stats, _, _ = sweep(layout, 0.1, 1.0, variant, None, False, None, **options)
-        sweep(layout, 0.1, 1.0, variant, weight, True, columns, saved=stats, **options)
+        _, stats, _, _ = sweep(layout, 0.1, 1.0, variant, None, False, None)
+        sweep(layout, 0.1, 1.0, variant, weight, True, columns, saved=stats)
     else:
-        sweep(layout, 0.1, 1.0, variant, weight, True, columns, **options)
+        sweep(layout, 0.1, 1.0, variant, weight, True, columns)
     return launches
 
 
@@ -117,7 +123,10 @@ def _ptxas_usage(ptx: str, capability: int) -> tuple[int, int]:
              path, "-o", path + ".o"],
             capture_output=True, text=True, check=True,
         ).stderr
-    registers = int(re.search(r"Used (\d+) registers", log).group(1))
+    used = re.search(r"Used (\d+) registers", log)
+    if used is None:
+        raise RuntimeError(f"ptxas -v reported no register count:\n{log}")
+    registers = int(used.group(1))
     spills = sum(int(count) for count in re.findall(r"(\d+) bytes spill (?:stores|loads)", log))
     return registers, spills
 

@@ -356,13 +356,16 @@ def sweep(
     if stats is None:
         stats = AnchorStatistics(x.new_full((n,), -torch.inf), x.new_zeros(n))
     want_grad_x = weight is not None and need_anchor_grad
-    want_grad_k = weight is not None and bool(key_grad_columns)
+    columns = key_grad_columns or []
+    want_grad_k = weight is not None and bool(columns)
     if n == 0 or m == 0:
         grad_x = x.new_zeros(x.shape) if want_grad_x else None
         grad_k = k.new_zeros(k.shape) if want_grad_k else None
         return loss, stats, grad_x, grad_k
 
-    kernels, interpreted, _ = _load_kernels()
+    kernels, interpreted, import_error = _load_kernels()
+    if kernels is None:
+        raise RuntimeError(import_error)
     target = target or device_target(x.device)
     plan = launch_plan(
         n, m, dim, operand_dtype, target.sm_count, capability=target.capability,
@@ -378,7 +381,9 @@ def sweep(
     has_pos = layout.positives > 0
     positive_sums = None if is_paper else supcon_positive_sums(layout)
     scale2 = _LOG2E / temperature
-    fp32 = dict(dtype=torch.float32, device=x.device)
+
+    def fp32_empty(*shape: int) -> Tensor:
+        return torch.empty(shape, dtype=torch.float32, device=x.device)
 
     def run(name: str, kernel, *args, **constexprs) -> None:
         """A row kernel of the plan: anchors along ``BLOCK_N``, keys along ``BLOCK_M``."""
@@ -391,7 +396,7 @@ def sweep(
 
     def sum_splits(partial: Tensor) -> Tensor:
         """``partial.sum(0)`` in split order, by the kernel."""
-        out = torch.empty(partial.shape[1:], **fp32)
+        out = fp32_empty(*partial.shape[1:])
         numel = out.numel()
         launch(
             kernels.sum_splits_kernel, (-(-numel // _SUM_BLOCK),), partial, out,
@@ -401,27 +406,28 @@ def sweep(
 
     # Scalar reductions pass the weights to forward: the negative part of dx streams there.
     stream = saved is None and want_grad_x
-    mean_key = pos_acc = None
+    mean_key: Optional[Tensor] = None
+    pos_acc: Optional[Tensor] = None
     if saved is None:
-        part_max = torch.empty((splits, n), **fp32)
-        part_sum = torch.empty((splits, n), **fp32)
-        part_acc = torch.empty((splits, n, dim), **fp32) if stream else part_max
+        part_max = fp32_empty(splits, n)
+        part_sum = fp32_empty(splits, n)
+        part_acc = fp32_empty(splits, n, dim) if stream else part_max
         run(
             "statistics", kernels.contrast_statistics_kernel,
             x_op, k_op, pos_lo, pos_hi, self_col, part_max, part_sum, part_acc,
             n, m, dim, x_op.stride(0), k_op.stride(0), scale2,
             IS_PAPER=is_paper, STREAM_GRAD=stream, PRECISION=_PRECISION,
         )
-        lse = torch.empty(n, **fp32)
-        mean_key = torch.empty((n, dim), **fp32) if stream else lse
+        lse = fp32_empty(n)
+        mean_key = fp32_empty(n, dim) if stream else lse
         launch(
             kernels.combine_statistics_kernel, plan["combine"].grid,
             part_max, part_sum, part_acc, lse, mean_key, n, dim, splits,
             STREAM_GRAD=stream, BLOCK_N=_COMBINE_ROWS, BLOCK_D=block_d, num_warps=_SMALL_WARPS,
         )
         if is_paper:
-            part_terms = torch.empty((splits, 2, n), **fp32)
-            part_pos_acc = torch.empty((splits, n, dim), **fp32) if stream else part_terms
+            part_terms = fp32_empty(splits, 2, n)
+            part_pos_acc = fp32_empty(splits, n, dim) if stream else part_terms
             run(
                 "positive", kernels.paper_positive_kernel,
                 x_op, k_op, pos_lo, pos_hi, self_col, lse, part_terms, part_pos_acc,
@@ -433,6 +439,7 @@ def sweep(
             loss = rho * softplus_sum * inv_pos
             stats = AnchorStatistics(lse, sigmoid_sum * inv_pos)
         else:
+            assert positive_sums is not None  # computed for every variant but paper
             positive_dot = (x * positive_sums).sum(dim=1) / temperature
             safe_lse = torch.where(has_pos, lse, torch.zeros_like(lse))
             loss = torch.where(has_pos, rho * (safe_lse - positive_dot * inv_pos), 0.0)
@@ -457,12 +464,14 @@ def sweep(
     )
     grad_x = grad_k = None
     if want_grad_x and stream:
+        assert mean_key is not None  # the forward above streamed it
         grad_x = neg_coef[:, None] * mean_key
         if is_paper:
+            assert pos_acc is not None  # and paper's positive part with it
             grad_x += pos_coef[:, None] * pos_acc
         grad_x /= temperature
     elif want_grad_x:
-        part_grad = torch.empty((splits, n, dim), **fp32)
+        part_grad = fp32_empty(splits, n, dim)
         run(
             "anchor_grad", kernels.contrast_anchor_grad_kernel,
             x_op, k_op, *row_args, part_grad,
@@ -471,11 +480,11 @@ def sweep(
         )
         grad_x = sum_splits(part_grad) * (coef_unit / temperature)
     if want_grad_k:
-        use_table = key_grad_columns != [(0, m)]
+        use_table = columns != [(0, m)]
         block = plan["key_grad"].block_rows
         if use_table:
-            starts, stops = _key_blocks(key_grad_columns, block, x.device)
-            grid = (starts.numel(),)
+            starts, stops = _key_blocks(columns, block, x.device)
+            grid: tuple[int, ...] = (starts.numel(),)
             grad_k = torch.zeros_like(k)  # columns outside key_grad_columns stay zero
         else:
             starts = stops = pos_lo  # unused without the table
@@ -491,6 +500,7 @@ def sweep(
         )
         grad_k *= coef_unit / temperature
     if not is_paper:
+        assert positive_sums is not None
         add_supcon_positive_gradient(
             layout, positive_sums, temperature, rho, weight, grad_x, grad_k
         )
