@@ -403,19 +403,22 @@ def select_anchors(
         counted, num_bad = _class_counts(table, ignore_index, width)
         take = anchor_quotas(counted, min_pixels, max_samples, max_views, hard_fraction)
         num_easy_hard = take.sum(dim=(0, 1))
-        per_image = take.sum(dim=(1, 2))
+        anchors_per_image = take.sum(dim=(1, 2))
         # per slot [b, span, states]: nothing from other columns or ineligible pixels
         take = F.pad(take.int(), (0, table.states - 2, -table.low, table.high - width + 1))
         is_candidate_bin, candidates = _candidate_bins(table.below, take)
-        stats = torch.cat([candidates.sum().view(1), num_easy_hard, num_bad.view(1), per_image])
+        stats = torch.cat([
+            candidates.sum().view(1), num_easy_hard, num_bad.view(1), anchors_per_image
+        ])
         # the one synchronisation
-        num_candidates, num_easy, num_hard, num_bad, *per_image = stats.tolist()
-        if num_bad:
+        num_candidates, num_easy, num_hard, bad_pixels, *per_image = stats.tolist()
+        if bad_pixels:
             original = labels.reshape(-1).long()
             bad = ((original < 0) | (original >= width)) & (original != ignore_index)
             raise ValueError(
                 f"labels must lie in [0, num_classes={width}) or equal ignore_index="
-                f"{ignore_index}; {num_bad} pixels do not: {_checks.out_of_bounds(original, bad)}"
+                f"{ignore_index}; {bad_pixels} pixels do not: "
+                f"{_checks.out_of_bounds(original, bad)}"
                 " (pass num_classes; for ConfidenceAnchorSampler it is the logits' class "
                 "dimension)"
             )
