@@ -11,7 +11,7 @@ Scores are kept in base 2: ``s2 = x . k^T * log2(e) / tau`` (the launcher folds 
 ``scale2``), so every exponential is one ``exp2``. Statistics written to memory are natural
 logarithms, the contract shared with the torch path.
 
-The "softmax columns" of a row are the set of its log-sum-exp (DESIGN.md §1):
+The "softmax columns" of a row are the set of its log-sum-exp (the math of :mod:`pixcontrast.ops`):
 
     paper:  negatives, every column outside [pos_lo, pos_hi)   ->  nu_a
     supcon: every column but the self column                  ->  lam_a
@@ -120,7 +120,7 @@ def _score_gradient(
 ):
     """``G = g_a * dL_a / ds_aj`` on one tile, up to the factor the launcher divided out.
 
-    DESIGN.md §1, with ``e = exp(s - lse)``:
+    the gradients of :mod:`pixcontrast.ops`, with ``e = exp(s - lse)``:
 
         paper:  G_an = rho * g_a * w_a * e                        (neg_coef = rho * g_a * w_a)
                 G_ap = -rho * g_a / |P(a)| * sigma(nu_a - s_ap)

@@ -4,8 +4,8 @@ Each anchor ``a`` has its own positive columns ``P'(a)`` (``positive_index[a]``)
 columns ``N'(a)`` (``negative_index[a]``) in a key matrix; ``-1`` is padding. The selected keys
 are gathered into ``[N, K, D]`` tensors and the scores ``s_aj = x_a . k_j / tau`` are ``[N, K]``,
 so memory is ``O(N * K * D)`` and autograd gives exact gradients (the gathers scatter back into
-the keys). The formulas are DESIGN.md §1 with ``P(a), N(a)`` replaced by ``P'(a), N'(a)``; an
-index listed twice counts twice. Empty rows use the "double where" of the dense reference, so no
+the keys). The formulas are those of :mod:`pixcontrast.ops` with ``P(a), N(a)`` replaced by
+``P'(a), N'(a)``; an index listed twice counts twice. Empty rows use the "double where" of the dense reference, so no
 NaN reaches the gradient.
 """
 
