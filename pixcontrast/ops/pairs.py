@@ -5,8 +5,8 @@ columns ``N'(a)`` (``negative_index[a]``) in a key matrix; ``-1`` is padding. Th
 are gathered into ``[N, K, D]`` tensors and the scores ``s_aj = x_a . k_j / tau`` are ``[N, K]``,
 so memory is ``O(N * K * D)`` and autograd gives exact gradients (the gathers scatter back into
 the keys). The formulas are those of :mod:`pixcontrast.ops` with ``P(a), N(a)`` replaced by
-``P'(a), N'(a)``; an index listed twice counts twice. Empty rows use the "double where" of the dense reference, so no
-NaN reaches the gradient.
+``P'(a), N'(a)``; an index listed twice counts twice. Empty rows use the "double where" of the
+dense reference, so no NaN reaches the gradient.
 """
 
 from __future__ import annotations

@@ -1,9 +1,9 @@
 """Fused contrastive loss on Triton kernels: the contract of :mod:`pixcontrast.ops.torch_fused`.
 
 Forward keeps per anchor only the statistics of :mod:`pixcontrast.ops` (``nu`` or ``lam`` and,
-for paper, ``w``). The key axis of the row kernels is split across programs as in flash-decoding, so that
-few anchors and many keys still fill the GPU (:func:`launch_plan`); the splits' partial
-log-sum-exps are merged in a fixed order.
+for paper, ``w``). The key axis of the row kernels is split across programs as in
+flash-decoding, so that few anchors and many keys still fill the GPU (:func:`launch_plan`); the
+splits' partial log-sum-exps are merged in a fixed order.
 
 Scalar reductions know the upstream weights in forward, so the statistics pass also streams the
 softmax-weighted key average ``sum_j exp(s_aj - lse_a) k_j`` (attention with V = K): the negative
