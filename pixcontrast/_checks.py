@@ -9,6 +9,8 @@ from typing import Iterable, Optional, Sequence, cast
 import torch
 from torch import Tensor
 
+from .ops._layout import compute_dtype
+
 __all__ = [
     "check_pixel_maps",
     "check_choice",
@@ -23,6 +25,7 @@ __all__ = [
     "check_mask",
     "check_positive",
     "check_same_device",
+    "check_score_range",
     "check_size",
     "check_tensor",
     "out_of_bounds",
@@ -228,9 +231,7 @@ def check_contrast_inputs(
     # (unsigned labels, which torch has no min for beyond uint8, are never negative)
     if labels.numel() and labels.is_signed() and int(labels.min()) < 0:
         raise ValueError("labels must be >= 0 (filter ignored pixels out first)")
-    check_finite(anchors, "anchors")
-    for name, tensor in named[2::2]:
-        check_finite(tensor, name)
+    # (finiteness: checked with the magnitudes by check_score_range, which every caller runs)
     if not checked_labels:
         return (), None
     return tuple(checked_keys), checked_labels[0] if single else torch.cat(checked_labels)
@@ -248,3 +249,54 @@ def check_pixel_maps(embeddings: object, labels: object) -> tuple[Tensor, Tensor
             f"got {list(labels.shape)}"
         )
     return embeddings, labels
+
+
+def check_score_range(
+    anchors: Tensor, key_parts: Sequence[Tensor], in_batch: bool, temperature: float, rho: float
+) -> None:
+    """Raise unless the loss and its gradients are finite in the compute dtype.
+
+    With ``A`` and ``K`` the largest ``|entry|`` of the anchors and of the keys (the anchors
+    among them when ``in_batch``), every score obeys ``|s| <= S = D * A * K / temperature``, every
+    loss term ``L_a <= rho * (2 S + log M + 1)``, a reduction adds ``N`` of them, and the
+    backends form ``x / temperature`` and sums of up to ``N + M`` scores. Requiring
+    ``(N + M + 1) * max(rho, 1) * (2 S + log(M + 1) + 1)``, ``A / temperature`` and
+    ``K / temperature`` to stay below a quarter of the dtype's largest value rules out overflow
+    (and the NaN of ``inf - inf`` that would follow) for any finite inputs; unit embeddings at
+    any ``temperature >= 1e-30`` are far inside it. NaN or Inf entries raise too, naming the
+    tensor: one pass over the inputs (the largest ``|entry|`` propagates NaN) and one host
+    synchronisation for all of them.
+    """
+    tensors = [anchors, *key_parts]
+    dtype = compute_dtype(anchors.dtype)
+    peaks = torch.stack([
+        torch.linalg.vector_norm(t, ord=float("inf")).to(torch.float64)
+        if t.numel() else torch.zeros((), dtype=torch.float64, device=t.device)
+        for t in tensors
+    ]).tolist()
+    names = ["anchors"] + [
+        "keys" if len(key_parts) == 1 else f"keys[{i}]" for i in range(len(key_parts))
+    ]
+    for name, peak, tensor in zip(names, peaks, tensors):
+        if not math.isfinite(peak):
+            check_finite(tensor, name)  # raises, naming the tensor
+    n, dim = anchors.shape
+    m = sum(part.shape[0] for part in key_parts) + (n if in_batch else 0)
+    a = peaks[0]
+    k = max(peaks[1:] + ([a] if in_batch else []), default=0.0)
+    score = dim * a * k / temperature
+    largest = max(
+        (n + m + 1) * max(rho, 1.0) * (2 * score + math.log(m + 1) + 1),
+        a / temperature,
+        k / temperature,
+    )
+    limit = torch.finfo(dtype).max / 4
+    if largest > limit:
+        raise ValueError(
+            f"the loss would overflow {dtype}: scores x.k / temperature can reach {score:.3g} "
+            f"(largest |entry| of anchors {a:.3g}, of keys {k:.3g}, D={dim}, "
+            f"temperature={temperature:.3g}, temperature / base_temperature={rho:.3g}), and "
+            f"the terms summed from them {largest:.3g}, beyond the safe limit {limit:.3g}; "
+            "normalise the embeddings, raise temperature (or base_temperature), or pass "
+            "float64 inputs"
+        )

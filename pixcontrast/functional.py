@@ -5,17 +5,15 @@ from __future__ import annotations
 import math
 from typing import Optional, Sequence, Union
 
-import torch
 from torch import Tensor
 
 from . import _checks
 from ._dispatch import BACKEND_NAMES, select_backend
 from ._pixels import resize_labels
-from .ops._layout import compute_dtype
 from .ops._options import ContrastOptions
 
 __all__ = [
-    "check_score_range", "contrastive_loss", "loss_options", "resize_labels", "VARIANTS",
+    "contrastive_loss", "loss_options", "resize_labels", "VARIANTS",
     "REDUCTIONS",
 ]
 
@@ -98,7 +96,9 @@ def contrastive_loss(
     if in_batch is None:
         in_batch = keys is None
 
-    check_score_range(anchors, key_parts, bool(in_batch), options.temperature, options.rho)
+    _checks.check_score_range(
+        anchors, key_parts, bool(in_batch), options.temperature, options.rho
+    )
     chosen = select_backend(backend, anchors, key_parts)
     return chosen.loss(anchors, labels, key_parts, key_labels, bool(in_batch), options)
 
@@ -120,47 +120,3 @@ def loss_options(
     _checks.check_choice(variant, "variant", VARIANTS)
     _checks.check_choice(reduction, "reduction", REDUCTIONS)
     return ContrastOptions(temperature, rho, variant, reduction)
-
-
-def check_score_range(
-    anchors: Tensor, key_parts: Sequence[Tensor], in_batch: bool, temperature: float, rho: float
-) -> None:
-    """Raise unless the loss and its gradients are finite in the compute dtype.
-
-    With ``A`` and ``K`` the largest ``|entry|`` of the anchors and of the keys (the anchors
-    among them when ``in_batch``), every score obeys ``|s| <= S = D * A * K / temperature``, every
-    loss term ``L_a <= rho * (2 S + log M + 1)``, a reduction adds ``N`` of them, and the
-    backends form ``x / temperature`` and sums of up to ``N + M`` scores. Requiring
-    ``(N + M + 1) * max(rho, 1) * (2 S + log(M + 1) + 1)``, ``A / temperature`` and
-    ``K / temperature`` to stay below a quarter of the dtype's largest value rules out overflow
-    (and the NaN of ``inf - inf`` that would follow) for any finite inputs; unit embeddings at
-    any ``temperature >= 1e-30`` are far inside it. One pass over the (finite) inputs and one
-    host synchronisation.
-    """
-    tensors = [anchors, *key_parts]
-    dtype = compute_dtype(anchors.dtype)
-    peaks = torch.stack([
-        torch.linalg.vector_norm(t, ord=float("inf")).to(torch.float64)
-        if t.numel() else torch.zeros((), dtype=torch.float64, device=t.device)
-        for t in tensors
-    ]).tolist()
-    n, dim = anchors.shape
-    m = sum(part.shape[0] for part in key_parts) + (n if in_batch else 0)
-    a = peaks[0]
-    k = max(peaks[1:] + ([a] if in_batch else []), default=0.0)
-    score = dim * a * k / temperature
-    largest = max(
-        (n + m + 1) * max(rho, 1.0) * (2 * score + math.log(m + 1) + 1),
-        a / temperature,
-        k / temperature,
-    )
-    limit = torch.finfo(dtype).max / 4
-    if largest > limit:
-        raise ValueError(
-            f"the loss would overflow {dtype}: scores x.k / temperature can reach {score:.3g} "
-            f"(largest |entry| of anchors {a:.3g}, of keys {k:.3g}, D={dim}, "
-            f"temperature={temperature:.3g}, temperature / base_temperature={rho:.3g}), and "
-            f"the terms summed from them {largest:.3g}, beyond the safe limit {limit:.3g}; "
-            "normalise the embeddings, raise temperature (or base_temperature), or pass "
-            "float64 inputs"
-        )

@@ -344,8 +344,9 @@ def mine_keys(
     """
     if keys is not None:
         _checks.check_tensor(keys, "keys")
-    _checks.check_contrast_inputs(anchors, labels, keys, key_labels)
+    key_parts, _ = _checks.check_contrast_inputs(anchors, labels, keys, key_labels)
     in_batch = keys is None if in_batch is None else bool(in_batch)
+    _checks.check_score_range(anchors, key_parts, in_batch, 1.0, 1.0)  # (scores x . k)
     _checks.check_choice(miner, "miner", MINERS)
     num_positives = _checks.check_count(num_positives, "num_positives")
     num_negatives = _checks.check_count(num_negatives, "num_negatives")
@@ -485,10 +486,11 @@ def pair_contrastive_loss(
     """
     if keys is not None:
         _checks.check_tensor(keys, "keys")
-    _checks.check_contrast_inputs(anchors, labels, keys, key_labels)
+    key_parts, _ = _checks.check_contrast_inputs(anchors, labels, keys, key_labels)
     in_batch = keys is None if in_batch is None else bool(in_batch)
     options = loss_options(temperature, base_temperature, variant, reduction)
     temperature, rho = options.temperature, options.rho
+    _checks.check_score_range(anchors, key_parts, in_batch, temperature, rho)
     labels = labels.long()
     dtype = compute_dtype(anchors.dtype)
     space = _key_space(anchors, labels, keys, key_labels, in_batch, dtype)
