@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import _checks
+from .ops._autograd import first_derivatives_only
 
 __all__ = [
     "PixelMaps",
@@ -261,7 +262,7 @@ class _RegionMeans(torch.autograd.Function):
         return sums[..., :width] / counts.clamp(min=1)[:, None]
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
+    @first_derivatives_only("region_embeddings")
     def backward(  # type: ignore[override]
         ctx, grad_means: Tensor
     ) -> tuple[Tensor, None, None, None, None]:
@@ -307,7 +308,7 @@ def region_embeddings(
     classes; on other devices one batched product with the one-hot class map (a scatter's
     atomic adds would contend there). Means of 16-bit inputs are accumulated in float32 on CPU
     (in the product's own float32 accumulation elsewhere). Gradients flow to
-    ``embeddings`` (first derivatives: differentiating the backward pass again raises), and the
+    ``embeddings`` (first derivatives only: ``create_graph=True`` raises), and the
     backward pass writes one gradient map.
 
     Args:
