@@ -18,6 +18,7 @@ __all__ = [
     "check_count",
     "check_fraction",
     "check_embeddings",
+    "check_exclude_classes",
     "check_finite",
     "check_ignore_index",
     "check_label_values",
@@ -300,3 +301,36 @@ def check_score_range(
             "normalise the embeddings, raise temperature (or base_temperature), or pass "
             "float64 inputs"
         )
+
+
+def check_exclude_classes(
+    exclude_classes: object, ignore_index: int, num_classes: Optional[int] = None
+) -> tuple[int, ...]:
+    """``exclude_classes`` as a sorted tuple of distinct class ids, validated: integers in
+    ``[0, num_classes)`` when ``num_classes`` is known, else ``>= 0``, never ``ignore_index``."""
+    if isinstance(exclude_classes, int) and not isinstance(exclude_classes, bool):
+        raise TypeError(
+            f"exclude_classes must be a sequence of class ids, e.g. ({exclude_classes},), "
+            "not an int"
+        )
+    try:
+        values = list(exclude_classes)  # type: ignore[call-overload]
+    except TypeError:
+        raise TypeError(
+            "exclude_classes must be a sequence of class ids, got "
+            f"{type(exclude_classes).__name__}"
+        ) from None
+    for value in values:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError(f"exclude_classes must hold integers, got {value!r}")
+        high = f", {num_classes})" if num_classes is not None else ", inf)"
+        if value < 0 or (num_classes is not None and value >= num_classes):
+            raise ValueError(f"exclude_classes must lie in [0{high}, got {value}")
+        if value == ignore_index:
+            raise ValueError(
+                f"exclude_classes holds ignore_index={ignore_index}, which is never contrasted "
+                "anyway"
+            )
+    if len(set(values)) != len(values):
+        raise ValueError(f"exclude_classes holds a class twice: {values}")
+    return tuple(sorted(values))

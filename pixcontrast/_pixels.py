@@ -22,6 +22,7 @@ from .ops._autograd import first_derivatives_only
 
 __all__ = [
     "PixelMaps",
+    "exclude_labels",
     "gather_pixels",
     "pixel_maps",
     "predicted_labels",
@@ -534,3 +535,11 @@ def prepare_pixel_inputs(
     """
     maps = prepare_pixel_maps(embeddings, labels, predictions, ignore_index, num_classes)
     return maps.labels, maps.predicted
+
+
+def exclude_labels(labels: Tensor, exclude_classes: tuple[int, ...], ignore_index: int) -> Tensor:
+    """``labels`` with every class of ``exclude_classes`` replaced by ``ignore_index`` (a copy;
+    one elementwise pass per excluded class, no host synchronisation)."""
+    for cls in exclude_classes:
+        labels = labels.masked_fill(labels == cls, ignore_index)
+    return labels

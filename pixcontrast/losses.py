@@ -11,9 +11,15 @@ from torch import Tensor, nn
 
 from . import _checks, diagnostics, distributed
 from ._dispatch import BACKEND_NAMES
-from ._pixels import PixelMaps, prepare_pixel_inputs, prepare_pixel_maps, region_embeddings
+from ._pixels import (
+    PixelMaps,
+    exclude_labels,
+    prepare_pixel_inputs,
+    prepare_pixel_maps,
+    region_embeddings,
+)
 from .functional import VARIANTS, contrastive_loss
-from .memory import ClassMemoryBank, check_exclude_classes, exclude_labels
+from .memory import ClassMemoryBank
 from .samplers import AnchorSample, AnchorSampler, HardAnchorSampler, _MapSampler
 
 __all__ = ["GATHER_MODES", "PixelContrastLoss", "RegionContrastLoss", "prepare_pixel_inputs"]
@@ -211,7 +217,7 @@ class PixelContrastLoss(nn.Module):
         self.use_region_memory = bool(use_region_memory)
         self.enqueue = bool(enqueue)
         self.gather = _checks.check_choice(gather, "gather", GATHER_MODES)
-        self.exclude_classes = check_exclude_classes(
+        self.exclude_classes = _checks.check_exclude_classes(
             exclude_classes, self.ignore_index, num_classes
         )
         self.last_sample: Optional[AnchorSample] = None

@@ -15,54 +15,19 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import _checks, distributed
-from ._pixels import gather_pixels, pixel_maps, random_rank_in_group, region_embeddings
+from ._pixels import (
+    exclude_labels,
+    gather_pixels,
+    pixel_maps,
+    random_rank_in_group,
+    region_embeddings,
+)
 
 __all__ = ["ClassMemoryBank", "region_embeddings"]
 
 
 _STATE_VERSION = 1  # of the layout record in state_dict()
 _COUNTERS = ("pixel_pointer", "pixel_count", "region_pointer", "region_count")
-
-
-def check_exclude_classes(
-    exclude_classes: object, ignore_index: int, num_classes: Optional[int] = None
-) -> tuple[int, ...]:
-    """``exclude_classes`` as a sorted tuple of distinct class ids, validated: integers in
-    ``[0, num_classes)`` when ``num_classes`` is known, else ``>= 0``, never ``ignore_index``."""
-    if isinstance(exclude_classes, int) and not isinstance(exclude_classes, bool):
-        raise TypeError(
-            f"exclude_classes must be a sequence of class ids, e.g. ({exclude_classes},), "
-            "not an int"
-        )
-    try:
-        values = list(exclude_classes)  # type: ignore[call-overload]
-    except TypeError:
-        raise TypeError(
-            "exclude_classes must be a sequence of class ids, got "
-            f"{type(exclude_classes).__name__}"
-        ) from None
-    for value in values:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise TypeError(f"exclude_classes must hold integers, got {value!r}")
-        high = f", {num_classes})" if num_classes is not None else ", inf)"
-        if value < 0 or (num_classes is not None and value >= num_classes):
-            raise ValueError(f"exclude_classes must lie in [0{high}, got {value}")
-        if value == ignore_index:
-            raise ValueError(
-                f"exclude_classes holds ignore_index={ignore_index}, which is never contrasted "
-                "anyway"
-            )
-    if len(set(values)) != len(values):
-        raise ValueError(f"exclude_classes holds a class twice: {values}")
-    return tuple(sorted(values))
-
-
-def exclude_labels(labels: Tensor, exclude_classes: tuple[int, ...], ignore_index: int) -> Tensor:
-    """``labels`` with every class of ``exclude_classes`` replaced by ``ignore_index`` (a copy;
-    one elementwise pass per excluded class, no host synchronisation)."""
-    for cls in exclude_classes:
-        labels = labels.masked_fill(labels == cls, ignore_index)
-    return labels
 
 
 def _push(ring: Tensor, pointer: Tensor, count: Tensor, values: Tensor, classes: Tensor) -> None:
@@ -208,7 +173,7 @@ class ClassMemoryBank(nn.Module):
         self.pixels_per_image = pixels_per_image
         self.ignore_index = ignore_index
         self.gather = bool(gather)
-        self.exclude_classes = check_exclude_classes(
+        self.exclude_classes = _checks.check_exclude_classes(
             exclude_classes, self.ignore_index, num_classes
         )
         slots = pixels_per_class + regions_per_class
