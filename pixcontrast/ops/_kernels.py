@@ -52,11 +52,19 @@ def _store_rows(ptr, value, rows, num_rows, stride, dim, BLOCK_D: tl.constexpr):
 
 
 @triton.jit
-def _row_bounds(pos_lo_ptr, pos_hi_ptr, self_col_ptr, rows, row_ok):
+def _row_tile(
+    start, x_ptr, pos_lo_ptr, pos_hi_ptr, self_col_ptr, num_rows, stride_x, dim,
+    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """The anchor rows ``start:start + BLOCK_N``: their indices, validity, embeddings and
+    positive block ``[pos_lo, pos_hi)`` with own column ``self_col`` (-1: none)."""
+    rows = start + tl.arange(0, BLOCK_N)
+    row_ok = rows < num_rows
+    x = _load_rows(x_ptr, rows, num_rows, stride_x, dim, BLOCK_D)
     pos_lo = tl.load(pos_lo_ptr + rows, mask=row_ok, other=0)
     pos_hi = tl.load(pos_hi_ptr + rows, mask=row_ok, other=0)
     self_col = tl.load(self_col_ptr + rows, mask=row_ok, other=-1)
-    return pos_lo, pos_hi, self_col
+    return rows, row_ok, x, pos_lo, pos_hi, self_col
 
 
 @triton.jit
@@ -159,10 +167,10 @@ def contrast_statistics_kernel(
     rescales its output, so that the negative part of ``dx`` costs no second pass.
     """
     split = tl.program_id(1)
-    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_ok = rows < num_rows
-    x = _load_rows(x_ptr, rows, num_rows, stride_x, dim, BLOCK_D)
-    pos_lo, pos_hi, self_col = _row_bounds(pos_lo_ptr, pos_hi_ptr, self_col_ptr, rows, row_ok)
+    rows, row_ok, x, pos_lo, pos_hi, self_col = _row_tile(
+        tl.program_id(0) * BLOCK_N, x_ptr, pos_lo_ptr, pos_hi_ptr, self_col_ptr, num_rows,
+        stride_x, dim, BLOCK_N, BLOCK_D,
+    )
     mask_lo, mask_hi = _masked_range(pos_lo, pos_hi, self_col, row_ok, num_cols, IS_PAPER)
     col_begin, col_end = _split_columns(split, tl.num_programs(1), num_cols, BLOCK_M)
 
@@ -250,10 +258,10 @@ def paper_positive_kernel(
     """
     split = tl.program_id(1)
     num_splits = tl.num_programs(1)
-    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_ok = rows < num_rows
-    x = _load_rows(x_ptr, rows, num_rows, stride_x, dim, BLOCK_D)
-    pos_lo, pos_hi, self_col = _row_bounds(pos_lo_ptr, pos_hi_ptr, self_col_ptr, rows, row_ok)
+    rows, row_ok, x, pos_lo, pos_hi, self_col = _row_tile(
+        tl.program_id(0) * BLOCK_N, x_ptr, pos_lo_ptr, pos_hi_ptr, self_col_ptr, num_rows,
+        stride_x, dim, BLOCK_N, BLOCK_D,
+    )
     lse2 = tl.load(lse_ptr + rows, mask=row_ok, other=0.0) * LOG2E
     first, last = _positive_range(pos_lo, pos_hi, row_ok, num_cols)
     tiles_per_split = tl.cdiv(tl.cdiv(tl.maximum(last - first, 0), BLOCK_M), num_splits)
@@ -297,10 +305,10 @@ def contrast_anchor_grad_kernel(
     """``sum_j G_aj k_j`` of one row tile over one split's key columns, recomputing ``s`` from
     saved statistics (``reduction="none"``); the splits are summed by :func:`sum_splits_kernel`."""
     split = tl.program_id(1)
-    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_ok = rows < num_rows
-    x = _load_rows(x_ptr, rows, num_rows, stride_x, dim, BLOCK_D)
-    pos_lo, pos_hi, self_col = _row_bounds(pos_lo_ptr, pos_hi_ptr, self_col_ptr, rows, row_ok)
+    rows, row_ok, x, pos_lo, pos_hi, self_col = _row_tile(
+        tl.program_id(0) * BLOCK_N, x_ptr, pos_lo_ptr, pos_hi_ptr, self_col_ptr, num_rows,
+        stride_x, dim, BLOCK_N, BLOCK_D,
+    )
     lse2 = tl.load(lse_ptr + rows, mask=row_ok, other=0.0) * LOG2E
     neg_coef = tl.load(neg_coef_ptr + rows, mask=row_ok, other=0.0)
     pos_coef = tl.load(pos_coef_ptr + rows, mask=row_ok, other=0.0)
@@ -350,10 +358,10 @@ def contrast_key_grad_kernel(
 
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     for start in range(0, num_rows, BLOCK_N):
-        rows = start + tl.arange(0, BLOCK_N)
-        row_ok = rows < num_rows
-        x = _load_rows(x_ptr, rows, num_rows, stride_x, dim, BLOCK_D)
-        pos_lo, pos_hi, self_col = _row_bounds(pos_lo_ptr, pos_hi_ptr, self_col_ptr, rows, row_ok)
+        rows, row_ok, x, pos_lo, pos_hi, self_col = _row_tile(
+            start, x_ptr, pos_lo_ptr, pos_hi_ptr, self_col_ptr, num_rows, stride_x, dim, BLOCK_N,
+            BLOCK_D,
+        )
         # Padded rows have zero coefficients and a finite lse: their G is exactly 0.
         lse2 = tl.load(lse_ptr + rows, mask=row_ok, other=0.0) * LOG2E
         neg_coef = tl.load(neg_coef_ptr + rows, mask=row_ok, other=0.0)
