@@ -302,8 +302,8 @@ class ClassMemoryBank(nn.Module):
         a module holding the bank (below autograd's version counters, so the newest entries
         and the counters are compared too): it resends the whole queue each step and, with
         ``gather=False``, overwrites this rank's entries with rank 0's. A new queue tensor,
-        as ``.to()`` makes, is not a foreign write. Costs one small comparison and one host
-        synchronisation per call.
+        as ``.to()`` makes, is not a foreign write. Checked once per :meth:`enqueue` (one small
+        comparison and one host synchronisation), which every training step runs.
         """
         if self._foreign_write_warned:
             return
@@ -430,7 +430,6 @@ class ClassMemoryBank(nn.Module):
             requested slot is filled and both rings are requested, ``keys`` is a view of
             ``queue`` (no copy): it changes with the next :meth:`enqueue`.
         """
-        self._check_foreign_write()
         slots = self.queue.shape[1]
         index = torch.arange(slots, device=self.queue.device)
         is_pixel = index < self.pixels_per_class

@@ -92,11 +92,11 @@ def test_region_rings_are_fifo_and_wrap_around() -> None:
 def test_keys_returns_only_filled_slots_grouped_by_class() -> None:
     bank = ClassMemoryBank(4, 3, pixels_per_class=5, regions_per_class=2, pixels_per_image=2)
     bank.queue.fill_(float("nan"))  # an unfilled slot would show up as NaN
-    with pytest.warns(UserWarning, match="modified outside enqueue"):
-        assert bank.keys()[0].shape == (0, 3)
+    assert bank.keys()[0].shape == (0, 3)
     labels = torch.tensor([[[0, 0, 0], [2, 2, IGNORE]], [[2, 2, 2], [0, IGNORE, 2]]])
     generator = torch.Generator().manual_seed(0)
-    bank.enqueue(F.normalize(torch.randn(2, 3, 2, 3), dim=1), labels, generator)
+    with pytest.warns(UserWarning, match="modified outside enqueue"):
+        bank.enqueue(F.normalize(torch.randn(2, 3, 2, 3), dim=1), labels, generator)
 
     keys, key_labels = bank.keys()
     assert not torch.isnan(keys).any()

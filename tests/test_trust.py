@@ -317,21 +317,27 @@ def test_deepcopy_after_a_training_forward(loss_class) -> None:
 
 def test_foreign_write_into_the_queue_warns_once() -> None:
     bank = trained_bank(pixels_per_class=6, regions_per_class=2)
+
+    def enqueue() -> None:
+        bank.enqueue(torch.randn(1, 4, 2, 2, dtype=bank.queue.dtype), torch.zeros(1, 2, 2).long())
+
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        bank.keys()
+        enqueue()
         bank.load_state_dict(snapshot(bank))  # its own load is not foreign
-        bank.keys()
+        enqueue()
         bank.to(torch.float64)  # a new queue tensor is not foreign either
-        bank.keys()
+        enqueue()
     with torch.no_grad():
-        bank.queue.copy_(snapshot(bank)["queue"])  # what a buffer broadcast does
+        state = trained_bank(pixels_per_class=6, regions_per_class=2).double().state_dict()
+        for name in ("queue", "pixel_pointer", "pixel_count", "region_pointer", "region_count"):
+            getattr(bank, name).copy_(state[name])  # what a buffer broadcast does
     with pytest.warns(UserWarning, match="broadcast_buffers"):
-        bank.enqueue(torch.randn(1, 4, 2, 2, dtype=torch.float64), torch.zeros(1, 2, 2).long())
-    bank.queue.add_(0)
+        enqueue()
+    bank.queue.add_(1)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # once per bank
-        bank.keys()
+        enqueue()
 
 
 # ---------------------------------------------------------------------------------------------
