@@ -16,7 +16,7 @@ from torch import Tensor
 
 from . import _checks
 
-__all__ = ["GradientRatio", "contrast_stats", "gradient_ratio"]
+__all__ = ["GradientRatio", "contrast_stats", "gradient_ratio", "positive_counts"]
 
 
 def _matches(labels: Tensor, key_labels: Tensor) -> Tensor:
@@ -25,6 +25,19 @@ def _matches(labels: Tensor, key_labels: Tensor) -> Tensor:
     ordered = key_labels.reshape(-1).sort().values
     right = torch.searchsorted(ordered, labels, right=True)
     return right - torch.searchsorted(ordered, labels)
+
+
+def positive_counts(
+    labels: Tensor, key_labels: Optional[Sequence[Tensor]], in_batch: bool
+) -> Tensor:
+    """``[N]`` ``|P(a)|`` of anchors with ``labels`` against keys with ``key_labels`` (a sequence
+    of parts; negative ids never match) and, when ``in_batch``, the other anchors."""
+    positives = torch.zeros(labels.numel(), dtype=torch.long, device=labels.device)
+    if in_batch:
+        positives += _matches(labels, labels) - 1  # minus the anchor itself
+    for part in key_labels or ():
+        positives += _matches(labels, part.to(labels.device))  # invalid (< 0) never match
+    return positives
 
 
 def contrast_stats(
@@ -69,11 +82,7 @@ def contrast_stats(
     """
     labels = sample.labels
     count = labels.numel()
-    positives = torch.zeros(count, dtype=torch.long, device=labels.device)
-    if in_batch:
-        positives += _matches(labels, labels) - 1  # minus the anchor itself
-    for part in key_labels or ():
-        positives += _matches(labels, part.to(labels.device))  # invalid (< 0) never match
+    positives = positive_counts(labels, key_labels, in_batch)
     ordered = labels.sort().values
     classes = (ordered[1:] != ordered[:-1]).sum() + int(count > 0)
     stats = {

@@ -27,19 +27,6 @@ __all__ = ["GATHER_MODES", "PixelContrastLoss", "RegionContrastLoss", "prepare_p
 GATHER_MODES = ("none", "keys")
 
 
-def _anchors_with_positives(
-    labels: Tensor, key_labels: Optional[list[Tensor]], in_batch: bool
-) -> Tensor:
-    """How many anchors have a positive: the denominator of ``contrastive_loss``'s mean."""
-    found = torch.zeros_like(labels, dtype=torch.bool)
-    for part in key_labels or ():
-        found |= torch.isin(labels, part)  # labels are >= 0: invalid keys never match
-    if in_batch and labels.numel():
-        _, inverse, counts = torch.unique(labels, return_inverse=True, return_counts=True)
-        found |= counts[inverse] > 1
-    return found.sum()
-
-
 def _join(
     parts: list[tuple[Tensor, Tensor]],
 ) -> tuple[Optional[list[Tensor]], Optional[list[Tensor]]]:
@@ -341,7 +328,8 @@ class PixelContrastLoss(nn.Module):
             backend=self.backend,
         )
         if self.gather == "keys":
-            count = _anchors_with_positives(sample.labels, key_labels, in_batch)
+            # the denominator of contrastive_loss's mean, over all ranks' anchors
+            count = (diagnostics.positive_counts(sample.labels, key_labels, in_batch) > 0).sum()
             loss = distributed.mean_across_ranks(loss, count)
         if enqueue is None:
             enqueue = self.enqueue and self.training and torch.is_grad_enabled()
