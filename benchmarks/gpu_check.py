@@ -39,6 +39,7 @@ from _common import metadata
 from _harness import write_result
 
 import pixcontrast
+from pixcontrast import _checks
 from pixcontrast.ops import triton_fused
 from pixcontrast.ops._autograd import apply_contrast
 from pixcontrast.ops._options import ContrastOptions
@@ -114,9 +115,8 @@ def loss_step(point: Point, backend: str, inputs, launch: Optional[Callable] = N
                 triton_fused.sweep, operand_dtype=anchors.dtype, launch=launch
             )
             options = ContrastOptions(TEMPERATURE, 1.0, point.variant, "mean")
-            loss = apply_contrast(
-                anchors, labels, (keys,), key_labels, True, options, sweep=sweep
-            )
+            inputs = _checks.check_contrast_inputs(anchors, labels, keys, key_labels, True)
+            loss = apply_contrast(inputs, options, sweep=sweep)
         loss.backward()
 
     return step

@@ -10,6 +10,7 @@ import torch
 from torch import Tensor
 
 from .ops._layout import compute_dtype
+from .ops._options import ContrastInputs
 
 __all__ = [
     "check_pixel_maps",
@@ -26,6 +27,7 @@ __all__ = [
     "check_mask",
     "check_positive",
     "check_same_device",
+    "check_pair_index",
     "check_score_range",
     "check_size",
     "check_tensor",
@@ -173,11 +175,14 @@ def check_mask(value: object, name: str, shape: Sequence[int], other: str) -> Te
 
 
 def check_contrast_inputs(
-    anchors: object, labels: object, keys: object, key_labels: object
-) -> tuple[tuple[Tensor, ...], Optional[Tensor]]:
-    """The data arguments of a contrastive loss: shapes, dtypes, devices, label range, and
-    finite embeddings. ``keys`` and ``key_labels`` are a tensor each, or sequences of matching
-    parts; returns ``(key parts, concatenated key labels or None)``."""
+    anchors: object, labels: object, keys: object, key_labels: object, in_batch: object
+) -> ContrastInputs:
+    """The data arguments of a contrastive loss, validated into :class:`ContrastInputs`.
+
+    Checks shapes, dtypes, devices and the label range (finiteness: :func:`check_score_range`).
+    ``keys`` and ``key_labels`` are a tensor each, or sequences of matching parts; ``in_batch``
+    ``None`` means ``True`` without keys and ``False`` with them.
+    """
     anchors = check_embeddings(anchors, "anchors", 2)
     labels = check_labels(labels, "labels", 1)
     if labels.shape[0] != anchors.shape[0]:
@@ -233,9 +238,11 @@ def check_contrast_inputs(
     if labels.numel() and labels.is_signed() and int(labels.min()) < 0:
         raise ValueError("labels must be >= 0 (filter ignored pixels out first)")
     # (finiteness: checked with the magnitudes by check_score_range, which every caller runs)
-    if not checked_labels:
-        return (), None
-    return tuple(checked_keys), checked_labels[0] if single else torch.cat(checked_labels)
+    concatenated = None
+    if checked_labels:
+        concatenated = checked_labels[0] if single else torch.cat(checked_labels)
+    in_batch = keys is None if in_batch is None else bool(in_batch)
+    return ContrastInputs(anchors, labels, tuple(checked_keys), concatenated, in_batch)
 
 
 def check_pixel_maps(embeddings: object, labels: object) -> tuple[Tensor, Tensor]:
@@ -252,9 +259,7 @@ def check_pixel_maps(embeddings: object, labels: object) -> tuple[Tensor, Tensor
     return embeddings, labels
 
 
-def check_score_range(
-    anchors: Tensor, key_parts: Sequence[Tensor], in_batch: bool, temperature: float, rho: float
-) -> None:
+def check_score_range(inputs: ContrastInputs, temperature: float, rho: float) -> None:
     """Raise unless the loss and its gradients are finite in the compute dtype.
 
     With ``A`` and ``K`` the largest ``|entry|`` of the anchors and of the keys (the anchors
@@ -268,6 +273,7 @@ def check_score_range(
     tensor: one pass over the inputs (the largest ``|entry|`` propagates NaN) and one host
     synchronisation for all of them.
     """
+    anchors, key_parts, in_batch = inputs.anchors, inputs.keys, inputs.in_batch
     tensors = [anchors, *key_parts]
     dtype = compute_dtype(anchors.dtype)
     peaks = torch.stack([
@@ -334,3 +340,45 @@ def check_exclude_classes(
     if len(set(values)) != len(values):
         raise ValueError(f"exclude_classes holds a class twice: {values}")
     return tuple(sorted(values))
+
+
+def check_pair_index(
+    index: object, name: str, labels: Tensor, space_labels: Tensor, in_batch: bool, positive: bool
+) -> Tensor:
+    """Shape, dtype, range and class relation of a ``[N, K]`` pair index into the key space."""
+    index = check_tensor(index, name, 2)
+    if index.is_floating_point() or index.is_complex() or index.dtype == torch.bool:
+        raise TypeError(f"{name} must hold integer key indices, got dtype {index.dtype}")
+    if index.shape[0] != labels.shape[0]:
+        raise ValueError(
+            f"{name} must have one row per anchor: got shape {tuple(index.shape)} for "
+            f"{labels.shape[0]} anchors"
+        )
+    if index.device != labels.device:
+        raise ValueError(f"{name} is on {index.device} but labels is on {labels.device}")
+    index = index.long()
+    m = space_labels.numel()
+    if index.numel() and (int(index.min()) < -1 or int(index.max()) >= m):
+        raise ValueError(
+            f"{name} must hold key-space indices in [0, {m}) or -1 (padding), got values in "
+            f"[{int(index.min())}, {int(index.max())}]"
+        )
+    selected = index >= 0
+    key_class = space_labels[index.clamp(min=0)] if m else torch.full_like(index, -1)
+    same = key_class == labels[:, None]
+    if positive:
+        wrong = ~same
+        if in_batch:
+            wrong |= index == torch.arange(labels.shape[0], device=index.device)[:, None]
+        relation = "keys of the anchor's class, other than the anchor itself"
+    else:
+        wrong = same | (key_class < 0)
+        relation = "valid keys (key label >= 0) of another class than the anchor's"
+    bad = (wrong & selected).nonzero()
+    if bad.numel():
+        a, i = bad[0].tolist()
+        raise ValueError(
+            f"{name} must select {relation}: {name}[{a}, {i}] = {int(index[a, i])} has key label "
+            f"{int(key_class[a, i])}, anchor label {int(labels[a])} ({bad.shape[0]} such entries)"
+        )
+    return index

@@ -27,6 +27,7 @@ import torch
 from torch import Tensor
 
 from .ops import triton_fused
+from .ops._options import ContrastInputs, ContrastOptions
 from .ops.reference import reference_contrastive_loss
 from .ops.torch_fused import torch_contrastive_loss
 
@@ -42,7 +43,7 @@ __all__ = [
     "triton_auto_declines",
 ]
 
-LossFn = Callable[..., Tensor]
+LossFn = Callable[[ContrastInputs, ContrastOptions], Tensor]
 Reasons = Callable[[Tensor, Sequence[Tensor]], list[str]]
 ENV_VAR = "PIXCONTRAST_BACKEND"
 
@@ -54,8 +55,16 @@ TRITON_MEASURED_WINS: frozenset[tuple[tuple[int, int], torch.dtype]] = frozenset
 
 @dataclass(frozen=True)
 class Backend:
-    """A loss implementation, the test of which inputs it can take, and the reasons why
-    ``"auto"`` does not pick it for inputs it could take (empty: auto may pick it)."""
+    """A loss implementation and what it can take.
+
+    Attributes:
+        name: the ``backend=`` name.
+        loss: ``loss(inputs, options)``, the loss of validated inputs.
+        unsupported: ``unsupported(anchors, key parts)``, every reason why the backend cannot
+            take such tensors (empty: it can).
+        auto_declines: the reasons why ``"auto"`` does not pick it for tensors it could take
+            (empty: auto may pick it).
+    """
 
     name: str
     loss: LossFn
@@ -149,14 +158,13 @@ def explain_auto(anchors: Tensor, keys: Sequence[Tensor] = ()) -> str:
     return "\n".join(lines)
 
 
-def select_backend(name: str, anchors: Tensor, keys: Sequence[Tensor]) -> Backend:
-    """The backend that will run ``name`` on these inputs (``name`` already validated; ``keys``
-    the key parts)."""
+def select_backend(name: str, inputs: ContrastInputs) -> Backend:
+    """The backend that will run ``name`` on these inputs (``name`` already validated)."""
     name = _requested(name)
     if name == "auto":
-        return _auto(anchors, keys)[0]
+        return _auto(inputs.anchors, inputs.keys)[0]
     backend = BACKENDS[name]
-    reasons = backend.unsupported(anchors, keys)
+    reasons = backend.unsupported(inputs.anchors, inputs.keys)
     if reasons:
         raise ValueError(f"backend={name!r} cannot run these inputs: " + "; ".join(reasons))
     return backend

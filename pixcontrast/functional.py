@@ -1,4 +1,4 @@
-"""Stateless contrastive losses."""
+"""Stateless contrastive losses: over every key, and over selected pairs of keys."""
 
 from __future__ import annotations
 
@@ -10,11 +10,17 @@ from torch import Tensor
 from . import _checks
 from ._dispatch import BACKEND_NAMES, select_backend
 from ._pixels import resize_labels
+from .ops._layout import compute_dtype
 from .ops._options import ContrastOptions
+from .ops.pairs import pair_loss
 
 __all__ = [
-    "contrastive_loss", "loss_options", "resize_labels", "VARIANTS",
     "REDUCTIONS",
+    "VARIANTS",
+    "contrastive_loss",
+    "loss_options",
+    "pair_contrastive_loss",
+    "resize_labels",
 ]
 
 VARIANTS = ("paper", "supcon")
@@ -90,17 +96,103 @@ def contrastive_loss(
         >>> loss.ndim, x.grad.shape
         (0, torch.Size([6, 8]))
     """
-    key_parts, key_labels = _checks.check_contrast_inputs(anchors, labels, keys, key_labels)
+    inputs = _checks.check_contrast_inputs(anchors, labels, keys, key_labels, in_batch)
     options = loss_options(temperature, base_temperature, variant, reduction)
     _checks.check_choice(backend, "backend", BACKEND_NAMES)
-    if in_batch is None:
-        in_batch = keys is None
+    _checks.check_score_range(inputs, options.temperature, options.rho)
+    return select_backend(backend, inputs).loss(inputs, options)
 
-    _checks.check_score_range(
-        anchors, key_parts, bool(in_batch), options.temperature, options.rho
+
+def pair_contrastive_loss(
+    anchors: Tensor,
+    labels: Tensor,
+    keys: Optional[Tensor],
+    key_labels: Optional[Tensor],
+    positive_index: Tensor,
+    negative_index: Tensor,
+    *,
+    in_batch: Optional[bool] = None,
+    temperature: float = 0.1,
+    base_temperature: Optional[float] = None,
+    variant: str = "paper",
+    reduction: str = "mean",
+) -> Tensor:
+    r"""The loss of :func:`~pixcontrast.contrastive_loss` on selected pairs only.
+
+    With :math:`s_{aj} = x_a \cdot k_j / \tau`, :math:`\rho = \tau / \tau_{base}`, the selected
+    positives :math:`P'(a)` (the entries of ``positive_index[a]`` other than ``-1``) and
+    negatives :math:`N'(a)` (likewise):
+
+    - ``variant="paper"``: :math:`L_a = \frac{\rho}{|P'(a)|} \sum_{p \in P'(a)} -\log
+      \frac{e^{s_{ap}}}{e^{s_{ap}} + \sum_{n \in N'(a)} e^{s_{an}}}`
+    - ``variant="supcon"``: :math:`L_a = \rho \big(\log \sum_{j \in P'(a) \cup N'(a)}
+      e^{s_{aj}} - \frac{1}{|P'(a)|} \sum_{p \in P'(a)} s_{ap}\big)`
+
+    An index listed twice counts twice (the class-relation miner draws with replacement). The
+    edge cases are those of ``contrastive_loss``: an anchor without a selected positive has
+    :math:`L_a = 0` and is left out of the mean, one without a selected negative has
+    :math:`L_a = 0` under ``"paper"``, nothing counting (no anchor, or index tensors with no
+    column) gives an exact zero connected to the graph (``[N]`` zeros for ``reduction="none"``),
+    and the result is finite for finite inputs. With every positive and every negative selected it
+    equals ``contrastive_loss``.
+
+    Selected keys are gathered into ``[N, K, D]`` tensors: memory is
+    :math:`O(N (K_{pos} + K_{neg}) D)` and the gradients are exact, for the anchors and (when
+    they require grad) the keys.
+
+    Args:
+        anchors: ``[N, D]`` float embeddings.
+        labels: ``[N]`` integer class ids, all ``>= 0``.
+        keys: ``[M, D]`` extra keys, or ``None``.
+        key_labels: ``[M]`` class ids of ``keys`` (negative: invalid); required with ``keys``.
+        positive_index: ``[N, K_pos]`` integer indices into the key space
+            ``[anchors (if in_batch); keys]``, ``-1`` for padding; each must be a key of the
+            anchor's class other than the anchor itself (e.g. from
+            :func:`~pixcontrast.mining.mine_keys`).
+        negative_index: ``[N, K_neg]`` likewise, each a valid key of another class.
+        in_batch: whether the anchors are keys as well (must match the mining); defaults to
+            ``True`` without ``keys`` and ``False`` with them.
+        temperature: :math:`\tau > 0`.
+        base_temperature: scales the loss by ``temperature / base_temperature``; ``None``:
+            :math:`\rho = 1`.
+        variant: ``"paper"`` or ``"supcon"``.
+        reduction: ``"mean"`` over anchors with a selected positive, ``"sum"`` or ``"none"``.
+
+    Returns:
+        A scalar, or ``[N]`` for ``reduction="none"``; fp32 for half-precision inputs.
+
+    Raises:
+        TypeError: non-tensor arguments, non-float embeddings, non-integer labels or indices.
+        ValueError: mismatched shapes or ``D``, indices outside ``[-1, M)``, an index that
+            breaks the class relation above, or the checks of ``contrastive_loss``.
+
+    Example:
+        >>> import torch, torch.nn.functional as F
+        >>> x = F.normalize(torch.randn(6, 8), dim=1).requires_grad_()
+        >>> y = torch.tensor([0, 0, 1, 1, 2, 2])
+        >>> from pixcontrast.mining import mine_keys
+        >>> pairs = mine_keys(x, y, num_positives=1, num_negatives=2)
+        >>> loss = pair_contrastive_loss(
+        ...     x, y, None, None, pairs.positive_index, pairs.negative_index, temperature=0.1
+        ... )
+        >>> loss.backward()
+        >>> loss.ndim, x.grad.shape
+        (0, torch.Size([6, 8]))
+    """
+    if keys is not None:
+        _checks.check_tensor(keys, "keys")
+    inputs = _checks.check_contrast_inputs(anchors, labels, keys, key_labels, in_batch)
+    options = loss_options(temperature, base_temperature, variant, reduction)
+    _checks.check_score_range(inputs, options.temperature, options.rho)
+    labels = inputs.labels.long()
+    space = inputs.key_space(compute_dtype(anchors.dtype))
+    positive_index = _checks.check_pair_index(
+        positive_index, "positive_index", labels, space.labels, inputs.in_batch, positive=True
     )
-    chosen = select_backend(backend, anchors, key_parts)
-    return chosen.loss(anchors, labels, key_parts, key_labels, bool(in_batch), options)
+    negative_index = _checks.check_pair_index(
+        negative_index, "negative_index", labels, space.labels, inputs.in_batch, positive=False
+    )
+    return pair_loss(anchors, space.dense(), positive_index, negative_index, options)
 
 
 def loss_options(

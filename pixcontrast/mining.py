@@ -20,6 +20,7 @@ miner needs no scores at all. Memory beyond the inputs is ``O(rows * M + N * K)`
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Optional
 
@@ -28,9 +29,9 @@ from torch import Tensor, nn
 
 from . import _checks
 from ._compile import eager_under_compile
-from .functional import loss_options
+from .functional import loss_options, pair_contrastive_loss
 from .ops._layout import compute_dtype
-from .ops.pairs import pair_loss
+from .ops._options import KeySpace
 
 __all__ = ["MINERS", "MinedContrastLoss", "MinedPairs", "mine_keys", "pair_contrastive_loss"]
 
@@ -58,40 +59,7 @@ class MinedPairs:
     negative_index: Tensor
 
 
-@dataclass(frozen=True)
-class _KeySpace:
-    """The key space as ``(first column, [m, D] keys in the compute dtype)`` parts, with the
-    ``[M]`` int64 labels of its columns (negative: invalid)."""
-
-    parts: tuple[tuple[int, Tensor], ...]
-    labels: Tensor
-    in_batch: bool
-
-    @property
-    def size(self) -> int:
-        return self.labels.numel()
-
-
-def _key_space(
-    anchors: Tensor,
-    labels: Tensor,
-    keys: Optional[Tensor],
-    key_labels: Optional[Tensor],
-    in_batch: bool,
-    dtype: torch.dtype,
-) -> _KeySpace:
-    parts, label_parts = [], []
-    if in_batch:
-        parts.append((0, anchors.to(dtype)))
-        label_parts.append(labels.long())
-    if keys is not None and key_labels is not None:
-        parts.append((anchors.shape[0] if in_batch else 0, keys.to(dtype)))
-        label_parts.append(key_labels.long())
-    key_labels_all = torch.cat(label_parts) if label_parts else labels.new_empty(0).long()
-    return _KeySpace(tuple(parts), key_labels_all, in_batch)
-
-
-def _same_class_counts(space: _KeySpace, labels: Tensor) -> tuple[Tensor, Tensor]:
+def _same_class_counts(space: KeySpace, labels: Tensor) -> tuple[Tensor, Tensor]:
     """``(|valid keys of the anchor's class|, |valid keys|)`` per anchor, without an N x M
     mask."""
     valid = space.labels[space.labels >= 0]
@@ -140,7 +108,7 @@ def _select(
 def _mine_ranked(
     x: Tensor,
     labels: Tensor,
-    space: _KeySpace,
+    space: KeySpace,
     num_positives: int,
     num_negatives: int,
     fraction: Optional[float],
@@ -203,7 +171,7 @@ def _mine_ranked(
 def _mine_class_relation(
     x: Tensor,
     labels: Tensor,
-    space: _KeySpace,
+    space: KeySpace,
     num_positives: int,
     num_negatives: int,
     class_temperature: float,
@@ -344,9 +312,8 @@ def mine_keys(
     """
     if keys is not None:
         _checks.check_tensor(keys, "keys")
-    key_parts, _ = _checks.check_contrast_inputs(anchors, labels, keys, key_labels)
-    in_batch = keys is None if in_batch is None else bool(in_batch)
-    _checks.check_score_range(anchors, key_parts, in_batch, 1.0, 1.0)  # (scores x . k)
+    inputs = _checks.check_contrast_inputs(anchors, labels, keys, key_labels, in_batch)
+    _checks.check_score_range(inputs, 1.0, 1.0)  # (scores x . k)
     _checks.check_choice(miner, "miner", MINERS)
     num_positives = _checks.check_count(num_positives, "num_positives")
     num_negatives = _checks.check_count(num_negatives, "num_negatives")
@@ -356,8 +323,8 @@ def mine_keys(
     with torch.no_grad():
         dtype = compute_dtype(anchors.dtype)
         x = anchors.detach().to(dtype)
-        labels = labels.long()
-        space = _key_space(x, labels, keys, key_labels, in_batch, dtype)
+        labels = inputs.labels.long()
+        space = dataclasses.replace(inputs, anchors=x).key_space(dtype)
         if miner == "class-relation":
             return _mine_class_relation(
                 x, labels, space, num_positives, num_negatives, class_temperature, generator
@@ -366,148 +333,6 @@ def mine_keys(
             x, labels, space, num_positives, num_negatives,
             fraction if miner == "semi-hard" else None, generator,
         )
-
-
-def _check_index(
-    index: object, name: str, labels: Tensor, space_labels: Tensor, in_batch: bool, positive: bool
-) -> Tensor:
-    """Shape, dtype, range and class relation of a ``[N, K]`` pair index into the key space."""
-    index = _checks.check_tensor(index, name, 2)
-    if index.is_floating_point() or index.is_complex() or index.dtype == torch.bool:
-        raise TypeError(f"{name} must hold integer key indices, got dtype {index.dtype}")
-    if index.shape[0] != labels.shape[0]:
-        raise ValueError(
-            f"{name} must have one row per anchor: got shape {tuple(index.shape)} for "
-            f"{labels.shape[0]} anchors"
-        )
-    if index.device != labels.device:
-        raise ValueError(f"{name} is on {index.device} but labels is on {labels.device}")
-    index = index.long()
-    m = space_labels.numel()
-    if index.numel() and (int(index.min()) < -1 or int(index.max()) >= m):
-        raise ValueError(
-            f"{name} must hold key-space indices in [0, {m}) or -1 (padding), got values in "
-            f"[{int(index.min())}, {int(index.max())}]"
-        )
-    selected = index >= 0
-    key_class = space_labels[index.clamp(min=0)] if m else torch.full_like(index, -1)
-    same = key_class == labels[:, None]
-    if positive:
-        wrong = ~same
-        if in_batch:
-            wrong |= index == torch.arange(labels.shape[0], device=index.device)[:, None]
-        relation = "keys of the anchor's class, other than the anchor itself"
-    else:
-        wrong = same | (key_class < 0)
-        relation = "valid keys (key label >= 0) of another class than the anchor's"
-    bad = (wrong & selected).nonzero()
-    if bad.numel():
-        a, i = bad[0].tolist()
-        raise ValueError(
-            f"{name} must select {relation}: {name}[{a}, {i}] = {int(index[a, i])} has key label "
-            f"{int(key_class[a, i])}, anchor label {int(labels[a])} ({bad.shape[0]} such entries)"
-        )
-    return index
-
-
-def pair_contrastive_loss(
-    anchors: Tensor,
-    labels: Tensor,
-    keys: Optional[Tensor],
-    key_labels: Optional[Tensor],
-    positive_index: Tensor,
-    negative_index: Tensor,
-    *,
-    in_batch: Optional[bool] = None,
-    temperature: float = 0.1,
-    base_temperature: Optional[float] = None,
-    variant: str = "paper",
-    reduction: str = "mean",
-) -> Tensor:
-    r"""The loss of :func:`~pixcontrast.contrastive_loss` on selected pairs only.
-
-    With :math:`s_{aj} = x_a \cdot k_j / \tau`, :math:`\rho = \tau / \tau_{base}`, the selected
-    positives :math:`P'(a)` (the entries of ``positive_index[a]`` other than ``-1``) and
-    negatives :math:`N'(a)` (likewise):
-
-    - ``variant="paper"``: :math:`L_a = \frac{\rho}{|P'(a)|} \sum_{p \in P'(a)} -\log
-      \frac{e^{s_{ap}}}{e^{s_{ap}} + \sum_{n \in N'(a)} e^{s_{an}}}`
-    - ``variant="supcon"``: :math:`L_a = \rho \big(\log \sum_{j \in P'(a) \cup N'(a)}
-      e^{s_{aj}} - \frac{1}{|P'(a)|} \sum_{p \in P'(a)} s_{ap}\big)`
-
-    An index listed twice counts twice (the class-relation miner draws with replacement). The
-    edge cases are those of ``contrastive_loss``: an anchor without a selected positive has
-    :math:`L_a = 0` and is left out of the mean, one without a selected negative has
-    :math:`L_a = 0` under ``"paper"``, nothing counting (no anchor, or index tensors with no
-    column) gives an exact zero connected to the graph (``[N]`` zeros for ``reduction="none"``),
-    and the result is finite for finite inputs. With every positive and every negative selected it
-    equals ``contrastive_loss``.
-
-    Selected keys are gathered into ``[N, K, D]`` tensors: memory is
-    :math:`O(N (K_{pos} + K_{neg}) D)` and the gradients are exact, for the anchors and (when
-    they require grad) the keys.
-
-    Args:
-        anchors: ``[N, D]`` float embeddings.
-        labels: ``[N]`` integer class ids, all ``>= 0``.
-        keys: ``[M, D]`` extra keys, or ``None``.
-        key_labels: ``[M]`` class ids of ``keys`` (negative: invalid); required with ``keys``.
-        positive_index: ``[N, K_pos]`` integer indices into the key space
-            ``[anchors (if in_batch); keys]``, ``-1`` for padding; each must be a key of the
-            anchor's class other than the anchor itself (e.g. :class:`MinedPairs`).
-        negative_index: ``[N, K_neg]`` likewise, each a valid key of another class.
-        in_batch: whether the anchors are keys as well (must match the mining); defaults to
-            ``True`` without ``keys`` and ``False`` with them.
-        temperature: :math:`\tau > 0`.
-        base_temperature: scales the loss by ``temperature / base_temperature``; ``None``:
-            :math:`\rho = 1`.
-        variant: ``"paper"`` or ``"supcon"``.
-        reduction: ``"mean"`` over anchors with a selected positive, ``"sum"`` or ``"none"``.
-
-    Returns:
-        A scalar, or ``[N]`` for ``reduction="none"``; fp32 for half-precision inputs.
-
-    Raises:
-        TypeError: non-tensor arguments, non-float embeddings, non-integer labels or indices.
-        ValueError: mismatched shapes or ``D``, indices outside ``[-1, M)``, an index that
-            breaks the class relation above, or the checks of ``contrastive_loss``.
-
-    Example:
-        >>> import torch.nn.functional as F
-        >>> x = F.normalize(torch.randn(6, 8), dim=1).requires_grad_()
-        >>> y = torch.tensor([0, 0, 1, 1, 2, 2])
-        >>> pairs = mine_keys(x, y, num_positives=1, num_negatives=2)
-        >>> loss = pair_contrastive_loss(
-        ...     x, y, None, None, pairs.positive_index, pairs.negative_index, temperature=0.1
-        ... )
-        >>> loss.backward()
-        >>> loss.ndim, x.grad.shape
-        (0, torch.Size([6, 8]))
-    """
-    if keys is not None:
-        _checks.check_tensor(keys, "keys")
-    key_parts, _ = _checks.check_contrast_inputs(anchors, labels, keys, key_labels)
-    in_batch = keys is None if in_batch is None else bool(in_batch)
-    options = loss_options(temperature, base_temperature, variant, reduction)
-    temperature, rho = options.temperature, options.rho
-    _checks.check_score_range(anchors, key_parts, in_batch, temperature, rho)
-    labels = labels.long()
-    dtype = compute_dtype(anchors.dtype)
-    space = _key_space(anchors, labels, keys, key_labels, in_batch, dtype)
-    positive_index = _check_index(
-        positive_index, "positive_index", labels, space.labels, in_batch, positive=True
-    )
-    negative_index = _check_index(
-        negative_index, "negative_index", labels, space.labels, in_batch, positive=False
-    )
-    parts = [part for _, part in space.parts]
-    if not parts:
-        key_space = anchors.new_empty((0, anchors.shape[1]), dtype=dtype)
-    else:
-        key_space = parts[0] if len(parts) == 1 else torch.cat(parts)
-    return pair_loss(
-        anchors, key_space, positive_index, negative_index, temperature, rho, variant, reduction
-    )
 
 
 class MinedContrastLoss(nn.Module):

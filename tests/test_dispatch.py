@@ -16,8 +16,19 @@ import pytest
 import torch
 
 import pixcontrast
-from pixcontrast import _dispatch
+from pixcontrast import _checks, _dispatch
 from pixcontrast.ops import triton_fused
+
+
+def inputs(anchors, keys=()):
+    """Validated inputs of these anchors and keys (labels 0; selection reads devices and
+    dtypes only)."""
+    labels = torch.zeros(anchors.shape[0], dtype=torch.long)
+    key_labels = [torch.zeros(part.shape[0], dtype=torch.long) for part in keys]
+    return _checks.check_contrast_inputs(
+        anchors, labels, list(keys) or None, key_labels or None, None
+    )
+
 
 MISSING = (None, False, "triton is not importable (No module named 'triton')")
 INTERPRETED = (object(), True, "")  # a stand-in for the kernels module: selection never runs it
@@ -48,7 +59,7 @@ def triton_on_cpu(monkeypatch):
 def test_auto_takes_torch_for_cpu_tensors_whatever_triton_is(triton_state):
     for dtype in (torch.float32, torch.float16, torch.float64):
         x = torch.randn(5, 8, dtype=dtype)
-        assert _dispatch.select_backend("auto", x, (x,)).name == "torch"
+        assert _dispatch.select_backend("auto", inputs(x, (x,))).name == "torch"
 
 
 def test_auto_on_cpu_never_asks_for_triton(monkeypatch):
@@ -64,20 +75,20 @@ def test_auto_on_cpu_never_asks_for_triton(monkeypatch):
 
 def test_auto_prefers_triton_where_it_supports_the_inputs(triton_on_cpu):
     x = torch.randn(5, 8, dtype=torch.float16)
-    assert _dispatch.select_backend("auto", x, ()).name == "triton"
-    assert _dispatch.select_backend("auto", x, (x[:3],)).name == "triton"
+    assert _dispatch.select_backend("auto", inputs(x)).name == "triton"
+    assert _dispatch.select_backend("auto", inputs(x, (x[:3],))).name == "triton"
     # and falls back to torch for anything it does not take, anchors or keys
-    assert _dispatch.select_backend("auto", x.double(), ()).name == "torch"
-    assert _dispatch.select_backend("auto", x, (x[:3].double(),)).name == "torch"
-    assert _dispatch.select_backend("auto", x.float(), ()).name == "torch"  # fp32 at "highest"
+    assert _dispatch.select_backend("auto", inputs(x.double())).name == "torch"
+    assert _dispatch.select_backend("auto", inputs(x, (x[:3].double(),))).name == "torch"
+    assert _dispatch.select_backend("auto", inputs(x.float())).name == "torch"  # fp32, "highest"
     wide = torch.randn(5, triton_fused.MAX_DIM + 1, dtype=torch.float16)
-    assert _dispatch.select_backend("auto", wide, ()).name == "torch"
+    assert _dispatch.select_backend("auto", inputs(wide)).name == "torch"
 
 
 def test_explicit_backends_are_taken_as_named(triton_on_cpu):
     x = torch.randn(5, 8, dtype=torch.float16)
     for name in ("triton", "torch", "reference"):
-        assert _dispatch.select_backend(name, x, ()).name == name
+        assert _dispatch.select_backend(name, inputs(x)).name == name
 
 
 def test_explicit_triton_lists_every_reason(monkeypatch):
@@ -115,17 +126,17 @@ def test_reasons_for_cpu_tensors(monkeypatch, state, dtype, expected):
 def test_environment_override(triton_on_cpu, monkeypatch):
     x = torch.randn(5, 8, dtype=torch.float16)
     monkeypatch.setenv(_dispatch.ENV_VAR, "reference")
-    assert _dispatch.select_backend("auto", x, ()).name == "reference"
-    assert _dispatch.select_backend("torch", x, ()).name == "torch"  # code wins
+    assert _dispatch.select_backend("auto", inputs(x)).name == "reference"
+    assert _dispatch.select_backend("torch", inputs(x)).name == "torch"  # code wins
     monkeypatch.setenv(_dispatch.ENV_VAR, " torch ")
-    assert _dispatch.select_backend("auto", x, ()).name == "torch"
+    assert _dispatch.select_backend("auto", inputs(x)).name == "torch"
     monkeypatch.setenv(_dispatch.ENV_VAR, "triton")
-    assert _dispatch.select_backend("auto", x, ()).name == "triton"
+    assert _dispatch.select_backend("auto", inputs(x)).name == "triton"
     monkeypatch.setenv(_dispatch.ENV_VAR, "")
-    assert _dispatch.select_backend("auto", x, ()).name == "triton"
+    assert _dispatch.select_backend("auto", inputs(x)).name == "triton"
     monkeypatch.setenv(_dispatch.ENV_VAR, "cuda")
     with pytest.raises(ValueError, match="PIXCONTRAST_BACKEND='cuda'"):
-        _dispatch.select_backend("auto", x, ())
+        _dispatch.select_backend("auto", inputs(x))
 
 
 def test_environment_triton_without_triton_explains(monkeypatch):
@@ -161,7 +172,7 @@ else:
 
 def test_auto_takes_torch_for_cpu_tensors():
     x = torch.randn(5, 8)
-    assert _dispatch.select_backend("auto", x, ()).name == "torch"
+    assert _dispatch.select_backend("auto", inputs(x)).name == "torch"
     assert "CUDA tensors only" in _dispatch.explain_auto(x)
 
 

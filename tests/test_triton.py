@@ -19,6 +19,7 @@ import pytest
 import torch
 
 import pixcontrast
+from pixcontrast import _checks
 from pixcontrast.ops import torch_fused, triton_fused
 from pixcontrast.ops._autograd import apply_contrast, key_grad_columns
 from pixcontrast.ops._layout import build_layout
@@ -226,10 +227,8 @@ def _loss_and_grads(case: Case, backend: str, anchors, labels, keys, key_labels)
         contrast = ContrastOptions(
             case.temperature, case.temperature / 0.07, case.variant, case.reduction
         )
-        loss = apply_contrast(
-            x, labels, () if k is None else (k,), key_labels, case.in_batch, contrast,
-            sweep=sweep,
-        )
+        inputs = _checks.check_contrast_inputs(x, labels, k, key_labels, case.in_batch)
+        loss = apply_contrast(inputs, contrast, sweep=sweep)
     else:
         loss = pixcontrast.contrastive_loss(
             x, labels, k, key_labels, base_temperature=0.07, backend=backend, **options

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from ._layout import ContrastLayout, build_layout
-from ._options import ContrastOptions
+from ._options import ContrastInputs, ContrastOptions
 
 __all__ = [
     "AnchorStatistics",
@@ -253,17 +253,9 @@ class ContrastFunction(torch.autograd.Function):
         return (None, grad_anchors, *grad_parts)
 
 
-def apply_contrast(
-    anchors: Tensor,
-    labels: Tensor,
-    keys: tuple[Tensor, ...],
-    key_labels: Optional[Tensor],
-    in_batch: bool,
-    options: ContrastOptions,
-    *,
-    sweep: Sweep,
-) -> Tensor:
-    """``contrastive_loss`` through :class:`ContrastFunction` with a backend's ``sweep``;
-    ``keys`` are the caller's key parts (their labels concatenated in ``key_labels``)."""
-    call = ContrastCall(labels, key_labels, in_batch, options, sweep, torch.is_grad_enabled())
-    return ContrastFunction.apply(call, anchors, *keys)
+def apply_contrast(inputs: ContrastInputs, options: ContrastOptions, *, sweep: Sweep) -> Tensor:
+    """``contrastive_loss`` through :class:`ContrastFunction` with a backend's ``sweep``."""
+    call = ContrastCall(
+        inputs.labels, inputs.key_labels, inputs.in_batch, options, sweep, torch.is_grad_enabled()
+    )
+    return ContrastFunction.apply(call, inputs.anchors, *inputs.keys)

@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from ._layout import compute_dtype
+from ._options import ContrastOptions
 from .reference import masked_contrastive_loss
 
 __all__ = ["pair_loss"]
@@ -35,10 +36,7 @@ def pair_loss(
     keys: Tensor,
     positive_index: Tensor,
     negative_index: Tensor,
-    temperature: float,
-    rho: float,
-    variant: str,
-    reduction: str,
+    options: ContrastOptions,
 ) -> Tensor:
     """Loss of ``anchors [N, D]`` against their selected rows of ``keys [M, D]``.
 
@@ -50,8 +48,9 @@ def pair_loss(
     x, k = anchors.to(dtype), keys.to(dtype)
     positive = positive_index >= 0
     negative = negative_index >= 0
-    pos_scores = _selected_scores(x, k, positive_index, temperature)
-    neg_scores = _selected_scores(x, k, negative_index, temperature)
+    pos_scores = _selected_scores(x, k, positive_index, options.temperature)
+    neg_scores = _selected_scores(x, k, negative_index, options.temperature)
     return masked_contrastive_loss(
-        pos_scores, positive, neg_scores, negative, rho, variant, reduction
+        pos_scores, positive, neg_scores, negative, options.rho, options.variant,
+        options.reduction,
     )

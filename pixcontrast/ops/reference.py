@@ -8,13 +8,11 @@ the gradient.
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 from torch import Tensor
 
 from ._layout import compute_dtype
-from ._options import ContrastOptions
+from ._options import ContrastInputs, ContrastOptions
 
 __all__ = ["masked_contrastive_loss", "reference_contrastive_loss"]
 
@@ -28,34 +26,18 @@ def _masked_logsumexp(scores: Tensor, mask: Tensor) -> Tensor:
     return torch.where(nonempty, result, result.new_tensor(-torch.inf))
 
 
-def reference_contrastive_loss(
-    anchors: Tensor,
-    labels: Tensor,
-    keys: tuple[Tensor, ...],
-    key_labels: Optional[Tensor],
-    in_batch: bool,
-    options: ContrastOptions,
-) -> Tensor:
-    dtype = compute_dtype(anchors.dtype)
-    x = anchors.to(dtype)
-    labels = labels.long()
+def reference_contrastive_loss(inputs: ContrastInputs, options: ContrastOptions) -> Tensor:
+    """The loss from the full ``[N, M]`` score matrix of the key space, autograd for gradients."""
+    dtype = compute_dtype(inputs.anchors.dtype)
+    x = inputs.anchors.to(dtype)
+    labels = inputs.labels.long()
     n = x.shape[0]
-
-    key_parts, label_parts = [], []
-    if in_batch:
-        key_parts.append(x)
-        label_parts.append(labels)
-    if keys and key_labels is not None:
-        key_parts += [part.to(dtype) for part in keys]
-        label_parts.append(key_labels.long())
-    k = torch.cat(key_parts) if key_parts else x.new_zeros((0, x.shape[1]))
-    c = torch.cat(label_parts) if label_parts else labels.new_zeros(0)
-
-    scores = x @ k.T / options.temperature
-    valid = (c >= 0)[None, :].expand(n, -1).clone()
-    if in_batch:
+    space = inputs.key_space(dtype)
+    scores = x @ space.dense().T / options.temperature
+    valid = (space.labels >= 0)[None, :].expand(n, -1).clone()
+    if inputs.in_batch:
         valid[:, :n] &= ~torch.eye(n, dtype=torch.bool, device=x.device)
-    same = labels[:, None] == c[None, :]
+    same = labels[:, None] == space.labels[None, :]
     return masked_contrastive_loss(
         scores, same & valid, scores, ~same & valid, options.rho, options.variant,
         options.reduction,

@@ -33,7 +33,7 @@ from torch import Tensor
 
 from ._autograd import AnchorStatistics, apply_contrast
 from ._layout import ContrastLayout
-from ._options import ContrastOptions
+from ._options import ContrastInputs, ContrastOptions
 from .torch_fused import add_supcon_positive_gradient, supcon_positive_sums
 
 __all__ = [
@@ -507,13 +507,7 @@ def sweep(
     return loss, stats, grad_x, grad_k
 
 
-def triton_contrastive_loss(
-    anchors: Tensor,
-    labels: Tensor,
-    keys: tuple[Tensor, ...],
-    key_labels: Optional[Tensor],
-    in_batch: bool,
-    options: ContrastOptions,
-) -> Tensor:
-    fused_sweep = functools.partial(sweep, operand_dtype=operand_dtype(anchors, keys))
-    return apply_contrast(anchors, labels, keys, key_labels, in_batch, options, sweep=fused_sweep)
+def triton_contrastive_loss(inputs: ContrastInputs, options: ContrastOptions) -> Tensor:
+    """The loss of the Triton backend (its ``sweep`` through the shared autograd glue)."""
+    fused_sweep = functools.partial(sweep, operand_dtype=operand_dtype(inputs.anchors, inputs.keys))
+    return apply_contrast(inputs, options, sweep=fused_sweep)
