@@ -84,17 +84,22 @@ def check_label_values(labels: Tensor, num_classes: int, ignore_index: int, name
 
 
 def out_of_bounds(labels: Tensor, bad: Tensor) -> str:
-    """The error text for the entries of ``labels`` where ``bad``, worded like
-    ``F.cross_entropy``'s ("Target 300 is out of bounds"). For error paths only: it synchronises
-    with the host."""
+    """The error text for the entries of ``labels`` where ``bad``.
+
+    Worded like ``F.cross_entropy``'s ("Target 300 is out of bounds"). For error paths only: it
+    synchronises with the host.
+    """
     values = labels[bad]
     first, low, high = torch.stack([values[0], values.min(), values.max()]).tolist()
     return f"target {first} is out of bounds ({values.numel()} such values, in [{low}, {high}])"
 
 
 def check_ignore_index(value: object, name: str = "ignore_index") -> int:
-    """An integer label (any sign) that marks unlabelled pixels; never a float, bool or
-    string, which a comparison with integer labels would silently reinterpret."""
+    """An integer label (any sign) that marks unlabelled pixels.
+
+    Never a float, bool or string, which a comparison with integer labels would silently
+    reinterpret.
+    """
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{name} must be an integer label, got {type(value).__name__} {value!r}")
     return int(value)
@@ -246,8 +251,10 @@ def check_contrast_inputs(
 
 
 def check_pixel_maps(embeddings: object, labels: object) -> tuple[Tensor, Tensor]:
-    """Embedding maps ``[B, D, h, w]`` and integer label maps ``[B, h, w]`` of the same batch and
-    resolution."""
+    """Embedding maps ``[B, D, h, w]`` and integer label maps ``[B, h, w]``, validated.
+
+    The two must be of the same batch and resolution.
+    """
     embeddings = check_embeddings(embeddings, "embeddings", 4)
     labels = check_labels(labels, "labels", 3)
     b, _, h, w = embeddings.shape
@@ -312,8 +319,11 @@ def check_score_range(inputs: ContrastInputs, temperature: float, rho: float) ->
 def check_exclude_classes(
     exclude_classes: object, ignore_index: int, num_classes: Optional[int] = None
 ) -> tuple[int, ...]:
-    """``exclude_classes`` as a sorted tuple of distinct class ids, validated: integers in
-    ``[0, num_classes)`` when ``num_classes`` is known, else ``>= 0``, never ``ignore_index``."""
+    """``exclude_classes`` as a sorted tuple of distinct class ids, validated.
+
+    The ids are integers in ``[0, num_classes)`` when ``num_classes`` is known, else ``>= 0``,
+    never ``ignore_index``.
+    """
     if isinstance(exclude_classes, int) and not isinstance(exclude_classes, bool):
         raise TypeError(
             f"exclude_classes must be a sequence of class ids, e.g. ({exclude_classes},), "

@@ -1,5 +1,7 @@
-"""Cooperation with ``torch.compile`` that imports nothing of it (``torch._dynamo`` brings in
-Triton) at import time or in eager mode."""
+"""Cooperation with ``torch.compile`` that imports nothing of it up front.
+
+Nothing of it is imported (``torch._dynamo`` brings in Triton) at import time or in eager mode.
+"""
 
 from __future__ import annotations
 
@@ -17,10 +19,12 @@ _is_compiling = getattr(torch.compiler, "is_compiling", None) or torch._utils.is
 
 
 def eager_under_compile(fn: Function) -> Function:
-    """``fn``, run eagerly when ``torch.compile`` traces a caller: dynamo breaks the graph
-    before and after the call (``torch.compiler.disable``) instead of tracing into it. For
-    functions that synchronise with the host and then make tensors of data-dependent size,
-    which fake-tensor tracing cannot. Eager calls go straight to ``fn``."""
+    """``fn``, run eagerly when ``torch.compile`` traces a caller.
+
+    Dynamo breaks the graph before and after the call (``torch.compiler.disable``) instead of
+    tracing into it. For functions that synchronise with the host and then make tensors of
+    data-dependent size, which fake-tensor tracing cannot. Eager calls go straight to ``fn``.
+    """
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):

@@ -39,8 +39,11 @@ _SCATTER_CHANNELS = 16  # channels per block when scattering scaled pixel embedd
 
 
 def predicted_labels(logits: Tensor) -> Tensor:
-    """``[B, h, w]`` argmax over the classes of ``[B, C, h, w]`` logits (the first of equal
-    maxima), taken as ``max``'s indices: on CPU ``argmax`` over this dimension is slower."""
+    """``[B, h, w]`` argmax over the classes of ``[B, C, h, w]`` logits.
+
+    The first of equal maxima, taken as ``max``'s indices: on CPU ``argmax`` over this dimension
+    is slower.
+    """
     return logits.max(dim=1).indices
 
 
@@ -128,14 +131,14 @@ class _GatherByImage(torch.autograd.Function):
 def gather_pixels(
     embeddings: Tensor, indices: Tensor, counts: Optional[Sequence[int]] = None
 ) -> Tensor:
-    """Rows ``[N, D]`` of ``embeddings [B, D, h, w]`` at flat pixel ``indices``, without copying
-    the whole map.
+    """Rows ``[N, D]`` of ``embeddings [B, D, h, w]`` at flat pixel ``indices``.
 
-    Given ``counts``, how many of ``indices`` fall in each image (which must then come grouped
-    by image, in image order, as increasing indices do), each image's ``[D, h * w]`` map is read
-    with one ``index_select`` along its pixels, walking every channel row in order: faster than
-    the general gather used without ``counts``, which takes the indices in any order. Either way
-    the backward pass writes one gradient map, the size of ``embeddings``.
+    The whole map is not copied. Given ``counts``, how many of ``indices`` fall in each image
+    (which must then come grouped by image, in image order, as increasing indices do), each
+    image's ``[D, h * w]`` map is read with one ``index_select`` along its pixels, walking every
+    channel row in order: faster than the general gather used without ``counts``, which takes
+    the indices in any order. Either way the backward pass writes one gradient map, the size of
+    ``embeddings``.
     """
     b, d, h, w = embeddings.shape
     flat = embeddings.reshape(b, d, h * w)
@@ -146,8 +149,7 @@ def gather_pixels(
 
 
 def _rank_in_sorted_groups(sorted_groups: Tensor) -> Tensor:
-    """Position ``0..count-1`` of each element within its run of equal values of a sorted
-    tensor."""
+    """Position ``0..count-1`` of each element within its run of equal values of a sorted tensor."""
     n = sorted_groups.numel()
     first = torch.ones_like(sorted_groups, dtype=torch.bool)
     first[1:] = sorted_groups[1:] != sorted_groups[:-1]
@@ -160,8 +162,10 @@ _NONZERO_STATIC_ANY_DEVICE = torch.__version__ >= "2.6"
 
 
 def _true_positions(mask: Tensor, count: int) -> Tensor:
-    """Positions of the ``count`` true entries of a 1-D mask whose count the host already knows:
-    no synchronisation where ``nonzero_static`` runs on the mask's device."""
+    """Positions of the ``count`` true entries of a 1-D mask whose count the host already knows.
+
+    No synchronisation where ``nonzero_static`` runs on the mask's device.
+    """
     if mask.device.type == "cpu" or _NONZERO_STATIC_ANY_DEVICE:
         return torch.nonzero_static(mask, size=count).squeeze(1)
     return mask.nonzero().squeeze(1)
@@ -179,10 +183,12 @@ def random_rank_in_group(groups: Tensor, generator: Optional[torch.Generator]) -
 
 
 def _channel_dot(a: Tensor, b: Tensor, dtype: torch.dtype) -> Tensor:
-    """``sum_d a[:, d] * b[:, d]`` of two ``[B, D, P]`` CPU maps, as ``[B, P]`` in ``dtype``: a
-    loop of in-place products over the channels, each a contiguous ``[B, P]`` plane, with no
+    """``sum_d a[:, d] * b[:, d]`` of two ``[B, D, P]`` CPU maps, as ``[B, P]`` in ``dtype``.
+
+    A loop of in-place products over the channels, each a contiguous ``[B, P]`` plane, with no
     temporary the size of the map (on CPU a reduction over the strided channel dimension is
-    slow)."""
+    slow).
+    """
     out = torch.zeros((a.shape[0], a.shape[2]), dtype=dtype, device=a.device)
     for channel in range(a.shape[1]):
         out.addcmul_(a[:, channel].to(dtype), b[:, channel].to(dtype))
@@ -197,14 +203,18 @@ def _pixel_norms(flat: Tensor, dtype: torch.dtype) -> Tensor:
 
 
 def _region_means_by_product(device: torch.device) -> bool:
-    """Which way :class:`_RegionMeans` takes on ``device``: the scatter on CPU, the product
-    elsewhere."""
+    """Which way :class:`_RegionMeans` takes on ``device``.
+
+    The scatter on CPU, the product elsewhere.
+    """
     return device.type != "cpu"
 
 
 class _RegionMeans(torch.autograd.Function):
-    r"""Per (image, column) means ``[B, D, K]`` of the pixel embeddings ``flat [B, D, P]``, or of
-    their L2-normalised versions, without a copy of the (normalised) map.
+    r"""Per (image, column) means ``[B, D, K]`` of the pixel embeddings ``flat [B, D, P]``.
+
+    The means are of the embeddings or of their L2-normalised versions, without a copy of the
+    (normalised) map.
 
     ``column [B, P]`` holds each pixel's column in ``[0, K]`` (column ``K`` is dropped) and
     ``counts [B, K]`` the pixels per column (a mean over no pixel is 0).
@@ -369,8 +379,10 @@ class PixelMaps:
 
     @property
     def predicted(self) -> Optional[Tensor]:
-        """The predicted label map: ``predictions``, else the argmax of ``logits``, else
-        ``None``."""
+        """The predicted label map, or ``None``.
+
+        ``predictions``, else the argmax of ``logits``, else ``None``.
+        """
         if self.predictions is None and self.logits is not None:
             return predicted_labels(self.logits.detach())
         return self.predictions
@@ -496,9 +508,11 @@ def prepare_pixel_maps(
     ignore_index: int,
     num_classes: Optional[int] = None,
 ) -> PixelMaps:
-    """:func:`pixel_maps` for the losses' arguments: ``predictions`` are logits or a label map
-    (see :func:`split_predictions`), and logits bound the labels to their classes when
-    ``num_classes`` is not given."""
+    """:func:`pixel_maps` for the losses' arguments.
+
+    ``predictions`` are logits or a label map (see :func:`split_predictions`), and logits bound
+    the labels to their classes when ``num_classes`` is not given.
+    """
     predicted, logits = split_predictions(predictions, num_classes)
     if num_classes is None and logits is not None:
         num_classes = logits.shape[1]
@@ -538,8 +552,10 @@ def prepare_pixel_inputs(
 
 
 def exclude_labels(labels: Tensor, exclude_classes: tuple[int, ...], ignore_index: int) -> Tensor:
-    """``labels`` with every class of ``exclude_classes`` replaced by ``ignore_index`` (a copy;
-    one elementwise pass per excluded class, no host synchronisation)."""
+    """``labels`` with every class of ``exclude_classes`` replaced by ``ignore_index``.
+
+    A copy; one elementwise pass per excluded class, no host synchronisation.
+    """
     for cls in exclude_classes:
         labels = labels.masked_fill(labels == cls, ignore_index)
     return labels

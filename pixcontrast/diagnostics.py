@@ -20,8 +20,10 @@ __all__ = ["GradientRatio", "contrast_stats", "gradient_ratio", "positive_counts
 
 
 def _matches(labels: Tensor, key_labels: Tensor) -> Tensor:
-    """``[N]`` how many entries of ``key_labels`` equal each entry of ``labels`` (by a sort and
-    two binary searches: no ``[N, M]`` mask, no host synchronisation)."""
+    """``[N]`` how many entries of ``key_labels`` equal each entry of ``labels``.
+
+    Counted by a sort and two binary searches: no ``[N, M]`` mask, no host synchronisation.
+    """
     ordered = key_labels.reshape(-1).sort().values
     right = torch.searchsorted(ordered, labels, right=True)
     return right - torch.searchsorted(ordered, labels)
@@ -30,8 +32,11 @@ def _matches(labels: Tensor, key_labels: Tensor) -> Tensor:
 def positive_counts(
     labels: Tensor, key_labels: Optional[Sequence[Tensor]], in_batch: bool
 ) -> Tensor:
-    """``[N]`` ``|P(a)|`` of anchors with ``labels`` against keys with ``key_labels`` (a sequence
-    of parts; negative ids never match) and, when ``in_batch``, the other anchors."""
+    """``[N]`` ``|P(a)|``, the number of positives of each anchor.
+
+    Anchors with ``labels`` are counted against keys with ``key_labels`` (a sequence of parts;
+    negative ids never match) and, when ``in_batch``, the other anchors.
+    """
     positives = torch.zeros(labels.numel(), dtype=torch.long, device=labels.device)
     if in_batch:
         positives += _matches(labels, labels) - 1  # minus the anchor itself
@@ -104,14 +109,14 @@ def contrast_stats(
 
 @dataclass(frozen=True)
 class GradientRatio:
-    """Gradients of two losses at one tensor (0-dim detached tensors).
+    r"""Gradients of two losses at one tensor (0-dim detached tensors).
 
     Attributes:
-        contrast_norm: :math:`\\lVert g_c \\rVert_2`, the contrast loss's gradient norm.
-        other_norm: :math:`\\lVert g_o \\rVert_2`, the other loss's gradient norm.
+        contrast_norm: :math:`\lVert g_c \rVert_2`, the contrast loss's gradient norm.
+        other_norm: :math:`\lVert g_o \rVert_2`, the other loss's gradient norm.
         ratio: ``contrast_norm / other_norm`` (``inf`` when only the other is 0, NaN when both
             are).
-        cosine: :math:`g_c \\cdot g_o / (\\lVert g_c \\rVert \\lVert g_o \\rVert)`, 0 when either
+        cosine: :math:`g_c \cdot g_o / (\lVert g_c \rVert \lVert g_o \rVert)`, 0 when either
             gradient is 0.
     """
 

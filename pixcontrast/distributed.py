@@ -61,8 +61,11 @@ def _gather_padded(tensor: Tensor, group: Optional[dist.ProcessGroup]) -> list[T
 
 
 class _AllGatherRows(torch.autograd.Function):
-    """Forward: every rank's rows. Backward: each rank's rows receive the sum over all ranks of
-    the gradients with respect to their copies (the derivative of the sum of all ranks' losses)."""
+    """The all-gather of rows behind :func:`all_gather_with_grad`.
+
+    Forward: every rank's rows. Backward: each rank's rows receive the sum over all ranks of the
+    gradients with respect to their copies (the derivative of the sum of all ranks' losses).
+    """
 
     @staticmethod
     def forward(ctx, tensor: Tensor, group: Optional[dist.ProcessGroup]) -> tuple[Tensor, ...]:

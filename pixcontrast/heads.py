@@ -49,5 +49,6 @@ class ProjectionHead(nn.Module):
             )
 
     def forward(self, features: Tensor) -> Tensor:
+        """Unit-norm embeddings ``[B, proj_dim, h, w]`` of ``features [B, in_channels, h, w]``."""
         _checks.check_embeddings(features, "features", 4)
         return F.normalize(self.proj(features), p=2, dim=1)

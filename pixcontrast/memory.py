@@ -193,12 +193,19 @@ class ClassMemoryBank(nn.Module):
         }
 
     def get_extra_state(self) -> Tensor:
-        """Saved in ``state_dict()`` beside the buffers (a tensor like them: ``[version,
-        num_classes, dim, pixels_per_class, regions_per_class]``), so that
-        :meth:`load_state_dict` can refuse the state of a bank with another layout."""
+        """The bank's layout record, saved in ``state_dict()`` beside the buffers.
+
+        A tensor like them, ``[version, num_classes, dim, pixels_per_class, regions_per_class]``,
+        so that :meth:`load_state_dict` can refuse the state of a bank with another layout.
+        """
         return torch.tensor([_STATE_VERSION, *self._layout().values()])
 
     def set_extra_state(self, state: Tensor) -> None:
+        """Nothing to restore from a loaded layout record: the bank's layout is fixed at creation.
+
+        The record must match this bank's own (:meth:`get_extra_state`), which
+        :meth:`load_state_dict` checks.
+        """
         # (validated, with the buffers, before anything is loaded: see _load_from_state_dict)
         pass
 
@@ -281,8 +288,11 @@ class ClassMemoryBank(nn.Module):
                 )
 
     def _fingerprint(self) -> Tensor:
-        """The counters and each ring's newest entry per class, flattened: what any overwrite
-        of the bank by another bank's state (another rank's) changes, read cheaply."""
+        """The counters and each ring's newest entry per class, flattened.
+
+        What any overwrite of the bank by another bank's state (another rank's) changes, read
+        cheaply.
+        """
         parts = [torch.stack([getattr(self, name) for name in _COUNTERS]).to(self.queue.dtype)]
         classes = torch.arange(self.num_classes, device=self.queue.device)
         for ring, pointer in ((self.pixel_queue, self.pixel_pointer),
@@ -345,8 +355,10 @@ class ClassMemoryBank(nn.Module):
         ).labels
 
     def _check_embeddings(self, embeddings: Tensor) -> None:
-        """Raise unless ``embeddings`` is a ``[B, dim, h, w]`` float map on the memory's device
-        (what a batch whose labels are validated elsewhere must still fit)."""
+        """Raise unless ``embeddings`` is a ``[B, dim, h, w]`` float map on the memory's device.
+
+        This is what a batch whose labels are validated elsewhere must still fit.
+        """
         _checks.check_embeddings(embeddings, "embeddings", 4)
         if embeddings.shape[1] != self.dim:
             raise ValueError(
@@ -384,9 +396,11 @@ class ClassMemoryBank(nn.Module):
     @torch.no_grad()
     def _enqueue_prepared(self, embeddings: Tensor, labels: Tensor,
                           generator: Optional[torch.Generator], *, normalize: bool) -> None:
-        """:meth:`enqueue` a batch validated already: finite ``embeddings`` that pass
-        :meth:`_check_embeddings` and ``labels`` as :meth:`check_batch` returns them (the losses
-        validate once and call this)."""
+        """:meth:`enqueue` a batch validated already.
+
+        ``embeddings`` are finite and pass :meth:`_check_embeddings`, ``labels`` are as
+        :meth:`check_batch` returns them (the losses validate once and call this).
+        """
         self._check_foreign_write()
         labels = exclude_labels(labels, self.exclude_classes, self.ignore_index)
         embeddings = embeddings.detach()
@@ -445,6 +459,7 @@ class ClassMemoryBank(nn.Module):
         return self.queue[filled], classes[:, None].expand(-1, slots)[filled]
 
     def extra_repr(self) -> str:
+        """The constructor's arguments, for the module's ``repr`` (``exclude_classes`` if set)."""
         return (
             f"num_classes={self.num_classes}, dim={self.dim}, "
             f"pixels_per_class={self.pixels_per_class}, "

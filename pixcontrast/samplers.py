@@ -78,8 +78,9 @@ class AnchorSample:
 
 @runtime_checkable
 class AnchorSampler(Protocol):
-    """What :class:`~pixcontrast.PixelContrastLoss` takes as its ``sampler``: a callable with the
-    signature of the module docstring (the three samplers here satisfy it).
+    """What :class:`~pixcontrast.PixelContrastLoss` takes as its ``sampler``.
+
+    A callable with the signature of the module docstring (the three samplers here satisfy it).
 
     Example:
         >>> isinstance(HardAnchorSampler(), AnchorSampler)
@@ -113,9 +114,12 @@ class AnchorSampler(Protocol):
 
 
 class _MapSampler(abc.ABC):
-    """The samplers of this module: one validating call that prepares the maps with
-    :func:`~pixcontrast._pixels.pixel_maps`, and :meth:`sample_maps` on prepared maps (which the
-    losses call directly, having validated the batch once)."""
+    """The common base of the samplers of this module.
+
+    One validating call that prepares the maps with :func:`~pixcontrast._pixels.pixel_maps`, and
+    :meth:`sample_maps` on prepared maps (which the losses call directly, having validated the
+    batch once).
+    """
 
     def __call__(self, embeddings: Tensor, labels: Tensor, predictions: Optional[Tensor] = None,
                  ignore_index: int = 255, generator: Optional[torch.Generator] = None, *,
@@ -208,8 +212,11 @@ def _level_histogram(
 
 
 def _class_counts(table: _SlotTable, ignore_index: int, width: int) -> tuple[Tensor, Tensor]:
-    """``(counted [B, width, 2], bad)``: the eligible ``[easy, hard]`` pixels per image and
-    class, and the number of pixels whose label is neither a class id nor ``ignore_index``."""
+    """``(counted [B, width, 2], bad)``: eligible pixels per image and class, and bad labels.
+
+    ``counted`` holds the eligible ``[easy, hard]`` pixels per image and class, ``bad`` the
+    number of pixels whose label is neither a class id nor ``ignore_index``.
+    """
     members = table.below[-1]
     classes = slice(-table.low, width - table.low)  # the columns of class ids
     per_column = members.sum(dim=(0, 2))
@@ -229,15 +236,15 @@ def anchor_quotas(
     max_views: int,
     hard_fraction: float,
 ) -> Tensor:
-    """How many easy and hard anchors every (image, class) pair gives, by the rule of
-    :func:`select_anchors`.
+    """How many easy and hard anchors every (image, class) pair gives.
 
-    A pair qualifies with at least ``min_pixels`` pixels; with ``pairs`` the qualifying pairs,
-    ``n_view = min(max_samples // pairs, max_views)`` (``max_views`` without ``max_samples``),
-    ``q_hard = floor(hard_fraction * n_view)``, ``q_easy = n_view - q_hard``, and a pair takes
-    ``min(n_easy, q_easy + max(0, q_hard - n_hard))`` easy and ``min(n_hard, q_hard + max(0,
-    q_easy - n_easy))`` hard pixels. A pure function of its arguments (validated by
-    :func:`select_anchors`), with no host synchronisation.
+    The rule is that of :func:`select_anchors`. A pair qualifies with at least ``min_pixels``
+    pixels; with ``pairs`` the qualifying pairs, ``n_view = min(max_samples // pairs,
+    max_views)`` (``max_views`` without ``max_samples``), ``q_hard = floor(hard_fraction *
+    n_view)``, ``q_easy = n_view - q_hard``, and a pair takes ``min(n_easy, q_easy + max(0,
+    q_hard - n_hard))`` easy and ``min(n_hard, q_hard + max(0, q_easy - n_easy))`` hard pixels.
+    A pure function of its arguments (validated by :func:`select_anchors`), with no host
+    synchronisation.
 
     Args:
         counted: ``[B, C, 2]`` integer counts of the pairs' eligible ``[easy, hard]`` pixels.
@@ -266,9 +273,11 @@ def anchor_quotas(
 
 
 def _candidate_bins(below: Tensor, take: Tensor) -> tuple[Tensor, Tensor]:
-    """``(is_candidate_bin, candidates)``: which histogram bins hold candidates, and how many
-    candidates each slot has. A slot's candidates are its pixels at the lowest levels, up to
-    the first level that brings their number to its ``take``."""
+    """Which histogram bins hold candidates, and how many candidates each slot has.
+
+    Returns ``(is_candidate_bin, candidates)``. A slot's candidates are its pixels at the lowest
+    levels, up to the first level that brings their number to its ``take``.
+    """
     levels, b, span, states = below.shape
     is_candidate_bin = torch.zeros(levels * b * span * states, dtype=torch.bool,
                                    device=below.device)
@@ -287,8 +296,10 @@ def _draw_candidates(
     num_anchors: int,
     generator: Optional[torch.Generator],
 ) -> Tensor:
-    """The increasing flat indices of the anchors: each slot's ``take`` candidates of smallest
-    fresh uniform key."""
+    """The increasing flat indices of the anchors.
+
+    Each slot's ``take`` candidates of smallest fresh uniform key.
+    """
     device = table.bins.device
     chosen = _true_positions(is_candidate_bin.index_select(0, table.bins), num_candidates)
     chosen_slot = table.bins.index_select(0, chosen).long() % table.slots

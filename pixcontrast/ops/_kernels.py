@@ -36,8 +36,11 @@ LOG2E = tl.constexpr(1.4426950408889634)
 
 @triton.jit
 def _load_rows(ptr, rows, num_rows, stride, dim, BLOCK_D: tl.constexpr):
-    """``[len(rows), BLOCK_D]`` tile of a row-major matrix; rows past ``num_rows`` and the
-    padding of ``D`` up to ``BLOCK_D`` read as 0 (zero padding adds nothing to a dot product)."""
+    """``[len(rows), BLOCK_D]`` tile of a row-major matrix.
+
+    Rows past ``num_rows`` and the padding of ``D`` up to ``BLOCK_D`` read as 0 (zero padding adds
+    nothing to a dot product).
+    """
     offs_d = tl.arange(0, BLOCK_D)
     mask = (rows[:, None] < num_rows) & (offs_d[None, :] < dim)
     offsets = rows[:, None].to(tl.int64) * stride + offs_d[None, :]
@@ -56,8 +59,11 @@ def _row_tile(
     start, x_ptr, pos_lo_ptr, pos_hi_ptr, self_col_ptr, num_rows, stride_x, dim,
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """The anchor rows ``start:start + BLOCK_N``: their indices, validity, embeddings and
-    positive block ``[pos_lo, pos_hi)`` with own column ``self_col`` (-1: none)."""
+    """The anchor rows ``start:start + BLOCK_N`` of a row tile.
+
+    Returns their indices, validity, embeddings and positive block ``[pos_lo, pos_hi)`` with own
+    column ``self_col`` (-1: none).
+    """
     rows = start + tl.arange(0, BLOCK_N)
     row_ok = rows < num_rows
     x = _load_rows(x_ptr, rows, num_rows, stride_x, dim, BLOCK_D)
@@ -69,8 +75,10 @@ def _row_tile(
 
 @triton.jit
 def _positive_range(pos_lo, pos_hi, row_ok, num_cols):
-    """``[first, last)``: the union of the tile rows' positive blocks, one contiguous range
-    because rows and columns are both sorted by class."""
+    """``[first, last)``: the union of the tile rows' positive blocks.
+
+    One contiguous range, because rows and columns are both sorted by class.
+    """
     first = tl.min(tl.where(row_ok, pos_lo, num_cols), 0)
     last = tl.max(tl.where(row_ok, pos_hi, 0), 0)
     return first, last
@@ -90,8 +98,10 @@ def _masked_range(pos_lo, pos_hi, self_col, row_ok, num_cols, IS_PAPER: tl.const
 
 @triton.jit
 def _split_columns(split, num_splits, num_cols, BLOCK_M: tl.constexpr):
-    """``[begin, end)``: split ``split``'s share of whole key tiles, as even as it gets (no split
-    is empty while there are at least as many tiles as splits)."""
+    """``[begin, end)``: split ``split``'s share of whole key tiles, as even as it gets.
+
+    No split is empty while there are at least as many tiles as splits.
+    """
     num_tiles = tl.cdiv(num_cols, BLOCK_M)
     begin = (split * num_tiles // num_splits) * BLOCK_M
     end = tl.minimum(((split + 1) * num_tiles // num_splits) * BLOCK_M, num_cols)
@@ -106,8 +116,10 @@ def _touches(start, BLOCK: tl.constexpr, lo, hi):
 
 @triton.jit
 def _members(col, pos_lo, pos_hi, self_col, num_cols, IS_PAPER: tl.constexpr):
-    """Membership of each (row, column) pair in the row's log-sum-exp set; ``col`` and the row
-    terms come broadcast to the tile's orientation."""
+    """Membership of each (row, column) pair in the row's log-sum-exp set.
+
+    ``col`` and the row terms come broadcast to the tile's orientation.
+    """
     if IS_PAPER:
         members = (col < pos_lo) | (col >= pos_hi)
     else:
@@ -302,8 +314,11 @@ def contrast_anchor_grad_kernel(
     IS_PAPER: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """``sum_j G_aj k_j`` of one row tile over one split's key columns, recomputing ``s`` from
-    saved statistics (``reduction="none"``); the splits are summed by :func:`sum_splits_kernel`."""
+    """``sum_j G_aj k_j`` of one row tile over one split's key columns.
+
+    ``s`` is recomputed from saved statistics (``reduction="none"``); the splits are summed by
+    :func:`sum_splits_kernel`.
+    """
     split = tl.program_id(1)
     rows, row_ok, x, pos_lo, pos_hi, self_col = _row_tile(
         tl.program_id(0) * BLOCK_N, x_ptr, pos_lo_ptr, pos_hi_ptr, self_col_ptr, num_rows,

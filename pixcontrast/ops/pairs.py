@@ -22,8 +22,7 @@ __all__ = ["pair_loss"]
 
 
 def _selected_scores(x: Tensor, keys: Tensor, index: Tensor, temperature: float) -> Tensor:
-    """``[N, K]`` scores ``x_a . keys[index[a, i]] / tau`` (padding gathers key 0, to be
-    masked)."""
+    """``[N, K]`` scores ``x_a . keys[index[a, i]] / tau`` (padding gathers key 0, to be masked)."""
     n, count = index.shape
     if keys.shape[0] == 0:  # every entry is padding; a zero key keeps the graph connected
         keys = x.new_zeros((1, x.shape[1]))

@@ -34,6 +34,16 @@ __all__ = ["CompileReport", "Launch", "compile_launch", "meta_layout", "record_l
 
 @dataclass(frozen=True)
 class Launch:
+    """One kernel launch, recorded by :func:`record_launches` instead of run.
+
+    Attributes:
+        kernel: the Triton kernel launched.
+        grid: the launch grid.
+        args: the kernel's positional arguments (tensors and scalars), in order.
+        meta: its keyword arguments: the compile-time (``tl.constexpr``) ones and the launch
+            options ``num_warps`` and ``num_stages``.
+    """
+
     kernel: Any
     grid: tuple[int, ...]
     args: tuple[Any, ...]
@@ -42,6 +52,19 @@ class Launch:
 
 @dataclass(frozen=True)
 class CompileReport:
+    """What :func:`compile_launch` reports of one compiled launch.
+
+    Attributes:
+        kernel: the kernel's name.
+        grid: the launch grid.
+        num_warps: warps per program.
+        num_stages: pipelining stages of the kernel's loops.
+        registers: registers per thread, as the bundled ``ptxas`` reports them.
+        spill_bytes: spill stores plus spill loads per thread, in bytes, from ``ptxas``.
+        shared_bytes: shared memory of the compiled kernel, in bytes.
+        wgmma: whether the PTX uses wgmma.
+    """
+
     kernel: str
     grid: tuple[int, ...]
     num_warps: int
@@ -53,8 +76,10 @@ class CompileReport:
 
 
 def meta_layout(n: int, m: int, dim: int, in_batch: bool, num_classes: int = 19) -> ContrastLayout:
-    """A class-sorted layout of ``n`` anchors and ``m`` keys (``+ n`` in-batch) on the meta
-    device; the host offsets are an even split into ``num_classes`` classes."""
+    """A class-sorted layout of ``n`` anchors and ``m`` keys (``+ n`` in-batch) on the meta device.
+
+    The host offsets are an even split into ``num_classes`` classes.
+    """
     total = m + (n if in_batch else 0)
 
     def floats(*shape: int) -> torch.Tensor:
@@ -89,8 +114,11 @@ def record_launches(
     target: triton_fused.Target,
     key_grad_columns: list[tuple[int, int]] | None = None,
 ) -> list[Launch]:
-    """The launches of one training step (forward and backward, anchor and key gradients) on
-    meta tensors: a scalar reduction does everything in forward, ``"none"`` recomputes."""
+    """The launches of one training step on meta tensors.
+
+    Forward and backward, anchor and key gradients: a scalar reduction does everything in
+    forward, ``"none"`` recomputes.
+    """
     launches: list[Launch] = []
 
     def record(kernel: Any, grid: tuple[int, ...], *args: Any, **meta: Any) -> None:
@@ -183,8 +211,11 @@ def step_launches(
     target: triton_fused.Target, operand_dtype: torch.dtype, dim: int, variant: str,
     reduction: str, n: int = 1024, m: int = 190_000,
 ) -> list[Launch]:
-    """Every launch of a step at the paper's shape, for both ways of choosing key-gradient
-    columns: all of them, and a table of ranges (here the in-batch anchors' own columns)."""
+    """Every launch of a step at the paper's shape.
+
+    For both ways of choosing key-gradient columns: all of them, and a table of ranges (here the
+    in-batch anchors' own columns).
+    """
     launches = []
     for in_batch, columns in [(False, None), (True, [(0, n)])]:
         layout = meta_layout(n, m, dim, in_batch)
