@@ -5,7 +5,7 @@ A small fully convolutional network segments synthetic scenes (coloured rectangl
 classes on a noisy background, rectangle borders ignored) with cross-entropy plus
 ``0.1 * PixelContrastLoss``. Each rank draws its own batches, as with a ``DistributedSampler``.
 
-- ``PixelContrastLoss(gather="keys")``: every rank's anchors are contrasted with the anchors of
+- ``PixelContrastLoss(gather=True)``: every rank's anchors are contrasted with the anchors of
   all ranks; the gradients that DDP averages are those of one process on the concatenated batch.
 - :class:`pixcontrast.ClassMemoryBank`: each rank's enqueued entries are all-gathered, so the
   memories stay identical (checked at the end).
@@ -93,7 +93,7 @@ def train(args: argparse.Namespace, distributed_run: bool) -> None:
     )
     criterion = pixcontrast.PixelContrastLoss(
         temperature=0.1, max_samples=256, max_views=32, ignore_index=IGNORE_INDEX,
-        memory=memory, gather="keys",
+        memory=memory, gather=True,
     )
     generator = torch.Generator().manual_seed(args.seed + 1000 * (rank + 1))  # data, sampling
 

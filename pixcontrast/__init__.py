@@ -2,11 +2,11 @@
 
 from . import diagnostics, distributed
 from .diagnostics import GradientRatio, contrast_stats, gradient_ratio
-from .functional import contrastive_loss, resize_labels
+from .functional import contrastive_loss, pair_contrastive_loss, resize_labels
 from .heads import ProjectionHead
-from .losses import PixelContrastLoss, RegionContrastLoss
+from .losses import PixelContrastLoss, RegionContrastLoss, SampledContrastLoss
 from .memory import ClassMemoryBank, region_embeddings
-from .mining import MINERS, MinedContrastLoss, MinedPairs, mine_keys, pair_contrastive_loss
+from .mining import MINERS, KeyMiner, MinedContrastLoss, MinedPairs, mine_keys
 from .samplers import (
     AnchorSample,
     AnchorSampler,
@@ -28,12 +28,14 @@ __all__ = [
     "ContrastWeightSchedule",
     "GradientRatio",
     "HardAnchorSampler",
+    "KeyMiner",
     "MinedContrastLoss",
     "MinedPairs",
     "PixelContrastLoss",
     "ProjectionHead",
     "RandomAnchorSampler",
     "RegionContrastLoss",
+    "SampledContrastLoss",
     "__version__",
     "contrast_stats",
     "contrastive_loss",

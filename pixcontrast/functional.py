@@ -106,8 +106,8 @@ def contrastive_loss(
 def pair_contrastive_loss(
     anchors: Tensor,
     labels: Tensor,
-    keys: Optional[Tensor],
-    key_labels: Optional[Tensor],
+    keys: Union[Tensor, Sequence[Tensor], None],
+    key_labels: Union[Tensor, Sequence[Tensor], None],
     positive_index: Tensor,
     negative_index: Tensor,
     *,
@@ -143,8 +143,10 @@ def pair_contrastive_loss(
     Args:
         anchors: ``[N, D]`` float embeddings.
         labels: ``[N]`` integer class ids, all ``>= 0``.
-        keys: ``[M, D]`` extra keys, or ``None``.
-        key_labels: ``[M]`` class ids of ``keys`` (negative: invalid); required with ``keys``.
+        keys: ``[M, D]`` extra keys, a sequence of parts ``[M_i, D]`` (indexed as their
+            concatenation), or ``None``.
+        key_labels: ``[M]`` class ids of ``keys`` (negative: invalid), a sequence of ``[M_i]``
+            for a sequence of keys; required with ``keys``.
         positive_index: ``[N, K_pos]`` integer indices into the key space
             ``[anchors (if in_batch); keys]``, ``-1`` for padding; each must be a key of the
             anchor's class other than the anchor itself (e.g. from
@@ -179,8 +181,6 @@ def pair_contrastive_loss(
         >>> loss.ndim, x.grad.shape
         (0, torch.Size([6, 8]))
     """
-    if keys is not None:
-        _checks.check_tensor(keys, "keys")
     inputs = _checks.check_contrast_inputs(anchors, labels, keys, key_labels, in_batch)
     options = loss_options(temperature, base_temperature, variant, reduction)
     _checks.check_score_range(inputs, options.temperature, options.rho)

@@ -1,9 +1,16 @@
-"""Loss modules: configuration plus one call of :func:`pixcontrast.contrastive_loss`."""
+"""Loss modules: anchors sampled from label maps, contrasted with the keys of a hook.
+
+:class:`SampledContrastLoss` holds what every such loss shares (validation of a batch, the
+sampler, the memory, the miner, cross-process gathering, the order of a call); its subclasses
+say which keys the anchors meet (:meth:`SampledContrastLoss.contrast_keys`).
+"""
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional, Sequence
+import functools
+import warnings
+from typing import Any, Callable, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -18,13 +25,72 @@ from ._pixels import (
     prepare_pixel_maps,
     region_embeddings,
 )
-from .functional import VARIANTS, contrastive_loss
+from .functional import contrastive_loss, loss_options, pair_contrastive_loss
 from .memory import ClassMemoryBank
+from .mining import MinedPairs
 from .samplers import AnchorSample, AnchorSampler, HardAnchorSampler, _MapSampler
 
-__all__ = ["GATHER_MODES", "PixelContrastLoss", "RegionContrastLoss", "prepare_pixel_inputs"]
+__all__ = [
+    "GATHER_MODES",
+    "PixelContrastLoss",
+    "RegionContrastLoss",
+    "SampledContrastLoss",
+    "prepare_pixel_inputs",
+]
 
+# The string spellings ``gather`` took before it became a bool like the memory bank's
+# (``"none"``: False, ``"keys"``: True); still accepted, with a FutureWarning.
 GATHER_MODES = ("none", "keys")
+
+KeyParts = tuple[Optional[list[Tensor]], Optional[list[Tensor]], bool]
+Miner = Callable[..., MinedPairs]
+
+
+def _check_gather(gather: Union[bool, str]) -> bool:
+    if isinstance(gather, str):
+        _checks.check_choice(gather, "gather", GATHER_MODES)
+        warnings.warn(
+            f"gather={gather!r} is deprecated: use gather={gather == 'keys'} (one spelling with "
+            "ClassMemoryBank(gather=...))",
+            FutureWarning,
+            stacklevel=4,
+        )
+        return gather == "keys"
+    if not isinstance(gather, bool):
+        raise TypeError(f"gather must be a bool, got {type(gather).__name__}")
+    return gather
+
+
+def _keyword_options(*positional: str) -> Callable[[Callable], Callable]:
+    """Decorator of an ``__init__(self, temperature, *, ...)`` that still accepts, with a
+    FutureWarning, the options it took by position before they became keyword-only
+    (``positional``: their former order after ``temperature``)."""
+
+    def decorate(init: Callable) -> Callable:
+        @functools.wraps(init)
+        def wrapper(self, *args: Any, **kwargs: Any) -> None:
+            if len(args) > 1 + len(positional):
+                raise TypeError(
+                    f"{type(self).__name__}() takes at most {1 + len(positional)} positional "
+                    f"arguments, got {len(args)}"
+                )
+            names = positional[: max(len(args) - 1, 0)]
+            if names:
+                warnings.warn(
+                    f"passing {', '.join(names)} by position is deprecated: they are "
+                    f"keyword-only (e.g. {names[0]}=...)",
+                    FutureWarning,
+                    stacklevel=2,
+                )
+                for name, value in zip(names, args[1:]):
+                    if name in kwargs:
+                        raise TypeError(f"{type(self).__name__}() got {name} twice")
+                    kwargs[name] = value
+            init(self, *args[:1], **kwargs)
+
+        return wrapper
+
+    return decorate
 
 
 def _join(
@@ -48,19 +114,21 @@ def _rank_keys(keys: Tensor, key_labels: Tensor, own: bool) -> list[tuple[Tensor
     return parts
 
 
-class PixelContrastLoss(nn.Module):
-    r"""Supervised pixel-to-pixel contrastive loss over a batch of segmentation embeddings.
+class SampledContrastLoss(nn.Module):
+    r"""The common base of the pixel and region losses: sample anchors, contrast with keys.
 
     Labels (and predictions) are nearest-resized to the embeddings' resolution, anchors are
     sampled per image and class by ``sampler``, and :func:`~pixcontrast.contrastive_loss` contrasts
-    them with each other (in-batch, across images) and, with a ``memory``, with its pixel and
-    region keys too. See that function for the math of the ``"paper"`` and ``"supcon"`` variants.
+    them with the keys of :meth:`contrast_keys`, the one method a subclass provides (see that
+    function for the math of the ``"paper"`` and ``"supcon"`` variants). With a ``miner``, each
+    anchor meets only its mined keys (:func:`~pixcontrast.pair_contrastive_loss`).
 
     With a :class:`~pixcontrast.ClassMemoryBank`, one call does, in this order:
 
     1. sample the anchors of the batch;
     2. take the memory's keys, which therefore come from previous steps only;
-    3. compute the loss of the anchors against themselves and those keys;
+    3. compute the loss of the anchors against those keys (and, for the pixel loss,
+       themselves);
     4. enqueue the batch (its embeddings detached, after normalisation) when training: only
        in ``train()`` mode with gradients enabled, never in ``eval()`` mode, under
        ``torch.no_grad()`` or ``torch.inference_mode()`` (validation batches stay out of the
@@ -70,8 +138,8 @@ class PixelContrastLoss(nn.Module):
     The memory is a submodule: it follows ``.to()`` and is part of ``state_dict()``. When two
     losses share one memory, let only one of them enqueue.
 
-    Under ``DistributedDataParallel`` with ``gather="keys"``, every rank's anchors are also
-    contrasted with the anchors of all other ranks, which reach it through
+    Under ``DistributedDataParallel`` with ``gather=True``, every rank's anchors (or batch
+    regions) are also keys of every other rank's anchors; they reach it through
     :func:`~pixcontrast.distributed.all_gather_with_grad` (their gradients flow back to the rank
     that owns them), so each anchor sees the same keys as in one process on the concatenated
     batch. The loss a rank returns is :func:`~pixcontrast.distributed.mean_across_ranks` of its
@@ -82,32 +150,38 @@ class PixelContrastLoss(nn.Module):
     embedding gradients on each rank, before DDP's division, are :math:`W` times the
     single-process ones.) The sampler still runs per rank, so ``max_samples`` is a budget per rank.
     Every rank must call the loss at every step, since it runs collectives; without a process
-    group ``gather="keys"`` is ``gather="none"``. The memory bank synchronises its entries
-    across ranks on its own (see :class:`~pixcontrast.ClassMemoryBank`).
+    group ``gather=True`` is ``gather=False``. The memory bank synchronises its entries
+    across ranks on its own (its ``gather``, see :class:`~pixcontrast.ClassMemoryBank`).
 
     Args:
         temperature: :math:`\tau`.
         base_temperature: the loss is scaled by ``temperature / base_temperature`` (``None``: 1).
         variant: ``"paper"`` or ``"supcon"``.
-        max_samples: anchor budget per batch (used by the default sampler).
-        max_views: most anchors per image and class (used by the default sampler).
         ignore_index: label of unlabelled pixels; they are never anchors.
         normalize: L2-normalise the embeddings over channels first.
         backend: ``"auto"``, ``"triton"``, ``"torch"`` or ``"reference"``; see
-            ``contrastive_loss``.
+            ``contrastive_loss`` (unused with a ``miner``).
         sampler: an :class:`~pixcontrast.samplers.AnchorSampler`; it gets the predicted
             label map and, when ``predictions`` are logits, the logits. Defaults
             to ``HardAnchorSampler(max_samples, max_views, num_classes=num_classes)``: half of
             each class's anchors mispredicted ("hard") pixels when predictions are given.
+        max_samples: anchor budget per batch of the default sampler (``None``: 1024). Only
+            without ``sampler`` (a sampler has its own budget; giving both raises).
+        max_views: most anchors per image and class of the default sampler (``None``: 100).
+            Only without ``sampler``.
         num_classes: when given, labels outside ``[0, num_classes)`` (other than
             ``ignore_index``) raise. Taken from ``memory`` when there is one.
         memory: a :class:`~pixcontrast.ClassMemoryBank` of keys from previous steps, or ``None``.
-        use_pixel_memory: contrast with the memory's pixel keys.
-        use_region_memory: contrast with the memory's region keys.
+        miner: a :class:`~pixcontrast.mining.KeyMiner` (or a callable with its signature,
+            returning :class:`~pixcontrast.mining.MinedPairs`): each anchor is then contrasted
+            with its mined positives and negatives among the keys of :meth:`contrast_keys` only,
+            by :func:`~pixcontrast.pair_contrastive_loss`; ``generator`` drives its draws too.
+            ``None``: every key.
         enqueue: enqueue each training batch into ``memory`` after computing the loss (see
             step 4 above).
-        gather: ``"none"`` (contrast within this process's batch) or ``"keys"`` (contrast with
-            the anchors of every rank of the default process group, see above).
+        gather: ``False`` (contrast within this process's batch) or ``True`` (with the anchors
+            or batch regions of every rank of the default process group, see above). The
+            former spellings ``"none"`` and ``"keys"`` still work, with a FutureWarning.
         exclude_classes: classes left out of the contrast only: their pixels are never anchors
             nor keys, they are never enqueued into ``memory``, and memory keys of these classes
             are not used. Unlike ``ignore_index`` ("unlabelled everywhere") the pixels stay
@@ -115,6 +189,8 @@ class PixelContrastLoss(nn.Module):
             "stuff" that is merely "not an object"): as anchors and keys its pixels pull every
             such pixel into one cluster opposite all objects, which erases the context near
             object boundaries. Integers in ``[0, num_classes)`` when ``num_classes`` is known.
+
+    Every option but ``temperature`` is keyword-only.
 
     Shape:
         - embeddings: ``[B, D, h, w]``
@@ -125,90 +201,100 @@ class PixelContrastLoss(nn.Module):
     A batch with no valid pixel, or where no anchor has a positive, gives an exact zero that is
     connected to ``embeddings``. The anchors of the last call are kept, detached, in
     ``last_sample``, and its statistics in ``last_stats`` (see
-    :func:`pixcontrast.diagnostics.contrast_stats`): detached tensors, computed without a host
-    synchronisation, to ``.item()`` when logging.
-    ``generator`` (a CPU ``torch.Generator``) drives both the anchor sampling and the memory's
-    pixel choice.
-
-    Example:
-        >>> import torch
-        >>> criterion = PixelContrastLoss(temperature=0.1, max_samples=64, max_views=8)
-        >>> embeddings = torch.randn(2, 16, 8, 8, requires_grad=True)
-        >>> labels = torch.randint(0, 3, (2, 32, 32))
-        >>> loss = criterion(embeddings, labels)
-        >>> loss.backward()
-
-        With a memory of earlier batches:
-
-        >>> from pixcontrast.memory import ClassMemoryBank
-        >>> bank = ClassMemoryBank(num_classes=3, dim=16, pixels_per_class=100,
-        ...                        regions_per_class=20)
-        >>> criterion = PixelContrastLoss(max_samples=64, max_views=8, memory=bank)
-        >>> for _ in range(2):
-        ...     criterion(embeddings, labels).backward()
-        >>> int(bank.region_count.sum())
-        12
+    :func:`pixcontrast.diagnostics.contrast_stats`; they count every key, mined or not):
+    detached tensors, computed without a host synchronisation, to ``.item()`` when logging.
+    ``generator`` (a CPU ``torch.Generator``) drives the anchor sampling, the memory's pixel
+    choice and the miner's draws.
     """
 
     def __init__(
         self,
         temperature: float = 0.1,
+        *,
         base_temperature: Optional[float] = None,
         variant: str = "paper",
-        max_samples: int = 1024,
-        max_views: int = 100,
         ignore_index: int = 255,
         normalize: bool = True,
         backend: str = "auto",
         sampler: Optional[AnchorSampler] = None,
+        max_samples: Optional[int] = None,
+        max_views: Optional[int] = None,
         num_classes: Optional[int] = None,
         memory: Optional[ClassMemoryBank] = None,
-        use_pixel_memory: bool = True,
-        use_region_memory: bool = True,
+        miner: Optional[Miner] = None,
         enqueue: bool = True,
-        gather: str = "none",
+        gather: Union[bool, str] = False,
         exclude_classes: Sequence[int] = (),
     ) -> None:
         super().__init__()
-        self.temperature = _checks.check_positive(temperature, "temperature")
-        if base_temperature is not None:
-            _checks.check_positive(base_temperature, "base_temperature")
+        options = loss_options(temperature, base_temperature, variant, "mean")
+        self.temperature = options.temperature
         self.base_temperature = base_temperature
-        self.variant = _checks.check_choice(variant, "variant", VARIANTS)
+        self.variant = options.variant
         self.ignore_index = _checks.check_ignore_index(ignore_index)
         self.normalize = bool(normalize)
         self.backend = _checks.check_choice(backend, "backend", BACKEND_NAMES)
         if num_classes is not None and (not isinstance(num_classes, int) or num_classes <= 0):
             raise ValueError(f"num_classes must be a positive integer, got {num_classes!r}")
         if memory is not None:
-            if not isinstance(memory, ClassMemoryBank):
-                raise TypeError(
-                    f"memory must be a ClassMemoryBank or None, got {type(memory).__name__}"
-                )
-            if num_classes is not None and num_classes != memory.num_classes:
-                raise ValueError(
-                    f"num_classes={num_classes} but memory has {memory.num_classes} classes"
-                )
-            if self.ignore_index != memory.ignore_index:
-                raise ValueError(
-                    f"ignore_index={self.ignore_index} but memory has "
-                    f"ignore_index={memory.ignore_index}"
-                )
-            num_classes = memory.num_classes
+            num_classes = self._check_memory(memory, num_classes)
         self.num_classes = num_classes
         if sampler is None:
-            sampler = HardAnchorSampler(max_samples, max_views, num_classes=num_classes)
+            sampler = HardAnchorSampler(
+                1024 if max_samples is None else max_samples,
+                100 if max_views is None else max_views,
+                num_classes=num_classes,
+            )
+        elif max_samples is not None or max_views is not None:
+            raise ValueError(
+                "max_samples and max_views configure the default sampler: with sampler=..., "
+                "give them to the sampler instead"
+            )
         self.sampler = sampler
+        if miner is not None and not callable(miner):
+            raise TypeError(f"miner must be a KeyMiner or None, got {type(miner).__name__}")
+        self.miner = miner
         self.memory = memory
-        self.use_pixel_memory = bool(use_pixel_memory)
-        self.use_region_memory = bool(use_region_memory)
         self.enqueue = bool(enqueue)
-        self.gather = _checks.check_choice(gather, "gather", GATHER_MODES)
+        self.gather = _check_gather(gather)
         self.exclude_classes = _checks.check_exclude_classes(
             exclude_classes, self.ignore_index, num_classes
         )
         self.last_sample: Optional[AnchorSample] = None
         self.last_stats: Optional[dict[str, Tensor]] = None
+
+    def _check_memory(self, memory: object, num_classes: Optional[int]) -> int:
+        """The memory's number of classes, once it is known to agree with the loss."""
+        if not isinstance(memory, ClassMemoryBank):
+            raise TypeError(
+                f"memory must be a ClassMemoryBank or None, got {type(memory).__name__}"
+            )
+        if num_classes is not None and num_classes != memory.num_classes:
+            raise ValueError(
+                f"num_classes={num_classes} but memory has {memory.num_classes} classes"
+            )
+        if self.ignore_index != memory.ignore_index:
+            raise ValueError(
+                f"ignore_index={self.ignore_index} but memory has "
+                f"ignore_index={memory.ignore_index}"
+            )
+        return memory.num_classes
+
+    def contrast_keys(self, embeddings: Tensor, labels: Tensor, sample: AnchorSample) -> KeyParts:
+        """The keys of the ``sample`` of a prepared batch, the hook of a subclass.
+
+        Args:
+            embeddings: the batch's ``[B, D, h, w]`` embeddings (not normalised).
+            labels: its ``[B, h, w]`` labels at that resolution, excluded classes relabelled
+                ``ignore_index``.
+            sample: the anchors drawn from it, embeddings normalised when ``normalize``.
+
+        Returns:
+            ``(keys, key_labels, in_batch)``: lists of key parts ``[M_i, D]`` and their labels
+            ``[M_i]`` (negative: invalid), or ``(None, None)``, and whether the anchors are keys
+            of each other, as ``contrastive_loss`` takes them.
+        """
+        raise NotImplementedError
 
     def prepare(
         self, embeddings: Tensor, labels: Tensor, predictions: Optional[Tensor] = None
@@ -220,8 +306,10 @@ class PixelContrastLoss(nn.Module):
     def _prepare(
         self, embeddings: Tensor, labels: Tensor, predictions: Optional[Tensor]
     ) -> PixelMaps:
-        """Validate a batch once (for the sampler and the memory too): its maps at the
-        embeddings' resolution."""
+        """Validate a batch once (for the sampler and the memory too).
+
+        Returns its maps at the embeddings' resolution.
+        """
         if self.memory is not None:
             self.memory._check_embeddings(embeddings)
         maps = prepare_pixel_maps(
@@ -239,8 +327,10 @@ class PixelContrastLoss(nn.Module):
         return keys, exclude_labels(key_labels, self.exclude_classes, -1)
 
     def unit(self, embeddings: Tensor) -> Tensor:
-        """``embeddings`` L2-normalised over channels when ``normalize`` (rows ``[N, D]`` or maps
-        ``[B, D, h, w]``), else unchanged."""
+        """``embeddings`` L2-normalised over channels when ``normalize``, else unchanged.
+
+        Takes rows ``[N, D]`` or maps ``[B, D, h, w]``.
+        """
         return F.normalize(embeddings, p=2, dim=1) if self.normalize else embeddings
 
     def sample(
@@ -274,18 +364,41 @@ class PixelContrastLoss(nn.Module):
         # Normalising the N sampled rows instead of the whole map gives the same anchors.
         return dataclasses.replace(sample, embeddings=self.unit(sample.embeddings))
 
-    def contrast_keys(
-        self, embeddings: Tensor, labels: Tensor, sample: AnchorSample
-    ) -> tuple[Optional[list[Tensor]], Optional[list[Tensor]], bool]:
-        """``(keys, key_labels, in_batch)`` for the ``sample`` of a prepared batch: besides the
-        anchors themselves, the other ranks' anchors (``gather="keys"``) and the memory's keys
-        (if any)."""
-        parts = []
-        if self.gather == "keys":
-            parts += _rank_keys(sample.embeddings, sample.labels, own=False)
-        if self.memory is not None and (self.use_pixel_memory or self.use_region_memory):
-            parts.append(self._memory_keys(self.use_pixel_memory, self.use_region_memory))
-        return (*_join(parts), True)
+    def _contrast(
+        self,
+        sample: AnchorSample,
+        keys: Optional[list[Tensor]],
+        key_labels: Optional[list[Tensor]],
+        in_batch: bool,
+        generator: Optional[torch.Generator],
+    ) -> Tensor:
+        """The loss of the anchors against their keys (all, or the mined ones), scaled for
+        DDP when gathering."""
+        reduction = "sum" if self.gather else "mean"
+        options: dict[str, Any] = dict(
+            in_batch=in_batch, temperature=self.temperature,
+            base_temperature=self.base_temperature, variant=self.variant, reduction=reduction,
+        )
+        if self.miner is None:
+            loss = contrastive_loss(
+                sample.embeddings, sample.labels, keys, key_labels, backend=self.backend,
+                **options,
+            )
+            counted = diagnostics.positive_counts(sample.labels, key_labels, in_batch) > 0
+        else:
+            pairs = self.miner(
+                sample.embeddings, sample.labels, keys, key_labels, in_batch=in_batch,
+                generator=generator,
+            )
+            loss = pair_contrastive_loss(
+                sample.embeddings, sample.labels, keys, key_labels, pairs.positive_index,
+                pairs.negative_index, **options,
+            )
+            counted = (pairs.positive_index >= 0).any(dim=1)
+        if self.gather:
+            # the denominator of the mean, over all ranks' anchors
+            loss = distributed.mean_across_ranks(loss, counted.sum())
+        return loss
 
     def forward(
         self,
@@ -302,7 +415,7 @@ class PixelContrastLoss(nn.Module):
             embeddings: ``[B, D, h, w]``.
             labels: ``[B, H, W]`` integer class ids.
             predictions: logits ``[B, C, h', w']`` or a label map ``[B, h', w']``, or ``None``.
-            generator: CPU random source of the anchor (and memory pixel) choice.
+            generator: CPU random source of the anchor (memory pixel, miner) choices.
             enqueue: enqueue this batch into the memory; ``None`` (default): when the module
                 was built with ``enqueue=True``, is in training mode and gradients are enabled
                 (so validation under ``eval()``, ``torch.no_grad()`` or
@@ -315,22 +428,7 @@ class PixelContrastLoss(nn.Module):
         # deepcopy (EMA and teacher copies) after a training step.
         self.last_sample = dataclasses.replace(sample, embeddings=sample.embeddings.detach())
         keys, key_labels, in_batch = self.contrast_keys(embeddings, labels, sample)
-        loss = contrastive_loss(
-            sample.embeddings,
-            sample.labels,
-            keys,
-            key_labels,
-            in_batch=in_batch,
-            temperature=self.temperature,
-            base_temperature=self.base_temperature,
-            variant=self.variant,
-            reduction="mean" if self.gather == "none" else "sum",
-            backend=self.backend,
-        )
-        if self.gather == "keys":
-            # the denominator of contrastive_loss's mean, over all ranks' anchors
-            count = (diagnostics.positive_counts(sample.labels, key_labels, in_batch) > 0).sum()
-            loss = distributed.mean_across_ranks(loss, count)
+        loss = self._contrast(sample, keys, key_labels, in_batch, generator)
         if enqueue is None:
             enqueue = self.enqueue and self.training and torch.is_grad_enabled()
         if self.memory is not None and enqueue:
@@ -343,19 +441,105 @@ class PixelContrastLoss(nn.Module):
         text = (
             f"temperature={self.temperature}, base_temperature={self.base_temperature}, "
             f"variant={self.variant!r}, ignore_index={self.ignore_index}, "
-            f"backend={self.backend!r}, gather={self.gather!r}"
+            f"backend={self.backend!r}, gather={self.gather}"
         )
+        if self.miner is not None:
+            text += f", miner={self.miner!r}"
         if self.exclude_classes:
             text += f", exclude_classes={self.exclude_classes}"
         if self.memory is not None:
+            text += f", enqueue={self.enqueue}"
+        return text
+
+
+class PixelContrastLoss(SampledContrastLoss):
+    r"""Supervised pixel-to-pixel contrastive loss over a batch of segmentation embeddings.
+
+    The sampled anchors are contrasted with each other (in-batch, across images), with the
+    anchors of the other ranks (``gather=True``) and, with a ``memory``, with its pixel and
+    region keys. Sampling, the order of a call with a memory, DDP, mining, the statistics and
+    the edge cases are those of :class:`SampledContrastLoss`, which documents the other
+    keyword-only options (``base_temperature``, ``variant``, ``ignore_index``, ``normalize``,
+    ``backend``, ``sampler``, ``max_samples``, ``max_views``, ``num_classes``, ``memory``,
+    ``miner``, ``enqueue``, ``gather``, ``exclude_classes``).
+
+    Args:
+        temperature: :math:`\tau`.
+        use_pixel_memory: contrast with the memory's pixel keys.
+        use_region_memory: contrast with the memory's region keys.
+        **options: the keyword-only options of :class:`SampledContrastLoss`.
+
+    Shape:
+        - embeddings: ``[B, D, h, w]``
+        - labels: ``[B, H, W]`` integer class ids
+        - predictions (optional): logits ``[B, C, h', w']`` or a label map ``[B, h', w']``
+        - output: scalar
+
+    Example:
+        >>> import torch
+        >>> criterion = PixelContrastLoss(temperature=0.1, max_samples=64, max_views=8)
+        >>> embeddings = torch.randn(2, 16, 8, 8, requires_grad=True)
+        >>> labels = torch.randint(0, 3, (2, 32, 32))
+        >>> loss = criterion(embeddings, labels)
+        >>> loss.backward()
+
+        With a memory of earlier batches:
+
+        >>> from pixcontrast.memory import ClassMemoryBank
+        >>> bank = ClassMemoryBank(num_classes=3, dim=16, pixels_per_class=100,
+        ...                        regions_per_class=20)
+        >>> criterion = PixelContrastLoss(max_samples=64, max_views=8, memory=bank)
+        >>> for _ in range(2):
+        ...     criterion(embeddings, labels).backward()
+        >>> int(bank.region_count.sum())
+        12
+
+        Hard mining against the memory, 4 positives and 16 negatives per anchor:
+
+        >>> from pixcontrast.mining import KeyMiner
+        >>> criterion = PixelContrastLoss(max_samples=64, max_views=8, memory=bank,
+        ...                               miner=KeyMiner(num_positives=4, num_negatives=16))
+        >>> criterion(embeddings, labels).backward()
+    """
+
+    @_keyword_options(
+        "base_temperature", "variant", "max_samples", "max_views", "ignore_index", "normalize",
+        "backend", "sampler", "num_classes", "memory", "use_pixel_memory", "use_region_memory",
+        "enqueue", "gather", "exclude_classes",
+    )
+    def __init__(
+        self,
+        temperature: float = 0.1,
+        *,
+        use_pixel_memory: bool = True,
+        use_region_memory: bool = True,
+        **options: Any,
+    ) -> None:
+        super().__init__(temperature, **options)
+        self.use_pixel_memory = bool(use_pixel_memory)
+        self.use_region_memory = bool(use_region_memory)
+
+    def contrast_keys(self, embeddings: Tensor, labels: Tensor, sample: AnchorSample) -> KeyParts:
+        """The anchors themselves (in-batch), the other ranks' anchors (``gather=True``) and
+        the memory's keys (if any)."""
+        parts = []
+        if self.gather:
+            parts += _rank_keys(sample.embeddings, sample.labels, own=False)
+        if self.memory is not None and (self.use_pixel_memory or self.use_region_memory):
+            parts.append(self._memory_keys(self.use_pixel_memory, self.use_region_memory))
+        return (*_join(parts), True)
+
+    def extra_repr(self) -> str:
+        text = super().extra_repr()
+        if self.memory is not None:
             text += (
                 f", use_pixel_memory={self.use_pixel_memory}, "
-                f"use_region_memory={self.use_region_memory}, enqueue={self.enqueue}"
+                f"use_region_memory={self.use_region_memory}"
             )
         return text
 
 
-class RegionContrastLoss(PixelContrastLoss):
+class RegionContrastLoss(SampledContrastLoss):
     r"""Pixel-to-region contrastive loss: sampled pixel anchors against region embeddings.
 
     A region is one class in one image; its embedding is the re-normalised mean of its pixel
@@ -363,17 +547,17 @@ class RegionContrastLoss(PixelContrastLoss):
     current batch (with gradient: they are differentiated like the anchors) and/or the region
     keys of ``memory`` (previous steps, no gradient). An anchor's positives are the regions of its
     class, its own image's included; anchors are not keys of each other (``in_batch=False``).
-    Sampling, resizing, variants and the memory's order (keys taken first, batch enqueued after
-    unless ``enqueue=False``) are those of :class:`PixelContrastLoss`. With ``gather="keys"``
-    the batch regions of every rank are keys (with gradient to the rank that owns them) and the
-    loss is scaled for DDP as in :class:`PixelContrastLoss`.
+    With ``gather=True`` the batch regions of every rank are keys (with gradient to the rank
+    that owns them). Sampling, resizing, variants, mining, DDP scaling and the memory's order
+    (keys taken first, batch enqueued after unless ``enqueue=False``) are those of
+    :class:`SampledContrastLoss`, which documents the other keyword-only options (an excluded
+    class has no region key either).
 
     Args:
-        temperature, base_temperature, variant, max_samples, max_views, ignore_index, normalize,
-        backend, sampler, num_classes, enqueue, gather, exclude_classes: as for
-        :class:`PixelContrastLoss` (an excluded class has no region key either).
-        memory: a :class:`~pixcontrast.ClassMemoryBank` whose region keys are contrasted too.
+        temperature: :math:`\tau`.
         use_batch_regions: contrast with the regions of the current batch.
+        **options: the keyword-only options of :class:`SampledContrastLoss`; a ``memory``
+            contributes its region keys.
 
     Shape:
         - embeddings: ``[B, D, h, w]``
@@ -388,45 +572,28 @@ class RegionContrastLoss(PixelContrastLoss):
         >>> criterion(embeddings, labels).backward()
     """
 
+    @_keyword_options(
+        "base_temperature", "variant", "max_samples", "max_views", "ignore_index", "normalize",
+        "backend", "sampler", "num_classes", "memory", "use_batch_regions", "enqueue", "gather",
+        "exclude_classes",
+    )
     def __init__(
-        self,
-        temperature: float = 0.1,
-        base_temperature: Optional[float] = None,
-        variant: str = "paper",
-        max_samples: int = 1024,
-        max_views: int = 100,
-        ignore_index: int = 255,
-        normalize: bool = True,
-        backend: str = "auto",
-        sampler: Optional[AnchorSampler] = None,
-        num_classes: Optional[int] = None,
-        memory: Optional[ClassMemoryBank] = None,
-        use_batch_regions: bool = True,
-        enqueue: bool = True,
-        gather: str = "none",
-        exclude_classes: Sequence[int] = (),
+        self, temperature: float = 0.1, *, use_batch_regions: bool = True, **options: Any
     ) -> None:
-        if not use_batch_regions and memory is None:
+        if not use_batch_regions and options.get("memory") is None:
             raise ValueError("use_batch_regions=False needs a memory to take region keys from")
-        super().__init__(
-            temperature, base_temperature, variant, max_samples, max_views, ignore_index,
-            normalize, backend, sampler, num_classes, memory, use_pixel_memory=False,
-            use_region_memory=memory is not None, enqueue=enqueue, gather=gather,
-            exclude_classes=exclude_classes,
-        )
+        super().__init__(temperature, **options)
         self.use_batch_regions = bool(use_batch_regions)
 
-    def contrast_keys(
-        self, embeddings: Tensor, labels: Tensor, sample: AnchorSample
-    ) -> tuple[Optional[list[Tensor]], Optional[list[Tensor]], bool]:
-        """``(keys, key_labels, False)``: batch regions first (of every rank in rank order with
-        ``gather="keys"``), then the memory's regions."""
+    def contrast_keys(self, embeddings: Tensor, labels: Tensor, sample: AnchorSample) -> KeyParts:
+        """Batch regions first (of every rank in rank order with ``gather=True``), then the
+        memory's regions; the anchors are not keys."""
         parts = []
         if self.use_batch_regions:
             regions = region_embeddings(
                 embeddings, labels, self.ignore_index, normalize_pixels=self.normalize
             )
-            parts += _rank_keys(*regions, own=True) if self.gather == "keys" else [regions]
+            parts += _rank_keys(*regions, own=True) if self.gather else [regions]
         if self.memory is not None:
             parts.append(self._memory_keys(pixels=False, regions=True))
         return (*_join(parts), False)

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Sequence, Union
 
 import torch
 from torch import Tensor, nn
@@ -33,7 +33,14 @@ from .functional import loss_options, pair_contrastive_loss
 from .ops._layout import compute_dtype
 from .ops._options import KeySpace
 
-__all__ = ["MINERS", "MinedContrastLoss", "MinedPairs", "mine_keys", "pair_contrastive_loss"]
+__all__ = [
+    "MINERS",
+    "KeyMiner",
+    "MinedContrastLoss",
+    "MinedPairs",
+    "mine_keys",
+    "pair_contrastive_loss",
+]
 
 MINERS = ("hardest", "semi-hard", "class-relation")
 
@@ -243,8 +250,8 @@ def _mine_class_relation(
 def mine_keys(
     anchors: Tensor,
     labels: Tensor,
-    keys: Optional[Tensor] = None,
-    key_labels: Optional[Tensor] = None,
+    keys: Union[Tensor, Sequence[Tensor], None] = None,
+    key_labels: Union[Tensor, Sequence[Tensor], None] = None,
     *,
     miner: str = "hardest",
     num_positives: int,
@@ -282,8 +289,10 @@ def mine_keys(
     Args:
         anchors: ``[N, D]`` float embeddings.
         labels: ``[N]`` integer class ids, all ``>= 0``.
-        keys: ``[M, D]`` extra keys (e.g. a memory bank), or ``None``.
-        key_labels: ``[M]`` integer class ids of ``keys``; negative marks an invalid key.
+        keys: ``[M, D]`` extra keys (e.g. a memory bank), a sequence of parts ``[M_i, D]``
+            (indexed as their concatenation), or ``None``.
+        key_labels: ``[M]`` integer class ids of ``keys`` (a sequence of ``[M_i]`` for a
+            sequence of keys); negative marks an invalid key.
         miner: one of :data:`MINERS`: ``"hardest"``, ``"semi-hard"`` or ``"class-relation"``.
         num_positives: :math:`K_{pos} \ge 1`, columns of ``positive_index``.
         num_negatives: :math:`K_{neg} \ge 1`, columns of ``negative_index``.
@@ -310,8 +319,6 @@ def mine_keys(
         >>> pairs.positive_index.tolist(), pairs.negative_index.tolist()
         ([[1], [0], [3], [2]], [[3], [3], [1], [0]])
     """
-    if keys is not None:
-        _checks.check_tensor(keys, "keys")
     inputs = _checks.check_contrast_inputs(anchors, labels, keys, key_labels, in_batch)
     _checks.check_score_range(inputs, 1.0, 1.0)  # (scores x . k)
     _checks.check_choice(miner, "miner", MINERS)
@@ -335,8 +342,84 @@ def mine_keys(
         )
 
 
+class KeyMiner:
+    r"""A miner: :func:`mine_keys` with its options fixed, the ``miner=`` of the losses.
+
+    Give one to :class:`~pixcontrast.PixelContrastLoss` or
+    :class:`~pixcontrast.RegionContrastLoss` (``miner=KeyMiner(...)``) to contrast each sampled
+    anchor with its mined keys only (:func:`~pixcontrast.pair_contrastive_loss`) instead of
+    every key, or call it on anchors and keys of your own.
+
+    Args:
+        miner: one of :data:`MINERS`: ``"hardest"``, ``"semi-hard"`` or ``"class-relation"``.
+        num_positives: positives per anchor, :math:`K_{pos} \ge 1`.
+        num_negatives: negatives per anchor, :math:`K_{neg} \ge 1`.
+        fraction: semi-hard pool share, in ``(0, 1]``.
+        class_temperature: temperature of the class-relation softmax, ``> 0``.
+
+    Example:
+        >>> miner = KeyMiner("semi-hard", num_positives=1, num_negatives=2, fraction=0.5)
+        >>> x = torch.nn.functional.normalize(torch.randn(6, 8), dim=1)
+        >>> pairs = miner(x, torch.tensor([0, 0, 1, 1, 2, 2]))
+        >>> pairs.positive_index.shape, pairs.negative_index.shape
+        (torch.Size([6, 1]), torch.Size([6, 2]))
+    """
+
+    def __init__(
+        self,
+        miner: str = "hardest",
+        *,
+        num_positives: int,
+        num_negatives: int,
+        fraction: float = 0.1,
+        class_temperature: float = 0.5,
+    ) -> None:
+        self.miner = _checks.check_choice(miner, "miner", MINERS)
+        self.num_positives = _checks.check_count(num_positives, "num_positives")
+        self.num_negatives = _checks.check_count(num_negatives, "num_negatives")
+        self.fraction = _checks.check_fraction(fraction, "fraction", allow_zero=False)
+        self.class_temperature = _checks.check_positive(class_temperature, "class_temperature")
+
+    def __call__(
+        self,
+        anchors: Tensor,
+        labels: Tensor,
+        keys: Union[Tensor, Sequence[Tensor], None] = None,
+        key_labels: Union[Tensor, Sequence[Tensor], None] = None,
+        *,
+        in_batch: Optional[bool] = None,
+        generator: Optional[torch.Generator] = None,
+    ) -> MinedPairs:
+        """The :class:`MinedPairs` of ``anchors`` among their key space (see :func:`mine_keys`)."""
+        return mine_keys(
+            anchors, labels, keys, key_labels, miner=self.miner,
+            num_positives=self.num_positives, num_negatives=self.num_negatives,
+            fraction=self.fraction, class_temperature=self.class_temperature,
+            in_batch=in_batch, generator=generator,
+        )
+
+    def __repr__(self) -> str:
+        text = (
+            f"KeyMiner({self.miner!r}, num_positives={self.num_positives}, "
+            f"num_negatives={self.num_negatives}"
+        )
+        if self.miner == "semi-hard":
+            text += f", fraction={self.fraction}"
+        if self.miner == "class-relation":
+            text += f", class_temperature={self.class_temperature}"
+        return text + ")"
+
+
+def _from_key_miner(name: str) -> property:
+    """A read-only attribute of :class:`MinedContrastLoss` that is its ``key_miner``'s."""
+    return property(lambda self: getattr(self.key_miner, name), doc=f"``key_miner.{name}``.")
+
+
 class MinedContrastLoss(nn.Module):
-    r"""Mine keys with :func:`mine_keys`, then :func:`pair_contrastive_loss` on the pairs.
+    r"""Mine keys with a :class:`KeyMiner`, then :func:`pair_contrastive_loss` on the pairs.
+
+    For anchors and keys you have as rows; for label maps, give the miner to
+    :class:`~pixcontrast.PixelContrastLoss` (``miner=``) instead.
 
     Args:
         miner: ``"hardest"``, ``"semi-hard"`` or ``"class-relation"``.
@@ -371,11 +454,10 @@ class MinedContrastLoss(nn.Module):
         reduction: str = "mean",
     ) -> None:
         super().__init__()
-        self.miner = _checks.check_choice(miner, "miner", MINERS)
-        self.num_positives = _checks.check_count(num_positives, "num_positives")
-        self.num_negatives = _checks.check_count(num_negatives, "num_negatives")
-        self.fraction = _checks.check_fraction(fraction, "fraction", allow_zero=False)
-        self.class_temperature = _checks.check_positive(class_temperature, "class_temperature")
+        self.key_miner = KeyMiner(
+            miner, num_positives=num_positives, num_negatives=num_negatives, fraction=fraction,
+            class_temperature=class_temperature,
+        )
         options = loss_options(temperature, base_temperature, variant, reduction)
         self.temperature = options.temperature
         self.base_temperature = base_temperature
@@ -394,11 +476,8 @@ class MinedContrastLoss(nn.Module):
     ) -> Tensor:
         """Loss of ``anchors [N, D]`` (labels ``[N]``) against their mined keys among
         ``[anchors (if in_batch); keys]``; arguments as in :func:`mine_keys`."""
-        pairs = mine_keys(
-            anchors, labels, keys, key_labels, miner=self.miner,
-            num_positives=self.num_positives, num_negatives=self.num_negatives,
-            fraction=self.fraction, class_temperature=self.class_temperature,
-            in_batch=in_batch, generator=generator,
+        pairs = self.key_miner(
+            anchors, labels, keys, key_labels, in_batch=in_batch, generator=generator
         )
         return pair_contrastive_loss(
             anchors, labels, keys, key_labels, pairs.positive_index, pairs.negative_index,
@@ -407,9 +486,15 @@ class MinedContrastLoss(nn.Module):
             reduction=self.reduction,
         )
 
+    # the miner's options, read from the KeyMiner it composes
+    miner = _from_key_miner("miner")
+    num_positives = _from_key_miner("num_positives")
+    num_negatives = _from_key_miner("num_negatives")
+    fraction = _from_key_miner("fraction")
+    class_temperature = _from_key_miner("class_temperature")
+
     def extra_repr(self) -> str:
         return (
-            f"miner={self.miner!r}, num_positives={self.num_positives}, "
-            f"num_negatives={self.num_negatives}, temperature={self.temperature}, "
+            f"key_miner={self.key_miner!r}, temperature={self.temperature}, "
             f"variant={self.variant!r}"
         )

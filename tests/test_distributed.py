@@ -26,6 +26,7 @@ from torch.nn.parallel import DistributedDataParallel
 from pixcontrast import distributed
 from pixcontrast.losses import PixelContrastLoss, RegionContrastLoss
 from pixcontrast.memory import ClassMemoryBank
+from pixcontrast.mining import KeyMiner
 from pixcontrast.samplers import HardAnchorSampler
 
 WORLD = 2
@@ -37,10 +38,14 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # (loss class, variant, rank whose batch is entirely ignored)
 TRAININGS = {
-    "pixel-paper": (PixelContrastLoss, "paper", None),
-    "pixel-supcon": (PixelContrastLoss, "supcon", None),
-    "region-supcon": (RegionContrastLoss, "supcon", None),
-    "pixel-empty-rank": (PixelContrastLoss, "paper", 1),
+    "pixel-paper": (PixelContrastLoss, "paper", None, None),
+    "pixel-supcon": (PixelContrastLoss, "supcon", None, None),
+    "region-supcon": (RegionContrastLoss, "supcon", None, None),
+    "pixel-empty-rank": (PixelContrastLoss, "paper", 1, None),
+    # hardest mining picks the same keys whatever their order in the key space
+    "pixel-hardest-miner": (
+        PixelContrastLoss, "paper", None, KeyMiner("hardest", num_positives=3, num_negatives=5)
+    ),
 }
 
 
@@ -74,10 +79,10 @@ def batches(step: int, empty_rank: Optional[int]) -> list[tuple[torch.Tensor, to
 def train(name: str, rank: Optional[int]) -> list[dict]:
     """A few SGD steps of a 1x1 conv "segmentation model" under a contrastive loss with memory.
 
-    ``rank=None``: one process on the concatenated batch with ``gather="none"``; otherwise this
-    rank's part under DDP with ``gather="keys"``.
+    ``rank=None``: one process on the concatenated batch with ``gather=False``; otherwise this
+    rank's part under DDP with ``gather=True``.
     """
-    loss_class, variant, empty_rank = TRAININGS[name]
+    loss_class, variant, empty_rank, miner = TRAININGS[name]
     torch.manual_seed(0)
     model = nn.Conv2d(3, 4, kernel_size=1).double()
     trained = model if rank is None else DistributedDataParallel(model)
@@ -86,7 +91,7 @@ def train(name: str, rank: Optional[int]) -> list[dict]:
     criterion = loss_class(
         temperature=0.5, variant=variant, num_classes=3, memory=bank.double(),
         sampler=HardAnchorSampler(max_samples=10**6, max_views=10**6),  # every pixel
-        gather="none" if rank is None else "keys",
+        gather=rank is not None, miner=miner,
     )
     records = []
     for step in range(STEPS):
@@ -306,13 +311,13 @@ def test_helpers_are_identities_without_a_process_group() -> None:
 
 @pytest.mark.parametrize("loss_class", [PixelContrastLoss, RegionContrastLoss])
 @pytest.mark.parametrize("variant", ["paper", "supcon"])
-def test_gather_keys_is_gather_none_in_one_process(loss_class, variant) -> None:
+def test_gather_is_no_gather_in_one_process(loss_class, variant) -> None:
     generator = torch.Generator().manual_seed(3)
     x = torch.randn(2, 4, 5, 6, dtype=torch.float64, generator=generator)
     y = torch.randint(0, 2, (2, 5, 6), generator=generator)
     y[0, 0, 0] = 2  # one pixel of class 2: without memory, its anchor has no positive
     results = []
-    for gather in ("none", "keys"):
+    for gather in (False, True):
         bank = ClassMemoryBank(3, 4, pixels_per_class=9, regions_per_class=2).double()
         criterion = loss_class(variant=variant, max_samples=40, max_views=5, memory=bank,
                                gather=gather)
@@ -330,11 +335,22 @@ def test_gather_keys_is_gather_none_in_one_process(loss_class, variant) -> None:
     assert float(results[0][-1][0]) > 0
 
 
+def test_gather_is_one_bool_and_the_former_strings_warn() -> None:
+    for former, meaning in (("none", False), ("keys", True)):
+        with pytest.warns(FutureWarning, match=f"gather={meaning}"):
+            assert PixelContrastLoss(gather=former).gather is meaning
+        with pytest.warns(FutureWarning, match="gather"):
+            assert RegionContrastLoss(gather=former).gather is meaning
+    assert "gather=True" in repr(PixelContrastLoss(gather=True))
+
+
 def test_errors_name_the_argument() -> None:
     with pytest.raises(ValueError, match="gather"):
         PixelContrastLoss(gather="all")
     with pytest.raises(ValueError, match="gather"):
         RegionContrastLoss(gather="anchors")
+    with pytest.raises(TypeError, match="gather must be a bool"):
+        PixelContrastLoss(gather=1)
     with pytest.raises(TypeError, match="tensor must be a floating-point"):
         distributed.all_gather_with_grad(torch.arange(3))
     with pytest.raises(ValueError, match="tensor must have a leading row dimension"):
