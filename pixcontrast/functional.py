@@ -198,8 +198,10 @@ def pair_contrastive_loss(
 def loss_options(
     temperature: float, base_temperature: Optional[float], variant: str, reduction: str
 ) -> ContrastOptions:
-    """Validate the options every contrastive loss shares, once, into the object every backend
-    takes (``rho = temperature / base_temperature``, 1 without a base temperature)."""
+    """Validate the options every contrastive loss shares, once, into the object backends take.
+
+    ``rho = temperature / base_temperature``, 1 without a base temperature.
+    """
     temperature = _checks.check_positive(temperature, "temperature")
     rho = 1.0
     if base_temperature is not None:

@@ -62,9 +62,11 @@ def _check_gather(gather: Union[bool, str]) -> bool:
 
 
 def _keyword_options(*positional: str) -> Callable[[Callable], Callable]:
-    """Decorator of an ``__init__(self, temperature, *, ...)`` that still accepts, with a
-    FutureWarning, the options it took by position before they became keyword-only
-    (``positional``: their former order after ``temperature``)."""
+    """Decorator of an ``__init__(self, temperature, *, ...)`` whose options became keyword-only.
+
+    The options it took by position before (``positional``: their former order after
+    ``temperature``) are still accepted that way, with a FutureWarning.
+    """
 
     def decorate(init: Callable) -> Callable:
         @functools.wraps(init)
@@ -96,16 +98,20 @@ def _keyword_options(*positional: str) -> Callable[[Callable], Callable]:
 def _join(
     parts: list[tuple[Tensor, Tensor]],
 ) -> tuple[Optional[list[Tensor]], Optional[list[Tensor]]]:
-    """``(keys, key_labels)`` of several key sets as ``contrastive_loss``'s sequences of parts
-    (so that detached memory keys get no gradient work), ``(None, None)`` for none."""
+    """``(keys, key_labels)`` of several key sets as ``contrastive_loss``'s sequences of parts.
+
+    Parts, so that detached memory keys get no gradient work; ``(None, None)`` for none.
+    """
     if not parts:
         return None, None
     return [keys for keys, _ in parts], [labels for _, labels in parts]
 
 
 def _rank_keys(keys: Tensor, key_labels: Tensor, own: bool) -> list[tuple[Tensor, Tensor]]:
-    """Every rank's ``(keys, key_labels)`` in rank order, this rank's own only when ``own``; the
-    keys carry gradients back to the rank that owns them."""
+    """Every rank's ``(keys, key_labels)`` in rank order, this rank's own only when ``own``.
+
+    The keys carry gradients back to the rank that owns them.
+    """
     parts = list(
         zip(distributed.all_gather_with_grad(keys), distributed.all_gather(key_labels))
     )
@@ -372,8 +378,10 @@ class SampledContrastLoss(nn.Module):
         in_batch: bool,
         generator: Optional[torch.Generator],
     ) -> Tensor:
-        """The loss of the anchors against their keys (all, or the mined ones), scaled for
-        DDP when gathering."""
+        """The loss of the anchors against their keys (all, or the mined ones).
+
+        Scaled for DDP when gathering.
+        """
         reduction = "sum" if self.gather else "mean"
         options: dict[str, Any] = dict(
             in_batch=in_batch, temperature=self.temperature,
@@ -438,6 +446,7 @@ class SampledContrastLoss(nn.Module):
         return loss
 
     def extra_repr(self) -> str:
+        """The options shown by ``repr``."""
         text = (
             f"temperature={self.temperature}, base_temperature={self.base_temperature}, "
             f"variant={self.variant!r}, ignore_index={self.ignore_index}, "
@@ -520,8 +529,10 @@ class PixelContrastLoss(SampledContrastLoss):
         self.use_region_memory = bool(use_region_memory)
 
     def contrast_keys(self, embeddings: Tensor, labels: Tensor, sample: AnchorSample) -> KeyParts:
-        """The anchors themselves (in-batch), the other ranks' anchors (``gather=True``) and
-        the memory's keys (if any)."""
+        """The anchors themselves (in-batch), the other ranks' anchors, the memory's keys.
+
+        The other ranks' anchors with ``gather=True``, the memory's keys when there is one.
+        """
         parts = []
         if self.gather:
             parts += _rank_keys(sample.embeddings, sample.labels, own=False)
@@ -530,6 +541,7 @@ class PixelContrastLoss(SampledContrastLoss):
         return (*_join(parts), True)
 
     def extra_repr(self) -> str:
+        """The options shown by ``repr``."""
         text = super().extra_repr()
         if self.memory is not None:
             text += (
@@ -586,8 +598,10 @@ class RegionContrastLoss(SampledContrastLoss):
         self.use_batch_regions = bool(use_batch_regions)
 
     def contrast_keys(self, embeddings: Tensor, labels: Tensor, sample: AnchorSample) -> KeyParts:
-        """Batch regions first (of every rank in rank order with ``gather=True``), then the
-        memory's regions; the anchors are not keys."""
+        """Batch regions first, then the memory's regions; the anchors are not keys.
+
+        With ``gather=True`` the batch regions of every rank, in rank order.
+        """
         parts = []
         if self.use_batch_regions:
             regions = region_embeddings(
@@ -599,4 +613,5 @@ class RegionContrastLoss(SampledContrastLoss):
         return (*_join(parts), False)
 
     def extra_repr(self) -> str:
+        """The options shown by ``repr``."""
         return super().extra_repr() + f", use_batch_regions={self.use_batch_regions}"

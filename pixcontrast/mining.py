@@ -67,8 +67,7 @@ class MinedPairs:
 
 
 def _same_class_counts(space: KeySpace, labels: Tensor) -> tuple[Tensor, Tensor]:
-    """``(|valid keys of the anchor's class|, |valid keys|)`` per anchor, without an N x M
-    mask."""
+    """``(|valid keys of the anchor's class|, |valid keys|)`` per anchor, without an N x M mask."""
     valid = space.labels[space.labels >= 0]
     classes, counts = torch.unique(valid, return_counts=True)
     if classes.numel() == 0:
@@ -92,9 +91,12 @@ def _select(
     sample: bool,
     generator: Optional[torch.Generator],
 ) -> Tensor:
-    """``[rows, count]`` columns among the ``pool[a]`` hardest of row ``a`` (``-inf`` marks a
-    non-candidate): the first ones, or a uniform draw without replacement when ``sample``; in
-    order of decreasing hardness, ``-1`` padded. ``top`` bounds every pool (and the columns)."""
+    """``[rows, count]`` columns among the ``pool[a]`` hardest of row ``a``.
+
+    ``-inf`` in ``hardness`` marks a non-candidate. The first ones, or a uniform draw without
+    replacement when ``sample``; in order of decreasing hardness, ``-1`` padded. ``top`` bounds
+    every pool (and the columns).
+    """
     rows = hardness.shape[0]
     order = hardness.topk(top, dim=1).indices  # columns by decreasing hardness
     rank = torch.arange(top, device=hardness.device)
@@ -474,8 +476,11 @@ class MinedContrastLoss(nn.Module):
         in_batch: Optional[bool] = None,
         generator: Optional[torch.Generator] = None,
     ) -> Tensor:
-        """Loss of ``anchors [N, D]`` (labels ``[N]``) against their mined keys among
-        ``[anchors (if in_batch); keys]``; arguments as in :func:`mine_keys`."""
+        """Loss of ``anchors [N, D]`` (labels ``[N]``) against their mined keys.
+
+        The keys are mined among ``[anchors (if in_batch); keys]``; arguments as in
+        :func:`mine_keys`.
+        """
         pairs = self.key_miner(
             anchors, labels, keys, key_labels, in_batch=in_batch, generator=generator
         )
@@ -494,6 +499,7 @@ class MinedContrastLoss(nn.Module):
     class_temperature = _from_key_miner("class_temperature")
 
     def extra_repr(self) -> str:
+        """The options shown by ``repr``."""
         return (
             f"key_miner={self.key_miner!r}, temperature={self.temperature}, "
             f"variant={self.variant!r}"
