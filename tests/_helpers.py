@@ -363,6 +363,25 @@ def make_inputs(
     return anchors.to(device), labels.to(device), keys.to(device), key_labels.to(device)
 
 
+def make_maps(
+    b: int = 2,
+    d: int = 8,
+    h: int = 6,
+    w: int = 5,
+    classes: int = 3,
+    scale: int = 1,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float64,
+    device: Union[str, torch.device] = "cpu",
+) -> tuple[Tensor, Tensor]:
+    """Gaussian embedding maps ``[b, d, h, w]`` and label maps ``[b, h * scale, w * scale]`` in
+    ``[0, classes)``; drawn on CPU, then moved to ``device``."""
+    g = torch.Generator().manual_seed(seed)
+    embeddings = torch.randn(b, d, h, w, generator=g, dtype=dtype)
+    labels = torch.randint(0, classes, (b, h * scale, w * scale), generator=g)
+    return embeddings.to(device), labels.to(device)
+
+
 def as_double(tensors: Sequence[Optional[Tensor]]) -> list[Optional[Tensor]]:
     """fp64 copies of the floating-point tensors (the oracle's inputs), others as they are."""
     return [t.detach().double() if t is not None and t.is_floating_point() else t

@@ -22,18 +22,17 @@ from pixcontrast import (
     region_embeddings,
 )
 
+from _helpers import make_maps
 
-def batch(seed=0, b=2, d=6, h=5, w=4, classes=3):
-    g = torch.Generator().manual_seed(seed)
-    embeddings = torch.randn(b, d, h, w, generator=g, dtype=torch.float64)
-    labels = torch.randint(0, classes, (b, h, w), generator=g)
-    return embeddings, labels
+
+def batch(seed=0):
+    return make_maps(d=6, h=5, w=4, seed=seed)
 
 
 def filled_bank(d=6, classes=3):
     bank = ClassMemoryBank(classes, d, pixels_per_class=12, regions_per_class=4).double()
     for seed in range(3):
-        bank.enqueue(*batch(seed=10 + seed, d=d, classes=classes))
+        bank.enqueue(*make_maps(d=d, h=5, w=4, classes=classes, seed=10 + seed))
     return bank
 
 

@@ -14,17 +14,12 @@ from pixcontrast import (
     resize_labels,
 )
 
-
-def batch(b=2, d=8, h=6, w=5, classes=3, scale=2, seed=0, dtype=torch.float64, device="cpu"):
-    g = torch.Generator().manual_seed(seed)
-    embeddings = torch.randn(b, d, h, w, generator=g, dtype=dtype)
-    labels = torch.randint(0, classes, (b, h * scale, w * scale), generator=g)
-    return embeddings.to(device), labels.to(device)
+from _helpers import make_maps
 
 
 @pytest.mark.parametrize("variant", ["paper", "supcon"])
 def test_module_equals_functional_on_the_sampled_anchors(variant, device, dtype):
-    embeddings, labels = batch(dtype=dtype, device=device)
+    embeddings, labels = make_maps(scale=2, dtype=dtype, device=device)
     labels[0, :4] = 255
     criterion = PixelContrastLoss(temperature=0.2, base_temperature=0.1, variant=variant,
                                   max_samples=40, max_views=5)
@@ -55,7 +50,7 @@ def test_resize_labels_matches_nearest_interpolation():
 
 
 def test_sampling_is_reproducible_with_a_generator():
-    embeddings, labels = batch(seed=3)
+    embeddings, labels = make_maps(scale=2, seed=3)
     criterion = PixelContrastLoss(max_samples=20, max_views=3)
     first = criterion.sample(embeddings, labels, generator=torch.Generator().manual_seed(5))
     second = criterion.sample(embeddings, labels, generator=torch.Generator().manual_seed(5))
@@ -63,7 +58,7 @@ def test_sampling_is_reproducible_with_a_generator():
 
 
 def test_predictions_as_logits_or_label_map_agree():
-    embeddings, labels = batch(seed=4)
+    embeddings, labels = make_maps(scale=2, seed=4)
     logits = torch.randn(2, 3, 9, 7, dtype=torch.float64)
     criterion = PixelContrastLoss(max_samples=30, max_views=4)
     from_logits = criterion.sample(embeddings, labels, logits,

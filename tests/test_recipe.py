@@ -20,13 +20,13 @@ from pixcontrast import (
     gradient_ratio,
 )
 
+from _helpers import make_maps
+
 IGNORE = 255
 
 
-def batch(b=3, d=8, h=6, w=7, classes=4, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    embeddings = torch.randn(b, d, h, w, generator=g, dtype=torch.float64)
-    labels = torch.randint(0, classes, (b, h, w), generator=g)
+def batch(classes=4, seed=0):
+    embeddings, labels = make_maps(b=3, h=6, w=7, classes=classes, seed=seed)
     labels[0, :2] = IGNORE
     return embeddings, labels
 
