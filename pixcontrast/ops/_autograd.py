@@ -10,6 +10,10 @@ gradient ``g_a`` per sorted anchor (``None``: statistics only, no gradient work)
 ``key_grad_columns`` the sorted key column ranges whose gradient is wanted, and ``saved`` the
 statistics of an earlier call, reused instead of being recomputed. Gradients are with respect to
 the sorted anchors and keys; :func:`scatter_to_inputs` maps them back to the caller's tensors.
+
+Both sweeps take supcon's positive terms from the class sums here
+(:func:`supcon_positive_sums`, :func:`add_supcon_positive_gradient`), so neither backend imports
+the other.
 """
 
 from __future__ import annotations
@@ -32,9 +36,11 @@ __all__ = [
     "first_derivatives_only",
     "InputSpec",
     "Sweep",
+    "add_supcon_positive_gradient",
     "key_grad_columns",
     "reduction_weights",
     "scatter_to_inputs",
+    "supcon_positive_sums",
     "unsort",
 ]
 
@@ -90,6 +96,44 @@ def key_grad_columns(
                        append=wanted.new_zeros(1, dtype=torch.int8))
     bounds = edges.nonzero().squeeze(1).tolist()  # alternating run starts and stops
     return list(zip(bounds[::2], bounds[1::2]))
+
+
+def supcon_positive_sums(layout: ContrastLayout) -> Tensor:
+    """``[N, D]`` sum of the positive keys of each sorted anchor, ``S_{y_a} - [in-batch] x_a``
+    with the class sums ``S_c`` (:mod:`pixcontrast.ops`): supcon's positive term is linear in
+    the keys."""
+    k = layout.keys
+    class_sums = k.new_zeros((layout.num_classes, k.shape[1]))
+    class_sums.index_add_(0, layout.key_class, k)
+    positive_sums = class_sums.index_select(0, layout.anchor_class)
+    if layout.self_column is not None:
+        positive_sums -= k.index_select(0, layout.self_column)
+    return positive_sums
+
+
+def add_supcon_positive_gradient(
+    layout: ContrastLayout,
+    positive_sums: Tensor,
+    temperature: float,
+    rho: float,
+    weight: Tensor,
+    grad_x: Optional[Tensor],
+    grad_k: Optional[Tensor],
+) -> None:
+    """Adds supcon's positive part of ``G``, ``-rho * g_a / |P(a)|`` on every positive pair, to
+    the (complete, ``1/tau`` included) input gradients in place, through class sums instead of a
+    pass over the pairs: ``dx_a -= beta_a S'_a``, ``dk_j -= sum_{a: y_a = c_j, a != j} beta_a x_a``
+    with ``beta_a = rho * g_a / (|P(a)| tau)`` and ``S'_a`` = :func:`supcon_positive_sums`."""
+    beta = rho * weight * (layout.positives > 0) / (layout.positives.clamp(min=1) * temperature)
+    if grad_x is not None:
+        grad_x -= beta[:, None] * positive_sums
+    if grad_k is not None:
+        weighted = beta[:, None] * layout.anchors
+        per_class = weighted.new_zeros((layout.num_classes, weighted.shape[1]))
+        per_class.index_add_(0, layout.anchor_class, weighted)
+        grad_k -= per_class.index_select(0, layout.key_class)
+        if layout.self_column is not None:
+            grad_k.index_add_(0, layout.self_column, weighted)
 
 
 def reduction_weights(layout: ContrastLayout, reduction: str) -> Tensor:

@@ -24,13 +24,16 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ._autograd import AnchorStatistics, apply_contrast
+from ._autograd import (
+    AnchorStatistics,
+    add_supcon_positive_gradient,
+    apply_contrast,
+    supcon_positive_sums,
+)
 from ._layout import ContrastLayout
 
 __all__ = [
     "AnchorStatistics",
-    "add_supcon_positive_gradient",
-    "supcon_positive_sums",
     "sweep",
     "torch_contrastive_loss",
 ]
@@ -59,44 +62,6 @@ def _normalizer(scores: Tensor, shift: Tensor) -> tuple[Tensor, Tensor]:
     """From ``exp(s - shift)`` in ``scores``: the row sums ``z`` and ``shift + log z``."""
     total = scores.sum(dim=1)
     return total, shift + total.log()
-
-
-def supcon_positive_sums(layout: ContrastLayout) -> Tensor:
-    """``[N, D]`` sum of the positive keys of each sorted anchor, ``S_{y_a} - [in-batch] x_a``
-    with the class sums ``S_c`` (:mod:`pixcontrast.ops`): supcon's positive term is linear in
-    the keys."""
-    k = layout.keys
-    class_sums = k.new_zeros((layout.num_classes, k.shape[1]))
-    class_sums.index_add_(0, layout.key_class, k)
-    positive_sums = class_sums.index_select(0, layout.anchor_class)
-    if layout.self_column is not None:
-        positive_sums -= k.index_select(0, layout.self_column)
-    return positive_sums
-
-
-def add_supcon_positive_gradient(
-    layout: ContrastLayout,
-    positive_sums: Tensor,
-    temperature: float,
-    rho: float,
-    weight: Tensor,
-    grad_x: Optional[Tensor],
-    grad_k: Optional[Tensor],
-) -> None:
-    """Adds supcon's positive part of ``G``, ``-rho * g_a / |P(a)|`` on every positive pair, to
-    the (complete, ``1/tau`` included) input gradients in place, through class sums instead of a
-    pass over the pairs: ``dx_a -= beta_a S'_a``, ``dk_j -= sum_{a: y_a = c_j, a != j} beta_a x_a``
-    with ``beta_a = rho * g_a / (|P(a)| tau)`` and ``S'_a`` = :func:`supcon_positive_sums`."""
-    beta = rho * weight * (layout.positives > 0) / (layout.positives.clamp(min=1) * temperature)
-    if grad_x is not None:
-        grad_x -= beta[:, None] * positive_sums
-    if grad_k is not None:
-        weighted = beta[:, None] * layout.anchors
-        per_class = weighted.new_zeros((layout.num_classes, weighted.shape[1]))
-        per_class.index_add_(0, layout.anchor_class, weighted)
-        grad_k -= per_class.index_select(0, layout.key_class)
-        if layout.self_column is not None:
-            grad_k.index_add_(0, layout.self_column, weighted)
 
 
 def _paper_rows(

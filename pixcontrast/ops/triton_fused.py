@@ -9,9 +9,10 @@ Scalar reductions know the upstream weights in forward, so the statistics pass a
 softmax-weighted key average ``sum_j exp(s_aj - lse_a) k_j`` (attention with V = K): the negative
 part of ``dx`` costs no pass of its own. Paper's positive terms (and the positive part of
 ``dx``) take one more pass over the rows' positive blocks only, about M / C columns; supcon's
-positive part goes through class sums, shared with the torch path. ``reduction="none"``
-recomputes the scores in backward, flash-attention style. The key gradient ``dk = G^T x / tau``
-is one kernel over key-column blocks. The ``N x M`` matrix is never in memory.
+positive part goes through the class sums of :mod:`pixcontrast.ops._autograd`, as on the
+torch path. ``reduction="none"`` recomputes the scores in backward, flash-attention style. The
+key gradient ``dk = G^T x / tau`` is one kernel over key-column blocks. The ``N x M`` matrix is
+never in memory.
 
 Nothing in this module's launch path reads a device value on the host: row bounds come from
 device-side searches, grids from shapes and upper bounds.
@@ -31,10 +32,14 @@ from typing import Callable, NamedTuple, Optional, Sequence
 import torch
 from torch import Tensor
 
-from ._autograd import AnchorStatistics, apply_contrast
+from ._autograd import (
+    AnchorStatistics,
+    add_supcon_positive_gradient,
+    apply_contrast,
+    supcon_positive_sums,
+)
 from ._layout import ContrastLayout
 from ._options import ContrastInputs, ContrastOptions
-from .torch_fused import add_supcon_positive_gradient, supcon_positive_sums
 
 __all__ = [
     "KernelLaunch",
