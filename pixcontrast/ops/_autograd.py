@@ -2,10 +2,12 @@
 
 A fused backend provides one function, its ``sweep``, with this contract::
 
-    sweep(layout, temperature, rho, variant, weight, need_anchor_grad, key_grad_columns, saved)
+    sweep(layout, options, weight, need_anchor_grad, key_grad_columns, saved=None)
         -> (loss [N], AnchorStatistics, grad_x [N, D] or None, grad_k [M, D] or None)
 
-over the class-sorted :class:`~pixcontrast.ops._layout.ContrastLayout`: ``weight`` is the upstream
+over the class-sorted :class:`~pixcontrast.ops._layout.ContrastLayout`: ``options`` is the
+frozen :class:`~pixcontrast.ops._options.ContrastOptions` (the sweep reads its temperature,
+``rho`` and variant; the reduction is the glue's business), ``weight`` is the upstream
 gradient ``g_a`` per sorted anchor (``None``: statistics only, no gradient work),
 ``key_grad_columns`` the sorted key column ranges whose gradient is wanted, and ``saved`` the
 statistics of an earlier call, reused instead of being recomputed. Gradients are with respect to
@@ -114,8 +116,7 @@ def supcon_positive_sums(layout: ContrastLayout) -> Tensor:
 def add_supcon_positive_gradient(
     layout: ContrastLayout,
     positive_sums: Tensor,
-    temperature: float,
-    rho: float,
+    options: ContrastOptions,
     weight: Tensor,
     grad_x: Optional[Tensor],
     grad_k: Optional[Tensor],
@@ -124,7 +125,10 @@ def add_supcon_positive_gradient(
     the (complete, ``1/tau`` included) input gradients in place, through class sums instead of a
     pass over the pairs: ``dx_a -= beta_a S'_a``, ``dk_j -= sum_{a: y_a = c_j, a != j} beta_a x_a``
     with ``beta_a = rho * g_a / (|P(a)| tau)`` and ``S'_a`` = :func:`supcon_positive_sums`."""
-    beta = rho * weight * (layout.positives > 0) / (layout.positives.clamp(min=1) * temperature)
+    beta = (
+        options.rho * weight * (layout.positives > 0)
+        / (layout.positives.clamp(min=1) * options.temperature)
+    )
     if grad_x is not None:
         grad_x -= beta[:, None] * positive_sums
     if grad_k is not None:
@@ -241,9 +245,7 @@ class ContrastFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, call: ContrastCall, anchors: Tensor, *key_parts: Tensor) -> Tensor:
-        options = call.options
-        temperature, rho, variant = options.temperature, options.rho, options.variant
-        reduction, sweep, grad_enabled = options.reduction, call.sweep, call.grad_enabled
+        options, sweep, grad_enabled = call.options, call.sweep, call.grad_enabled
         labels, key_labels, in_batch = call.labels, call.key_labels, call.in_batch
         layout = build_layout(anchors, labels, key_parts, key_labels, in_batch)
         spec = InputSpec(
@@ -254,17 +256,16 @@ class ContrastFunction(torch.autograd.Function):
         )
         columns = key_grad_columns(layout, spec.need_anchor_grad, spec.need_part_grad)
         ctx.layout, ctx.spec, ctx.columns = layout, spec, columns
-        ctx.config = (temperature, rho, variant, sweep)
+        ctx.options, ctx.sweep = options, sweep
         any_grad = spec.need_anchor_grad or any(spec.need_part_grad)
-        if reduction != "none":
-            weight = reduction_weights(layout, reduction)
+        if options.reduction != "none":
+            weight = reduction_weights(layout, options.reduction)
             loss, _, grad_x, grad_k = sweep(
-                layout, temperature, rho, variant, weight if any_grad else None,
-                spec.need_anchor_grad, columns,
+                layout, options, weight if any_grad else None, spec.need_anchor_grad, columns
             )
             ctx.fused = scatter_to_inputs(layout, spec, grad_x, grad_k)
             return (loss * weight).sum()
-        loss, stats, _, _ = sweep(layout, temperature, rho, variant, None, False, None)
+        loss, stats, _, _ = sweep(layout, options, None, False, None)
         ctx.fused = None
         ctx.stats = stats
         # Backward recomputes the scores from the layout, which may alias the caller's tensors
@@ -285,13 +286,12 @@ class ContrastFunction(torch.autograd.Function):
                 None if g is None else g * scale.to(g.dtype) for g in grad_parts
             )
         else:
-            temperature, rho, variant, sweep = ctx.config
             _ = ctx.saved_tensors  # raises if an input was modified in place since forward
             weight = grad_output.to(layout.anchors.dtype).index_select(0, layout.anchor_order)
             weight = weight * (layout.positives > 0)
-            _, _, grad_x, grad_k = sweep(
-                layout, temperature, rho, variant, weight, ctx.spec.need_anchor_grad,
-                ctx.columns, saved=ctx.stats,
+            _, _, grad_x, grad_k = ctx.sweep(
+                layout, ctx.options, weight, ctx.spec.need_anchor_grad, ctx.columns,
+                saved=ctx.stats,
             )
             grad_anchors, grad_parts = scatter_to_inputs(layout, ctx.spec, grad_x, grad_k)
         return (None, grad_anchors, *grad_parts)

@@ -31,6 +31,7 @@ from ._autograd import (
     supcon_positive_sums,
 )
 from ._layout import ContrastLayout
+from ._options import ContrastOptions
 
 __all__ = [
     "AnchorStatistics",
@@ -45,23 +46,33 @@ _CHUNK_ELEMENTS = 1 << 25
 _MIN_CHUNK_ROWS = 256
 
 
-def _exp_shifted(scores: Tensor, shift: Optional[Tensor]) -> Tensor:
-    """In place ``exp(scores - shift)`` row-wise; ``shift=None`` uses the row maximum.
+def _exponentiate(
+    scores: Tensor, saved_normalizer: Optional[Tensor]
+) -> tuple[Tensor, Optional[Tensor]]:
+    """In place ``exp(scores - shift)`` row-wise; returns ``(log-normaliser, row sums or None)``.
 
-    Returns the shift used, with ``-inf`` (a row without any finite score) replaced by 0 so that
-    such rows become exact zeros instead of NaN.
+    Without a saved log-normaliser the shift is the row maximum, and the result is
+    ``(shift + log z, z)`` with ``z`` the row sums of the exponentials. With one, the shift is
+    the saved log-normaliser itself (it bounds every score it sums over), so the rows already
+    hold the softmax: the result is ``(saved_normalizer, None)``. A shift of ``-inf`` (a row
+    without any finite score) is replaced by 0, so that such rows become exact zeros instead of
+    NaN.
     """
-    if shift is None:
-        shift = scores.amax(dim=1)
+    shift = scores.amax(dim=1) if saved_normalizer is None else saved_normalizer
     shift = torch.where(torch.isfinite(shift), shift, torch.zeros_like(shift))
     scores.sub_(shift[:, None]).exp_()
-    return shift
-
-
-def _normalizer(scores: Tensor, shift: Tensor) -> tuple[Tensor, Tensor]:
-    """From ``exp(s - shift)`` in ``scores``: the row sums ``z`` and ``shift + log z``."""
+    if saved_normalizer is not None:
+        return saved_normalizer, None
     total = scores.sum(dim=1)
-    return total, shift + total.log()
+    return shift + total.log(), total
+
+
+def _softmax_coefficient(coef: Tensor, total: Optional[Tensor]) -> Tensor:
+    """The row factors that turn the exponentials of :func:`_exponentiate` into ``coef`` times
+    the softmax: ``coef / z``, or ``coef`` itself when the rows hold the softmax already."""
+    if total is None:
+        return coef
+    return coef / total.clamp(min=torch.finfo(total.dtype).tiny)
 
 
 def _paper_rows(
@@ -91,12 +102,7 @@ def _paper_rows(
             positives[local, layout.self_column[lo:hi] - b0] = torch.inf
         blocks.append((lo - start, hi - start, b0, b1, positives))
 
-    if saved is None:
-        shift = _exp_shifted(scores, None)
-        total, nu = _normalizer(scores, shift)
-    else:
-        nu = saved.log_normalizer[start:stop]
-        _exp_shifted(scores, nu)  # exp(s - nu) directly: nu bounds every negative score
+    nu, total = _exponentiate(scores, None if saved is None else saved.log_normalizer[start:stop])
 
     loss = scores.new_zeros(rows)
     sigmoid_sum = scores.new_zeros(rows)
@@ -116,9 +122,7 @@ def _paper_rows(
         return loss, stats
 
     has_negatives = torch.isfinite(nu)
-    coef = rho * weight * w
-    if saved is None:
-        coef = coef / total.clamp(min=torch.finfo(total.dtype).tiny)
+    coef = _softmax_coefficient(rho * weight * w, total)
     scores.mul_(torch.where(has_negatives, coef, torch.zeros_like(coef))[:, None])
     pos_coef = -rho * weight * inv_pos
     for (a, b, b0, b1, _), sig in zip(blocks, sigmoids):
@@ -145,29 +149,19 @@ def _supcon_rows(
         scores[local, layout.self_column[start:stop]] = -torch.inf
     positives = layout.positives[start:stop]
     has_pos = positives > 0
-    if saved is None:
-        shift = _exp_shifted(scores, None)
-        total, lam = _normalizer(scores, shift)
-    else:
-        lam = saved.log_normalizer[start:stop]
-        _exp_shifted(scores, lam)
+    lam, total = _exponentiate(scores, None if saved is None else saved.log_normalizer[start:stop])
     safe_lam = torch.where(has_pos, lam, torch.zeros_like(lam))
     loss = torch.where(has_pos, rho * (safe_lam - positive_dot / positives.clamp(min=1)), 0.0)
     stats = AnchorStatistics(lam, torch.zeros_like(lam))
     if weight is None:
         return loss, stats
-    coef = rho * weight * has_pos
-    if saved is None:
-        coef = coef / total.clamp(min=torch.finfo(total.dtype).tiny)
-    scores.mul_(coef[:, None])
+    scores.mul_(_softmax_coefficient(rho * weight * has_pos, total)[:, None])
     return loss, stats
 
 
 def sweep(
     layout: ContrastLayout,
-    temperature: float,
-    rho: float,
-    variant: str,
+    options: ContrastOptions,
     weight: Optional[Tensor],
     need_anchor_grad: bool,
     key_grad_columns: Optional[list[tuple[int, int]]],
@@ -176,6 +170,8 @@ def sweep(
     """One pass over all row chunks, in the sorted order of ``layout``.
 
     Args:
+        layout: the class-sorted inputs.
+        options: the loss options (temperature, ``rho`` and variant are read).
         weight: ``[N]`` upstream gradient per sorted anchor, or ``None`` for statistics only.
         key_grad_columns: ranges of sorted key columns whose gradient is wanted (``None``: none).
         saved: statistics of an earlier forward; when given, the per-row normalisers are reused.
@@ -183,6 +179,7 @@ def sweep(
     Returns:
         ``(loss [N], statistics, d anchors [N, D] or None, d keys [M, D] or None)``.
     """
+    temperature, rho, variant = options.temperature, options.rho, options.variant
     x, k = layout.anchors, layout.keys
     n, m = x.shape[0], k.shape[0]
     scaled = x / temperature
@@ -234,9 +231,7 @@ def sweep(
     if grad_x is not None:
         grad_x /= temperature
     if weight is not None and variant == "supcon":
-        add_supcon_positive_gradient(
-            layout, positive_sums, temperature, rho, weight, grad_x, grad_k
-        )
+        add_supcon_positive_gradient(layout, positive_sums, options, weight, grad_x, grad_k)
     return loss, AnchorStatistics(normalizer, positive_weight), grad_x, grad_k
 
 

@@ -334,9 +334,7 @@ def _launch(kernel, grid: tuple[int, ...], *args, **meta) -> None:
 
 def sweep(
     layout: ContrastLayout,
-    temperature: float,
-    rho: float,
-    variant: str,
+    options: ContrastOptions,
     weight: Optional[Tensor],
     need_anchor_grad: bool,
     key_grad_columns: Optional[list[tuple[int, int]]],
@@ -354,6 +352,7 @@ def sweep(
     dtype of the products' operands; ``num_splits`` overrides the planned key splits, ``target``
     the device's, and ``launch(kernel, grid, *args, **meta)`` runs a kernel (tests record).
     """
+    temperature, rho = options.temperature, options.rho
     x, k = layout.anchors, layout.keys
     n, m, dim = x.shape[0], k.shape[0], x.shape[1]
     loss = x.new_zeros(n)
@@ -381,7 +380,7 @@ def sweep(
     x_op = x.to(operand_dtype).contiguous()
     k_op = k.to(operand_dtype).contiguous()
     pos_lo, pos_hi, self_col = _row_bounds(layout)
-    is_paper = variant == "paper"
+    is_paper = options.variant == "paper"
     inv_pos = 1.0 / layout.positives.clamp(min=1)
     has_pos = layout.positives > 0
     positive_sums = None if is_paper else supcon_positive_sums(layout)
@@ -506,9 +505,7 @@ def sweep(
         grad_k *= coef_unit / temperature
     if not is_paper:
         assert positive_sums is not None
-        add_supcon_positive_gradient(
-            layout, positive_sums, temperature, rho, weight, grad_x, grad_k
-        )
+        add_supcon_positive_gradient(layout, positive_sums, options, weight, grad_x, grad_k)
     return loss, stats, grad_x, grad_k
 
 
