@@ -16,13 +16,19 @@ the sorted anchors and keys; :func:`scatter_to_inputs` maps them back to the cal
 Both sweeps take supcon's positive terms from the class sums here
 (:func:`supcon_positive_sums`, :func:`add_supcon_positive_gradient`), so neither backend imports
 the other.
+
+:class:`FusedEvaluation` drives a sweep for one loss evaluation, forward and backward. Two
+autograd entries run it: the registered operator ``pixcontrast::contrastive_loss`` of
+:mod:`pixcontrast._dispatch` (torch 2.4 and later, opaque to ``torch.compile``), and
+:class:`ContrastFunction` (older torch, and any sweep that is not a registered backend's, such
+as a test's with fixed key splits).
 """
 
 from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -34,6 +40,8 @@ __all__ = [
     "AnchorStatistics",
     "ContrastCall",
     "ContrastFunction",
+    "FusedEvaluation",
+    "Gradients",
     "apply_contrast",
     "first_derivatives_only",
     "InputSpec",
@@ -41,6 +49,7 @@ __all__ = [
     "add_supcon_positive_gradient",
     "key_grad_columns",
     "reduction_weights",
+    "scale_gradients",
     "scatter_to_inputs",
     "supcon_positive_sums",
     "unsort",
@@ -174,12 +183,16 @@ def scatter_to_inputs(
     if grad_k is not None and layout.self_column is not None and grad_anchors is not None:
         # An anchor's role as a key: its own column, in sorted-anchor order.
         grad_anchors[layout.anchor_order] += grad_k.index_select(0, layout.self_column)
-    if grad_k is not None and any(spec.need_part_grad):
-        combined = grad_k.new_zeros((offset + sum(layout.key_part_sizes), grad_k.shape[1]))
-        combined[layout.key_source] = grad_k
+    if any(spec.need_part_grad):
+        # (zeros for a part none of whose keys is a wanted column: only invalid keys, say)
+        rows = offset + sum(layout.key_part_sizes)
+        combined = layout.keys.new_zeros((rows, layout.keys.shape[1]))
+        if grad_k is not None:
+            combined[layout.key_source] = grad_k
         parts = combined[offset:].split(list(layout.key_part_sizes))
+        # (copies, not views of ``combined``: the registered operator returns fresh tensors)
         grad_parts = tuple(
-            part.to(dtype) if need else None
+            part.to(dtype, copy=True) if need else None
             for part, dtype, need in zip(parts, spec.key_dtypes, spec.need_part_grad)
         )
     if grad_anchors is not None:
@@ -219,6 +232,101 @@ def first_derivatives_only(name: str) -> Callable[[Callable], Callable]:
     return decorate
 
 
+Gradients = tuple[Optional[Tensor], tuple[Optional[Tensor], ...]]
+"""Gradients of the anchors and of each key part; ``None`` for a tensor that needs none."""
+
+
+@dataclass(frozen=True)
+class FusedEvaluation:
+    """One loss evaluation of a fused backend: what its forward and its backward share.
+
+    Both :class:`ContrastFunction` and the registered operator of :mod:`pixcontrast._dispatch`
+    run a fused backend through it.
+
+    Attributes:
+        layout: the class-sorted inputs.
+        spec: the caller's dtypes and which of its tensors need a gradient.
+        columns: the sorted key columns whose gradient is wanted (:func:`key_grad_columns`).
+        options: the loss options.
+        sweep: the backend's sweep.
+    """
+
+    layout: ContrastLayout
+    spec: InputSpec
+    columns: Optional[list[tuple[int, int]]]
+    options: ContrastOptions
+    sweep: Sweep
+
+    @classmethod
+    def prepare(
+        cls,
+        inputs: ContrastInputs,
+        options: ContrastOptions,
+        sweep: Sweep,
+        need_grad: Sequence[bool],
+    ) -> FusedEvaluation:
+        """Lay ``inputs`` out by class; ``need_grad``: the anchors', then each key part's."""
+        layout = build_layout(
+            inputs.anchors, inputs.labels, inputs.keys, inputs.key_labels, inputs.in_batch
+        )
+        spec = InputSpec(
+            anchor_dtype=inputs.anchors.dtype,
+            key_dtypes=tuple(part.dtype for part in inputs.keys),
+            need_anchor_grad=need_grad[0],
+            need_part_grad=tuple(need_grad[1:]),
+        )
+        columns = key_grad_columns(layout, spec.need_anchor_grad, spec.need_part_grad)
+        return cls(layout, spec, columns, options, sweep)
+
+    def reduced(self) -> tuple[Tensor, Gradients]:
+        """A scalar reduction's loss and the input gradients for an upstream gradient of 1.
+
+        The reduction's weights are the upstream ``g_a``, known here: one sweep gives both.
+        """
+        layout, spec = self.layout, self.spec
+        weight = reduction_weights(layout, self.options.reduction)
+        any_grad = spec.need_anchor_grad or any(spec.need_part_grad)
+        loss, _, grad_x, grad_k = self.sweep(
+            layout, self.options, weight if any_grad else None, spec.need_anchor_grad,
+            self.columns,
+        )
+        return (loss * weight).sum(), scatter_to_inputs(layout, spec, grad_x, grad_k)
+
+    def per_anchor(self) -> tuple[Tensor, AnchorStatistics]:
+        """``reduction="none"``: the ``[N]`` losses and the statistics :meth:`backward` takes,
+        both in the caller's anchor order."""
+        loss, stats, _, _ = self.sweep(self.layout, self.options, None, False, None)
+        return unsort(self.layout, loss), AnchorStatistics(
+            unsort(self.layout, stats.log_normalizer), unsort(self.layout, stats.positive_weight)
+        )
+
+    def backward(self, statistics: AnchorStatistics, grad_output: Tensor) -> Gradients:
+        """``reduction="none"``: the input gradients for the upstream ``grad_output`` (``[N]``),
+        the scores recomputed with the statistics of :meth:`per_anchor`."""
+        layout = self.layout
+        order = layout.anchor_order
+        saved = AnchorStatistics(
+            statistics.log_normalizer.index_select(0, order),
+            statistics.positive_weight.index_select(0, order),
+        )
+        weight = grad_output.to(layout.anchors.dtype).index_select(0, order)
+        weight = weight * (layout.positives > 0)
+        _, _, grad_x, grad_k = self.sweep(
+            layout, self.options, weight, self.spec.need_anchor_grad, self.columns, saved=saved
+        )
+        return scatter_to_inputs(layout, self.spec, grad_x, grad_k)
+
+
+def scale_gradients(gradients: Gradients, upstream: Tensor) -> Gradients:
+    """The gradients of :meth:`FusedEvaluation.reduced` for the upstream scalar ``upstream``."""
+    grad_anchors, grad_parts = gradients
+
+    def scaled(grad: Optional[Tensor]) -> Optional[Tensor]:
+        return None if grad is None else grad * upstream.to(grad.dtype)
+
+    return scaled(grad_anchors), tuple(scaled(grad) for grad in grad_parts)
+
+
 @dataclass(frozen=True)
 class ContrastCall:
     """Everything :class:`ContrastFunction` takes besides the differentiable tensors (anchors
@@ -245,55 +353,29 @@ class ContrastFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, call: ContrastCall, anchors: Tensor, *key_parts: Tensor) -> Tensor:
-        options, sweep, grad_enabled = call.options, call.sweep, call.grad_enabled
-        labels, key_labels, in_batch = call.labels, call.key_labels, call.in_batch
-        layout = build_layout(anchors, labels, key_parts, key_labels, in_batch)
-        spec = InputSpec(
-            anchor_dtype=anchors.dtype,
-            key_dtypes=tuple(part.dtype for part in key_parts),
-            need_anchor_grad=grad_enabled and ctx.needs_input_grad[1],
-            need_part_grad=tuple(grad_enabled and need for need in ctx.needs_input_grad[2:]),
-        )
-        columns = key_grad_columns(layout, spec.need_anchor_grad, spec.need_part_grad)
-        ctx.layout, ctx.spec, ctx.columns = layout, spec, columns
-        ctx.options, ctx.sweep = options, sweep
-        any_grad = spec.need_anchor_grad or any(spec.need_part_grad)
-        if options.reduction != "none":
-            weight = reduction_weights(layout, options.reduction)
-            loss, _, grad_x, grad_k = sweep(
-                layout, options, weight if any_grad else None, spec.need_anchor_grad, columns
-            )
-            ctx.fused = scatter_to_inputs(layout, spec, grad_x, grad_k)
-            return (loss * weight).sum()
-        loss, stats, _, _ = sweep(layout, options, None, False, None)
-        ctx.fused = None
-        ctx.stats = stats
+        inputs = ContrastInputs(anchors, call.labels, key_parts, call.key_labels, call.in_batch)
+        need_grad = [call.grad_enabled and need for need in ctx.needs_input_grad[1:]]
+        evaluation = FusedEvaluation.prepare(inputs, call.options, call.sweep, need_grad)
+        ctx.evaluation = evaluation
+        if call.options.reduction != "none":
+            loss, ctx.gradients = evaluation.reduced()
+            return loss
+        loss, ctx.statistics = evaluation.per_anchor()
+        ctx.gradients = None
         # Backward recomputes the scores from the layout, which may alias the caller's tensors
         # (a memory bank's keys() is a view of its queue): saved as autograd saves inputs, an
         # in-place change before backward raises instead of giving a wrong gradient.
         ctx.save_for_backward(anchors, *key_parts)
-        return unsort(layout, loss)
+        return loss
 
     @staticmethod
     @first_derivatives_only("contrastive_loss")
     def backward(ctx, grad_output: Tensor):
-        layout = ctx.layout
-        if ctx.fused is not None:
-            scale = grad_output.to(layout.anchors.dtype)
-            grad_anchors, grad_parts = ctx.fused
-            grad_anchors = None if grad_anchors is None else grad_anchors * scale
-            grad_parts = tuple(
-                None if g is None else g * scale.to(g.dtype) for g in grad_parts
-            )
+        if ctx.gradients is not None:
+            grad_anchors, grad_parts = scale_gradients(ctx.gradients, grad_output)
         else:
             _ = ctx.saved_tensors  # raises if an input was modified in place since forward
-            weight = grad_output.to(layout.anchors.dtype).index_select(0, layout.anchor_order)
-            weight = weight * (layout.positives > 0)
-            _, _, grad_x, grad_k = ctx.sweep(
-                layout, ctx.options, weight, ctx.spec.need_anchor_grad, ctx.columns,
-                saved=ctx.stats,
-            )
-            grad_anchors, grad_parts = scatter_to_inputs(layout, ctx.spec, grad_x, grad_k)
+            grad_anchors, grad_parts = ctx.evaluation.backward(ctx.statistics, grad_output)
         return (None, grad_anchors, *grad_parts)
 
 

@@ -18,7 +18,6 @@ key sums, so it costs no pass over the buffer at all.
 
 from __future__ import annotations
 
-import functools
 from typing import Optional
 
 import torch
@@ -27,7 +26,6 @@ from torch import Tensor
 from ._autograd import (
     AnchorStatistics,
     add_supcon_positive_gradient,
-    apply_contrast,
     supcon_positive_sums,
 )
 from ._layout import ContrastLayout
@@ -36,7 +34,6 @@ from ._options import ContrastOptions
 __all__ = [
     "AnchorStatistics",
     "sweep",
-    "torch_contrastive_loss",
 ]
 
 # The one [rows, M] score buffer is the only O(rows * M) memory of the backend: up to 2**25
@@ -233,7 +230,3 @@ def sweep(
     if weight is not None and variant == "supcon":
         add_supcon_positive_gradient(layout, positive_sums, options, weight, grad_x, grad_k)
     return loss, AnchorStatistics(normalizer, positive_weight), grad_x, grad_k
-
-
-# The torch backend: the shared autograd glue driven by this module's sweep.
-torch_contrastive_loss = functools.partial(apply_contrast, sweep=sweep)

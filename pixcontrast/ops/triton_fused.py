@@ -34,8 +34,8 @@ from torch import Tensor
 
 from ._autograd import (
     AnchorStatistics,
+    Sweep,
     add_supcon_positive_gradient,
-    apply_contrast,
     supcon_positive_sums,
 )
 from ._layout import ContrastLayout
@@ -48,8 +48,8 @@ __all__ = [
     "launch_plan",
     "operand_dtype",
     "sweep",
+    "sweep_for",
     "tile_config",
-    "triton_contrastive_loss",
     "unsupported",
 ]
 
@@ -509,7 +509,6 @@ def sweep(
     return loss, stats, grad_x, grad_k
 
 
-def triton_contrastive_loss(inputs: ContrastInputs, options: ContrastOptions) -> Tensor:
-    """The loss of the Triton backend (its ``sweep`` through the shared autograd glue)."""
-    fused_sweep = functools.partial(sweep, operand_dtype=operand_dtype(inputs.anchors, inputs.keys))
-    return apply_contrast(inputs, options, sweep=fused_sweep)
+def sweep_for(inputs: ContrastInputs) -> Sweep:
+    """The Triton ``sweep`` for these inputs: its products take :func:`operand_dtype` of them."""
+    return functools.partial(sweep, operand_dtype=operand_dtype(inputs.anchors, inputs.keys))
