@@ -102,8 +102,12 @@ def triton_auto_declines(
     float32_precision: str,
     measured_wins: frozenset = TRITON_MEASURED_WINS,
 ) -> list[str]:
-    """Why ``auto`` does not take Triton for inputs on a GPU of ``capability`` (``None``: not a
-    CUDA device) whose products take ``operand_dtype``, at torch's fp32 matmul precision."""
+    """Why ``auto`` does not take Triton for inputs on a GPU of ``capability``.
+
+    ``capability`` ``None`` means not a CUDA device; the inputs' products take
+    ``operand_dtype``, at torch's fp32 matmul precision ``float32_precision``; ``measured_wins``
+    are the (capability, dtype) pairs where Triton was measured faster.
+    """
     if capability is None:
         return ["auto takes Triton for CUDA tensors only"]
     reasons = []
@@ -162,8 +166,11 @@ def _fused_loss(name: str, inputs: ContrastInputs, options: ContrastOptions) -> 
 
 
 def _reference_loss(inputs: ContrastInputs, options: ContrastOptions) -> Tensor:
-    """The dense reference: plain torch, so that dynamo traces it and autograd differentiates
-    it to any order (a registered operator would allow first derivatives only)."""
+    """The dense reference, after the value checks.
+
+    Plain torch, so that dynamo traces it and autograd differentiates it to any order (a
+    registered operator would allow first derivatives only).
+    """
     _checks.check_contrast_values(inputs, options.temperature, options.rho)
     return reference_contrastive_loss(inputs, options)
 

@@ -110,9 +110,11 @@ def key_grad_columns(
 
 
 def supcon_positive_sums(layout: ContrastLayout) -> Tensor:
-    """``[N, D]`` sum of the positive keys of each sorted anchor, ``S_{y_a} - [in-batch] x_a``
-    with the class sums ``S_c`` (:mod:`pixcontrast.ops`): supcon's positive term is linear in
-    the keys."""
+    """``[N, D]`` sum of the positive keys of each sorted anchor.
+
+    That is ``S_{y_a} - [in-batch] x_a`` with the class sums ``S_c`` (:mod:`pixcontrast.ops`):
+    supcon's positive term is linear in the keys.
+    """
     k = layout.keys
     class_sums = k.new_zeros((layout.num_classes, k.shape[1]))
     class_sums.index_add_(0, layout.key_class, k)
@@ -130,10 +132,14 @@ def add_supcon_positive_gradient(
     grad_x: Optional[Tensor],
     grad_k: Optional[Tensor],
 ) -> None:
-    """Adds supcon's positive part of ``G``, ``-rho * g_a / |P(a)|`` on every positive pair, to
-    the (complete, ``1/tau`` included) input gradients in place, through class sums instead of a
-    pass over the pairs: ``dx_a -= beta_a S'_a``, ``dk_j -= sum_{a: y_a = c_j, a != j} beta_a x_a``
-    with ``beta_a = rho * g_a / (|P(a)| tau)`` and ``S'_a`` = :func:`supcon_positive_sums`."""
+    """Add supcon's positive part of ``G`` to the input gradients, in place.
+
+    The part is ``-rho * g_a / |P(a)|`` on every positive pair; the gradients are complete
+    (``1/tau`` included). Class sums replace a pass over the pairs: ``dx_a -= beta_a S'_a``,
+    ``dk_j -= sum_{a: y_a = c_j, a != j} beta_a x_a`` with ``beta_a = rho * g_a / (|P(a)| tau)``
+    and ``S'_a`` = :func:`supcon_positive_sums` (``positive_sums``); ``weight`` is ``g_a`` per
+    sorted anchor, and ``grad_x`` or ``grad_k`` ``None`` is left alone.
+    """
     beta = (
         options.rho * weight * (layout.positives > 0)
         / (layout.positives.clamp(min=1) * options.temperature)
@@ -170,8 +176,7 @@ class InputSpec:
 def scatter_to_inputs(
     layout: ContrastLayout, spec: InputSpec, grad_x: Optional[Tensor], grad_k: Optional[Tensor]
 ) -> tuple[Optional[Tensor], tuple[Optional[Tensor], ...]]:
-    """Map sorted-space gradients back to the caller's anchors and key parts (dtypes
-    included)."""
+    """Map sorted-space gradients back to the caller's anchors and key parts, dtypes included."""
     n = layout.anchors.shape[0]
     offset = n if layout.in_batch else 0
     grad_anchors = None
@@ -201,16 +206,17 @@ def scatter_to_inputs(
 
 
 def unsort(layout: ContrastLayout, per_anchor: Tensor) -> Tensor:
+    """A per-sorted-anchor tensor in the caller's anchor order."""
     out = torch.empty_like(per_anchor)
     out[layout.anchor_order] = per_anchor
     return out
 
 
 def first_derivatives_only(name: str) -> Callable[[Callable], Callable]:
-    """Decorator for the ``backward`` of an autograd Function whose backward is not itself
-    differentiable (its gradients are constants to autograd).
+    """Decorate the ``backward`` of an autograd Function that is not itself differentiable.
 
-    Autograd runs ``backward`` with gradients enabled exactly when the caller asked for
+    Its gradients are constants to autograd; ``name`` names the Function in the error. Autograd
+    runs ``backward`` with gradients enabled exactly when the caller asked for
     ``create_graph=True``. ``once_differentiable`` alone raises only if the second derivative
     is taken through an output that requires grad; when it does not (a loss's upstream
     gradient is a constant one), a gradient penalty would silently miss this Function's part.
@@ -293,16 +299,20 @@ class FusedEvaluation:
         return (loss * weight).sum(), scatter_to_inputs(layout, spec, grad_x, grad_k)
 
     def per_anchor(self) -> tuple[Tensor, AnchorStatistics]:
-        """``reduction="none"``: the ``[N]`` losses and the statistics :meth:`backward` takes,
-        both in the caller's anchor order."""
+        """``reduction="none"``: the ``[N]`` losses and the statistics :meth:`backward` takes.
+
+        Both are in the caller's anchor order.
+        """
         loss, stats, _, _ = self.sweep(self.layout, self.options, None, False, None)
         return unsort(self.layout, loss), AnchorStatistics(
             unsort(self.layout, stats.log_normalizer), unsort(self.layout, stats.positive_weight)
         )
 
     def backward(self, statistics: AnchorStatistics, grad_output: Tensor) -> Gradients:
-        """``reduction="none"``: the input gradients for the upstream ``grad_output`` (``[N]``),
-        the scores recomputed with the statistics of :meth:`per_anchor`."""
+        """``reduction="none"``: the input gradients for the upstream ``grad_output`` (``[N]``).
+
+        The scores are recomputed with the ``statistics`` of :meth:`per_anchor`.
+        """
         layout = self.layout
         order = layout.anchor_order
         saved = AnchorStatistics(
@@ -329,8 +339,10 @@ def scale_gradients(gradients: Gradients, upstream: Tensor) -> Gradients:
 
 @dataclass(frozen=True)
 class ContrastCall:
-    """Everything :class:`ContrastFunction` takes besides the differentiable tensors (anchors
-    and key parts), in one argument."""
+    """Everything :class:`ContrastFunction` takes besides the differentiable tensors, in one.
+
+    The differentiable tensors are the anchors and the key parts.
+    """
 
     labels: Tensor
     key_labels: Optional[Tensor]

@@ -65,8 +65,11 @@ def _exponentiate(
 
 
 def _softmax_coefficient(coef: Tensor, total: Optional[Tensor]) -> Tensor:
-    """The row factors that turn the exponentials of :func:`_exponentiate` into ``coef`` times
-    the softmax: ``coef / z``, or ``coef`` itself when the rows hold the softmax already."""
+    """The row factors that turn the exponentials of :func:`_exponentiate` into ``coef`` x softmax.
+
+    That is ``coef / z`` (``total`` holds ``z``), or ``coef`` itself when the rows hold the
+    softmax already (``total`` ``None``).
+    """
     if total is None:
         return coef
     return coef / total.clamp(min=torch.finfo(total.dtype).tiny)
@@ -80,8 +83,10 @@ def _paper_rows(
     rho: float,
     saved: Optional[AnchorStatistics],
 ) -> tuple[Tensor, AnchorStatistics]:
-    """Paper variant on the rows ``start:start + len(scores)``; ``scores`` becomes ``G`` when
-    ``weight`` (the upstream ``g_a`` of these rows) is given. Returns (loss, statistics)."""
+    """Paper variant on the rows ``start:start + len(scores)``; returns (loss, statistics).
+
+    ``scores`` becomes ``G`` when ``weight`` (the upstream ``g_a`` of these rows) is given.
+    """
     rows = scores.shape[0]
     stop = start + rows
     inv_pos = 1.0 / layout.positives[start:stop].clamp(min=1)
@@ -136,9 +141,11 @@ def _supcon_rows(
     saved: Optional[AnchorStatistics],
     positive_dot: Tensor,
 ) -> tuple[Tensor, AnchorStatistics]:
-    """Supcon variant on one row chunk; ``scores`` becomes the softmax part of ``G`` only (the
-    positive part is applied by the caller through class sums). ``positive_dot`` is
-    ``sum_p s_ap`` of these rows."""
+    """Supcon variant on one row chunk; returns (loss, statistics).
+
+    ``scores`` becomes the softmax part of ``G`` only (the positive part is applied by the
+    caller through class sums). ``positive_dot`` is ``sum_p s_ap`` of these rows.
+    """
     rows = scores.shape[0]
     stop = start + rows
     if layout.self_column is not None:
@@ -170,6 +177,7 @@ def sweep(
         layout: the class-sorted inputs.
         options: the loss options (temperature, ``rho`` and variant are read).
         weight: ``[N]`` upstream gradient per sorted anchor, or ``None`` for statistics only.
+        need_anchor_grad: whether to compute the gradient of the anchors (with ``weight``).
         key_grad_columns: ranges of sorted key columns whose gradient is wanted (``None``: none).
         saved: statistics of an earlier forward; when given, the per-row normalisers are reused.
 

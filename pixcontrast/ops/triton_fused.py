@@ -64,8 +64,11 @@ _PRECISION = "tf32"
 
 @functools.cache
 def _load_kernels() -> tuple[Optional[ModuleType], bool, str]:
-    """``(kernels, interpreted, why not)``, decided once: Triton reads ``TRITON_INTERPRET`` when
-    the kernels are defined, so the answer of the first import holds for the process."""
+    """``(kernels, interpreted, why not)``, decided once.
+
+    Triton reads ``TRITON_INTERPRET`` when the kernels are defined, so the answer of the first
+    import holds for the process.
+    """
     try:
         import triton
 
@@ -76,8 +79,11 @@ def _load_kernels() -> tuple[Optional[ModuleType], bool, str]:
 
 
 def operand_dtype(anchors: Tensor, keys: Sequence[Tensor]) -> torch.dtype:
-    """Products take half-precision operands when every input is in that dtype (the layout's fp32
-    copy converts back exactly), and fp32 otherwise."""
+    """The dtype of the products' operands for these anchors and key parts.
+
+    Products take half-precision operands when every input is in that dtype (the layout's fp32
+    copy converts back exactly), and fp32 otherwise.
+    """
     dtypes = {anchors.dtype} | {part.dtype for part in keys}
     return dtypes.pop() if len(dtypes) == 1 else torch.float32
 
@@ -112,9 +118,12 @@ def _float32_highest() -> bool:
 
 
 class TileConfig(NamedTuple):
-    """Tiles of the score kernels: the row kernels take ``rows`` anchors x ``cols`` keys per tile
-    over ``num_warps``; the key-gradient kernel ``key_rows`` keys x ``cols`` anchors over
-    ``key_warps``. Both pipeline ``num_stages`` deep."""
+    """Tiles of the score kernels.
+
+    The row kernels take ``rows`` anchors x ``cols`` keys per tile over ``num_warps``; the
+    key-gradient kernel ``key_rows`` keys x ``cols`` anchors over ``key_warps``. Both pipeline
+    ``num_stages`` deep.
+    """
 
     rows: int
     cols: int
@@ -169,8 +178,11 @@ _WAVE_SLACK = 0.05
 
 
 def arch_family(capability: tuple[int, int]) -> str:
-    """The tile family of a CUDA compute capability: sm90 for Hopper and newer (untested beyond
-    sm90), sm80 for A100, sm86 (99 KiB of shared memory) for the other sm8x GPUs and older."""
+    """The tile family of a CUDA compute capability.
+
+    sm90 for Hopper and newer (untested beyond sm90), sm80 for A100, sm86 (99 KiB of shared
+    memory) for the other sm8x GPUs and older.
+    """
     if capability >= (9, 0):
         return "sm90"
     return "sm80" if capability == (8, 0) else "sm86"
@@ -201,6 +213,7 @@ class KernelLaunch:
 
     @property
     def programs(self) -> int:
+        """The number of programs the launch runs, the product of its grid."""
         return math.prod(self.grid)
 
 
@@ -239,14 +252,15 @@ def launch_plan(
     num_splits: Optional[int] = None,
     interpreted: bool = False,
 ) -> dict[str, KernelLaunch]:
-    """Every kernel a loss evaluation over ``n`` sorted anchors and ``m`` sorted keys may launch,
-    planned without launching anything: grid, tiles, warps, stages and key splits.
+    """Every kernel a loss evaluation over ``n`` sorted anchors and ``m`` sorted keys may launch.
 
-    ``dtype`` is the products' operand dtype, ``num_splits`` overrides the split choice (tests).
-    ``"key_grad"``'s grid is its upper bound, all ``m`` columns; ``"split_sum"``'s is that of an
-    ``[n, dim]`` sum of partials (paper's positive terms are a smaller one). ``"positive"`` (paper
-    only) and ``"anchor_grad"`` (backward of ``reduction="none"``) take the split of
-    ``"statistics"``.
+    Planned without launching anything: grid, tiles, warps, stages and key splits, for features
+    of dimension ``dim`` on a GPU of ``sm_count`` SMs and compute ``capability`` (the
+    interpreter's small tiles when ``interpreted``). ``dtype`` is the products' operand dtype,
+    ``num_splits`` overrides the split choice (tests). ``"key_grad"``'s grid is its upper bound,
+    all ``m`` columns; ``"split_sum"``'s is that of an ``[n, dim]`` sum of partials (paper's
+    positive terms are a smaller one). ``"positive"`` (paper only) and ``"anchor_grad"``
+    (backward of ``reduction="none"``) take the split of ``"statistics"``.
     """
     tiles = _INTERPRETER_TILES if interpreted else tile_config(capability, dtype, dim)
     block_d = _block_d(dim)
@@ -301,8 +315,11 @@ def device_target(device: torch.device) -> Target:
 
 
 def _row_bounds(layout: ContrastLayout) -> tuple[Tensor, Tensor, Tensor]:
-    """``pos_lo, pos_hi, self_col`` (int32) per sorted anchor, found on the device: the class
-    block of each anchor is where its class id sorts into the non-decreasing key classes."""
+    """``pos_lo, pos_hi, self_col`` (int32) per sorted anchor, found on the device.
+
+    The class block of each anchor is where its class id sorts into the non-decreasing key
+    classes.
+    """
     key_class, anchor_class = layout.key_class, layout.anchor_class
     pos_lo = torch.searchsorted(key_class, anchor_class, out_int32=True)
     pos_hi = torch.searchsorted(key_class, anchor_class, right=True, out_int32=True)
@@ -314,8 +331,11 @@ def _row_bounds(layout: ContrastLayout) -> tuple[Tensor, Tensor, Tensor]:
 
 
 def _key_blocks(columns: list[tuple[int, int]], block: int, device) -> tuple[Tensor, Tensor]:
-    """The table of column blocks of the ``dk`` kernel, ``[start, stop)`` per program, copied to
-    the device from pinned memory without waiting (the ranges are host values already)."""
+    """The table of column blocks of the ``dk`` kernel, ``[start, stop)`` per program.
+
+    The ``columns`` ranges are cut into blocks of ``block`` columns and copied to ``device``
+    from pinned memory without waiting (the ranges are host values already).
+    """
     starts = [start for lo, hi in columns for start in range(lo, hi, block)]
     stops = [hi for lo, hi in columns for _ in range(lo, hi, block)]
     table = torch.tensor([starts, stops], dtype=torch.int32)
