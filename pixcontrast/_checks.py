@@ -14,8 +14,10 @@ from .ops._options import ContrastInputs
 
 __all__ = [
     "check_pixel_maps",
+    "check_anchor_labels",
     "check_choice",
     "check_contrast_inputs",
+    "check_contrast_values",
     "check_count",
     "check_fraction",
     "check_embeddings",
@@ -180,13 +182,22 @@ def check_mask(value: object, name: str, shape: Sequence[int], other: str) -> Te
 
 
 def check_contrast_inputs(
-    anchors: object, labels: object, keys: object, key_labels: object, in_batch: object
+    anchors: object,
+    labels: object,
+    keys: object,
+    key_labels: object,
+    in_batch: object,
+    *,
+    check_values: bool = True,
 ) -> ContrastInputs:
     """The data arguments of a contrastive loss, validated into :class:`ContrastInputs`.
 
-    Checks shapes, dtypes, devices and the label range (finiteness: :func:`check_score_range`).
-    ``keys`` and ``key_labels`` are a tensor each, or sequences of matching parts; ``in_batch``
-    ``None`` means ``True`` without keys and ``False`` with them.
+    Checks shapes, dtypes, devices and, unless ``check_values`` is false, the label range
+    (:func:`check_anchor_labels`; finiteness: :func:`check_score_range`). ``check_values=False``
+    makes no host synchronisation: the caller then runs :func:`check_contrast_values` where
+    the values are known (the loss runs it inside its registered operator). ``keys`` and
+    ``key_labels`` are a tensor each, or sequences of matching parts; ``in_batch`` ``None``
+    means ``True`` without keys and ``False`` with them.
     """
     anchors = check_embeddings(anchors, "anchors", 2)
     labels = check_labels(labels, "labels", 1)
@@ -239,15 +250,31 @@ def check_contrast_inputs(
             )
         named += [(f"keys{suffix}", part), (f"key_labels{suffix}", part_labels)]
     check_same_device(named)
-    # (unsigned labels, which torch has no min for beyond uint8, are never negative)
-    if labels.numel() and labels.is_signed() and int(labels.min()) < 0:
-        raise ValueError("labels must be >= 0 (filter ignored pixels out first)")
+    if check_values:
+        check_anchor_labels(labels)
     # (finiteness: checked with the magnitudes by check_score_range, which every caller runs)
     concatenated = None
     if checked_labels:
         concatenated = checked_labels[0] if single else torch.cat(checked_labels)
     in_batch = keys is None if in_batch is None else bool(in_batch)
     return ContrastInputs(anchors, labels, tuple(checked_keys), concatenated, in_batch)
+
+
+def check_anchor_labels(labels: Tensor) -> None:
+    """Raise unless every anchor label is ``>= 0`` (one host synchronisation)."""
+    # (unsigned labels, which torch has no min for beyond uint8, are never negative)
+    if labels.numel() and labels.is_signed() and int(labels.min()) < 0:
+        raise ValueError("labels must be >= 0 (filter ignored pixels out first)")
+
+
+def check_contrast_values(inputs: ContrastInputs, temperature: float, rho: float) -> None:
+    """Raise unless the labels are ``>= 0`` and the loss is finite (:func:`check_score_range`).
+
+    The data-dependent checks, for inputs validated with ``check_values=False``: two host
+    synchronisations.
+    """
+    check_anchor_labels(inputs.labels)
+    check_score_range(inputs, temperature, rho)
 
 
 def check_pixel_maps(embeddings: object, labels: object) -> tuple[Tensor, Tensor]:

@@ -391,6 +391,24 @@ def test_errors_name_the_argument():
             contrastive_loss(**args)
 
 
+@pytest.mark.parametrize("backend", ["torch", "torch-function", "reference"])
+def test_every_backend_checks_the_values(backend, monkeypatch):
+    # The data-dependent checks run in the backend's loss: the fused operator's kernel, the
+    # autograd-Function path of torch < 2.4 ("torch-function") and the reference, alike.
+    if backend == "torch-function":
+        monkeypatch.setattr(pixcontrast._dispatch, "FUSED_OPERATOR", False)
+        backend = "torch"
+    x, y = F.normalize(torch.randn(4, 3), dim=1), torch.tensor([0, 0, 1, 1])
+    k, c = F.normalize(torch.randn(5, 3), dim=1), torch.tensor([0, 1, 0, 1, -1])
+    for anchors, labels, keys, message in [
+        (x, torch.tensor([0, -1, 1, 1]), k, r"labels must be >= 0 \(filter ignored pixels out"),
+        (x, y, k.index_fill(0, torch.tensor([3]), torch.inf), "keys contains NaN or Inf values"),
+        (1e18 * x, y, 1e18 * k, "the loss would overflow torch.float32"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            contrastive_loss(anchors, labels, keys, c, backend=backend)
+
+
 def test_huge_finite_values_are_not_mistaken_for_inf():
     x = torch.full((4, 3), 3e38)  # the sum overflows, every entry is finite
     loss = contrastive_loss(x / 3e38 * 1.0, torch.tensor([0, 0, 1, 1]))

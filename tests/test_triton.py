@@ -135,7 +135,8 @@ def test_cuda_launch_path_performs_no_host_sync(variant):
     layout = build_layout(anchors, labels, (keys,), key_labels, in_batch=True)
     columns = key_grad_columns(layout, need_anchor_grad=True, need_part_grad=(False,))
     weight = torch.rand(case.n, device=DEVICE)
-    args = (layout, case.temperature, 1.0, variant, weight, True, columns)
+    options = ContrastOptions(case.temperature, 1.0, variant, case.reduction)
+    args = (layout, options, weight, True, columns)
     triton_fused.sweep(*args, operand_dtype=torch.bfloat16)  # compiles outside the check
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
@@ -305,11 +306,11 @@ def test_sweep_statistics_match_torch(variant, tf32_allowed):
     layout64 = build_layout(anchors.double(), labels, (keys.double(),), key_labels, True)
     columns = key_grad_columns(layout, need_anchor_grad=True, need_part_grad=(False,))
     weight = torch.rand(case.n, device=DEVICE) * (layout.positives > 0)
-    args = (case.temperature, 1.0, variant, weight, True, columns)
+    options = ContrastOptions(case.temperature, 1.0, variant, case.reduction)
+    args = (options, weight, True, columns)
     got = triton_fused.sweep(layout, *args, num_splits=3)
     ref = torch_fused.sweep(layout, *args)
-    exact = torch_fused.sweep(layout64, case.temperature, 1.0, variant, weight.double(), True,
-                              columns)
+    exact = torch_fused.sweep(layout64, options, weight.double(), True, columns)
     # floors in the layout's order: anchors sorted by class, keys by class over [anchors; keys]
     order = layout.anchor_order.cpu()
     upstream = torch.empty(case.n, dtype=torch.float64)
@@ -344,7 +345,8 @@ def test_only_requested_key_columns_get_a_gradient(tf32_allowed):
     layout = build_layout(anchors, labels, (keys,), key_labels, in_batch=True)
     columns = key_grad_columns(layout, need_anchor_grad=True, need_part_grad=(False,))
     weight = torch.ones(case.n, device=DEVICE)
-    _, _, _, grad_k = triton_fused.sweep(layout, 0.1, 1.0, "paper", weight, True, columns)
+    options = ContrastOptions(0.1, 1.0, "paper", case.reduction)
+    _, _, _, grad_k = triton_fused.sweep(layout, options, weight, True, columns)
     visited = torch.zeros(layout.keys.shape[0], dtype=torch.bool, device=DEVICE)
     for lo, hi in columns:
         visited[lo:hi] = True

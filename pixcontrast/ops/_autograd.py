@@ -2,21 +2,33 @@
 
 A fused backend provides one function, its ``sweep``, with this contract::
 
-    sweep(layout, temperature, rho, variant, weight, need_anchor_grad, key_grad_columns, saved)
+    sweep(layout, options, weight, need_anchor_grad, key_grad_columns, saved=None)
         -> (loss [N], AnchorStatistics, grad_x [N, D] or None, grad_k [M, D] or None)
 
-over the class-sorted :class:`~pixcontrast.ops._layout.ContrastLayout`: ``weight`` is the upstream
+over the class-sorted :class:`~pixcontrast.ops._layout.ContrastLayout`: ``options`` is the
+frozen :class:`~pixcontrast.ops._options.ContrastOptions` (the sweep reads its temperature,
+``rho`` and variant; the reduction is the glue's business), ``weight`` is the upstream
 gradient ``g_a`` per sorted anchor (``None``: statistics only, no gradient work),
 ``key_grad_columns`` the sorted key column ranges whose gradient is wanted, and ``saved`` the
 statistics of an earlier call, reused instead of being recomputed. Gradients are with respect to
 the sorted anchors and keys; :func:`scatter_to_inputs` maps them back to the caller's tensors.
+
+Both sweeps take supcon's positive terms from the class sums here
+(:func:`supcon_positive_sums`, :func:`add_supcon_positive_gradient`), so neither backend imports
+the other.
+
+:class:`FusedEvaluation` drives a sweep for one loss evaluation, forward and backward. Two
+autograd entries run it: the registered operator ``pixcontrast::contrastive_loss`` of
+:mod:`pixcontrast._dispatch` (torch 2.4 and later, opaque to ``torch.compile``), and
+:class:`ContrastFunction` (older torch, and any sweep that is not a registered backend's, such
+as a test's with fixed key splits).
 """
 
 from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -28,13 +40,18 @@ __all__ = [
     "AnchorStatistics",
     "ContrastCall",
     "ContrastFunction",
+    "FusedEvaluation",
+    "Gradients",
     "apply_contrast",
     "first_derivatives_only",
     "InputSpec",
     "Sweep",
+    "add_supcon_positive_gradient",
     "key_grad_columns",
     "reduction_weights",
+    "scale_gradients",
     "scatter_to_inputs",
+    "supcon_positive_sums",
     "unsort",
 ]
 
@@ -92,6 +109,52 @@ def key_grad_columns(
     return list(zip(bounds[::2], bounds[1::2]))
 
 
+def supcon_positive_sums(layout: ContrastLayout) -> Tensor:
+    """``[N, D]`` sum of the positive keys of each sorted anchor.
+
+    That is ``S_{y_a} - [in-batch] x_a`` with the class sums ``S_c`` (:mod:`pixcontrast.ops`):
+    supcon's positive term is linear in the keys.
+    """
+    k = layout.keys
+    class_sums = k.new_zeros((layout.num_classes, k.shape[1]))
+    class_sums.index_add_(0, layout.key_class, k)
+    positive_sums = class_sums.index_select(0, layout.anchor_class)
+    if layout.self_column is not None:
+        positive_sums -= k.index_select(0, layout.self_column)
+    return positive_sums
+
+
+def add_supcon_positive_gradient(
+    layout: ContrastLayout,
+    positive_sums: Tensor,
+    options: ContrastOptions,
+    weight: Tensor,
+    grad_x: Optional[Tensor],
+    grad_k: Optional[Tensor],
+) -> None:
+    """Add supcon's positive part of ``G`` to the input gradients, in place.
+
+    The part is ``-rho * g_a / |P(a)|`` on every positive pair; the gradients are complete
+    (``1/tau`` included). Class sums replace a pass over the pairs: ``dx_a -= beta_a S'_a``,
+    ``dk_j -= sum_{a: y_a = c_j, a != j} beta_a x_a`` with ``beta_a = rho * g_a / (|P(a)| tau)``
+    and ``S'_a`` = :func:`supcon_positive_sums` (``positive_sums``); ``weight`` is ``g_a`` per
+    sorted anchor, and ``grad_x`` or ``grad_k`` ``None`` is left alone.
+    """
+    beta = (
+        options.rho * weight * (layout.positives > 0)
+        / (layout.positives.clamp(min=1) * options.temperature)
+    )
+    if grad_x is not None:
+        grad_x -= beta[:, None] * positive_sums
+    if grad_k is not None:
+        weighted = beta[:, None] * layout.anchors
+        per_class = weighted.new_zeros((layout.num_classes, weighted.shape[1]))
+        per_class.index_add_(0, layout.anchor_class, weighted)
+        grad_k -= per_class.index_select(0, layout.key_class)
+        if layout.self_column is not None:
+            grad_k.index_add_(0, layout.self_column, weighted)
+
+
 def reduction_weights(layout: ContrastLayout, reduction: str) -> Tensor:
     """Upstream ``g_a`` per sorted anchor implied by a scalar reduction."""
     has_pos = (layout.positives > 0).to(layout.positives.dtype)
@@ -113,8 +176,7 @@ class InputSpec:
 def scatter_to_inputs(
     layout: ContrastLayout, spec: InputSpec, grad_x: Optional[Tensor], grad_k: Optional[Tensor]
 ) -> tuple[Optional[Tensor], tuple[Optional[Tensor], ...]]:
-    """Map sorted-space gradients back to the caller's anchors and key parts (dtypes
-    included)."""
+    """Map sorted-space gradients back to the caller's anchors and key parts, dtypes included."""
     n = layout.anchors.shape[0]
     offset = n if layout.in_batch else 0
     grad_anchors = None
@@ -126,12 +188,16 @@ def scatter_to_inputs(
     if grad_k is not None and layout.self_column is not None and grad_anchors is not None:
         # An anchor's role as a key: its own column, in sorted-anchor order.
         grad_anchors[layout.anchor_order] += grad_k.index_select(0, layout.self_column)
-    if grad_k is not None and any(spec.need_part_grad):
-        combined = grad_k.new_zeros((offset + sum(layout.key_part_sizes), grad_k.shape[1]))
-        combined[layout.key_source] = grad_k
+    if any(spec.need_part_grad):
+        # (zeros for a part none of whose keys is a wanted column: only invalid keys, say)
+        rows = offset + sum(layout.key_part_sizes)
+        combined = layout.keys.new_zeros((rows, layout.keys.shape[1]))
+        if grad_k is not None:
+            combined[layout.key_source] = grad_k
         parts = combined[offset:].split(list(layout.key_part_sizes))
+        # (copies, not views of ``combined``: the registered operator returns fresh tensors)
         grad_parts = tuple(
-            part.to(dtype) if need else None
+            part.to(dtype, copy=True) if need else None
             for part, dtype, need in zip(parts, spec.key_dtypes, spec.need_part_grad)
         )
     if grad_anchors is not None:
@@ -140,16 +206,17 @@ def scatter_to_inputs(
 
 
 def unsort(layout: ContrastLayout, per_anchor: Tensor) -> Tensor:
+    """A per-sorted-anchor tensor in the caller's anchor order."""
     out = torch.empty_like(per_anchor)
     out[layout.anchor_order] = per_anchor
     return out
 
 
 def first_derivatives_only(name: str) -> Callable[[Callable], Callable]:
-    """Decorator for the ``backward`` of an autograd Function whose backward is not itself
-    differentiable (its gradients are constants to autograd).
+    """Decorate the ``backward`` of an autograd Function that is not itself differentiable.
 
-    Autograd runs ``backward`` with gradients enabled exactly when the caller asked for
+    Its gradients are constants to autograd; ``name`` names the Function in the error. Autograd
+    runs ``backward`` with gradients enabled exactly when the caller asked for
     ``create_graph=True``. ``once_differentiable`` alone raises only if the second derivative
     is taken through an output that requires grad; when it does not (a loss's upstream
     gradient is a constant one), a gradient penalty would silently miss this Function's part.
@@ -171,10 +238,111 @@ def first_derivatives_only(name: str) -> Callable[[Callable], Callable]:
     return decorate
 
 
+Gradients = tuple[Optional[Tensor], tuple[Optional[Tensor], ...]]
+"""Gradients of the anchors and of each key part; ``None`` for a tensor that needs none."""
+
+
+@dataclass(frozen=True)
+class FusedEvaluation:
+    """One loss evaluation of a fused backend: what its forward and its backward share.
+
+    Both :class:`ContrastFunction` and the registered operator of :mod:`pixcontrast._dispatch`
+    run a fused backend through it.
+
+    Attributes:
+        layout: the class-sorted inputs.
+        spec: the caller's dtypes and which of its tensors need a gradient.
+        columns: the sorted key columns whose gradient is wanted (:func:`key_grad_columns`).
+        options: the loss options.
+        sweep: the backend's sweep.
+    """
+
+    layout: ContrastLayout
+    spec: InputSpec
+    columns: Optional[list[tuple[int, int]]]
+    options: ContrastOptions
+    sweep: Sweep
+
+    @classmethod
+    def prepare(
+        cls,
+        inputs: ContrastInputs,
+        options: ContrastOptions,
+        sweep: Sweep,
+        need_grad: Sequence[bool],
+    ) -> FusedEvaluation:
+        """Lay ``inputs`` out by class; ``need_grad``: the anchors', then each key part's."""
+        layout = build_layout(
+            inputs.anchors, inputs.labels, inputs.keys, inputs.key_labels, inputs.in_batch
+        )
+        spec = InputSpec(
+            anchor_dtype=inputs.anchors.dtype,
+            key_dtypes=tuple(part.dtype for part in inputs.keys),
+            need_anchor_grad=need_grad[0],
+            need_part_grad=tuple(need_grad[1:]),
+        )
+        columns = key_grad_columns(layout, spec.need_anchor_grad, spec.need_part_grad)
+        return cls(layout, spec, columns, options, sweep)
+
+    def reduced(self) -> tuple[Tensor, Gradients]:
+        """A scalar reduction's loss and the input gradients for an upstream gradient of 1.
+
+        The reduction's weights are the upstream ``g_a``, known here: one sweep gives both.
+        """
+        layout, spec = self.layout, self.spec
+        weight = reduction_weights(layout, self.options.reduction)
+        any_grad = spec.need_anchor_grad or any(spec.need_part_grad)
+        loss, _, grad_x, grad_k = self.sweep(
+            layout, self.options, weight if any_grad else None, spec.need_anchor_grad,
+            self.columns,
+        )
+        return (loss * weight).sum(), scatter_to_inputs(layout, spec, grad_x, grad_k)
+
+    def per_anchor(self) -> tuple[Tensor, AnchorStatistics]:
+        """``reduction="none"``: the ``[N]`` losses and the statistics :meth:`backward` takes.
+
+        Both are in the caller's anchor order.
+        """
+        loss, stats, _, _ = self.sweep(self.layout, self.options, None, False, None)
+        return unsort(self.layout, loss), AnchorStatistics(
+            unsort(self.layout, stats.log_normalizer), unsort(self.layout, stats.positive_weight)
+        )
+
+    def backward(self, statistics: AnchorStatistics, grad_output: Tensor) -> Gradients:
+        """``reduction="none"``: the input gradients for the upstream ``grad_output`` (``[N]``).
+
+        The scores are recomputed with the ``statistics`` of :meth:`per_anchor`.
+        """
+        layout = self.layout
+        order = layout.anchor_order
+        saved = AnchorStatistics(
+            statistics.log_normalizer.index_select(0, order),
+            statistics.positive_weight.index_select(0, order),
+        )
+        weight = grad_output.to(layout.anchors.dtype).index_select(0, order)
+        weight = weight * (layout.positives > 0)
+        _, _, grad_x, grad_k = self.sweep(
+            layout, self.options, weight, self.spec.need_anchor_grad, self.columns, saved=saved
+        )
+        return scatter_to_inputs(layout, self.spec, grad_x, grad_k)
+
+
+def scale_gradients(gradients: Gradients, upstream: Tensor) -> Gradients:
+    """The gradients of :meth:`FusedEvaluation.reduced` for the upstream scalar ``upstream``."""
+    grad_anchors, grad_parts = gradients
+
+    def scaled(grad: Optional[Tensor]) -> Optional[Tensor]:
+        return None if grad is None else grad * upstream.to(grad.dtype)
+
+    return scaled(grad_anchors), tuple(scaled(grad) for grad in grad_parts)
+
+
 @dataclass(frozen=True)
 class ContrastCall:
-    """Everything :class:`ContrastFunction` takes besides the differentiable tensors (anchors
-    and key parts), in one argument."""
+    """Everything :class:`ContrastFunction` takes besides the differentiable tensors, in one.
+
+    The differentiable tensors are the anchors and the key parts.
+    """
 
     labels: Tensor
     key_labels: Optional[Tensor]
@@ -197,59 +365,29 @@ class ContrastFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, call: ContrastCall, anchors: Tensor, *key_parts: Tensor) -> Tensor:
-        options = call.options
-        temperature, rho, variant = options.temperature, options.rho, options.variant
-        reduction, sweep, grad_enabled = options.reduction, call.sweep, call.grad_enabled
-        labels, key_labels, in_batch = call.labels, call.key_labels, call.in_batch
-        layout = build_layout(anchors, labels, key_parts, key_labels, in_batch)
-        spec = InputSpec(
-            anchor_dtype=anchors.dtype,
-            key_dtypes=tuple(part.dtype for part in key_parts),
-            need_anchor_grad=grad_enabled and ctx.needs_input_grad[1],
-            need_part_grad=tuple(grad_enabled and need for need in ctx.needs_input_grad[2:]),
-        )
-        columns = key_grad_columns(layout, spec.need_anchor_grad, spec.need_part_grad)
-        ctx.layout, ctx.spec, ctx.columns = layout, spec, columns
-        ctx.config = (temperature, rho, variant, sweep)
-        any_grad = spec.need_anchor_grad or any(spec.need_part_grad)
-        if reduction != "none":
-            weight = reduction_weights(layout, reduction)
-            loss, _, grad_x, grad_k = sweep(
-                layout, temperature, rho, variant, weight if any_grad else None,
-                spec.need_anchor_grad, columns,
-            )
-            ctx.fused = scatter_to_inputs(layout, spec, grad_x, grad_k)
-            return (loss * weight).sum()
-        loss, stats, _, _ = sweep(layout, temperature, rho, variant, None, False, None)
-        ctx.fused = None
-        ctx.stats = stats
+        inputs = ContrastInputs(anchors, call.labels, key_parts, call.key_labels, call.in_batch)
+        need_grad = [call.grad_enabled and need for need in ctx.needs_input_grad[1:]]
+        evaluation = FusedEvaluation.prepare(inputs, call.options, call.sweep, need_grad)
+        ctx.evaluation = evaluation
+        if call.options.reduction != "none":
+            loss, ctx.gradients = evaluation.reduced()
+            return loss
+        loss, ctx.statistics = evaluation.per_anchor()
+        ctx.gradients = None
         # Backward recomputes the scores from the layout, which may alias the caller's tensors
         # (a memory bank's keys() is a view of its queue): saved as autograd saves inputs, an
         # in-place change before backward raises instead of giving a wrong gradient.
         ctx.save_for_backward(anchors, *key_parts)
-        return unsort(layout, loss)
+        return loss
 
     @staticmethod
     @first_derivatives_only("contrastive_loss")
     def backward(ctx, grad_output: Tensor):
-        layout = ctx.layout
-        if ctx.fused is not None:
-            scale = grad_output.to(layout.anchors.dtype)
-            grad_anchors, grad_parts = ctx.fused
-            grad_anchors = None if grad_anchors is None else grad_anchors * scale
-            grad_parts = tuple(
-                None if g is None else g * scale.to(g.dtype) for g in grad_parts
-            )
+        if ctx.gradients is not None:
+            grad_anchors, grad_parts = scale_gradients(ctx.gradients, grad_output)
         else:
-            temperature, rho, variant, sweep = ctx.config
             _ = ctx.saved_tensors  # raises if an input was modified in place since forward
-            weight = grad_output.to(layout.anchors.dtype).index_select(0, layout.anchor_order)
-            weight = weight * (layout.positives > 0)
-            _, _, grad_x, grad_k = sweep(
-                layout, temperature, rho, variant, weight, ctx.spec.need_anchor_grad,
-                ctx.columns, saved=ctx.stats,
-            )
-            grad_anchors, grad_parts = scatter_to_inputs(layout, ctx.spec, grad_x, grad_k)
+            grad_anchors, grad_parts = ctx.evaluation.backward(ctx.statistics, grad_output)
         return (None, grad_anchors, *grad_parts)
 
 

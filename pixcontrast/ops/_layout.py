@@ -57,10 +57,12 @@ class ContrastLayout:
 
     @property
     def num_classes(self) -> int:
+        """``C``: the anchors' classes, plus one shared by the keys of no anchor's class."""
         return len(self.key_offsets) - 1
 
     @property
     def in_batch(self) -> bool:
+        """Whether the anchors are keys as well (each excluded from its own row)."""
         return self.self_column is not None
 
     def class_segments(self, start: int, stop: int) -> list[tuple[int, int, int]]:

@@ -53,10 +53,12 @@ def masked_contrastive_loss(
     variant: str,
     reduction: str,
 ) -> Tensor:
-    """The math of :mod:`pixcontrast.ops` from scores and masks: the positives of row ``a``
-    are ``pos_scores[a]`` where ``positive[a]``, its negatives ``neg_scores[a]`` where
-    ``negative[a]``. The dense reference passes one score matrix twice; the pair loss passes
-    the selected scores."""
+    """The math of :mod:`pixcontrast.ops` from scores and masks.
+
+    The positives of row ``a`` are ``pos_scores[a]`` where ``positive[a]``, its negatives
+    ``neg_scores[a]`` where ``negative[a]``. The dense reference passes one score matrix twice;
+    the pair loss passes the selected scores.
+    """
     num_pos = positive.sum(dim=1).to(pos_scores.dtype)
     has_pos = num_pos > 0
     nu = _masked_logsumexp(neg_scores, negative)

@@ -18,21 +18,22 @@ key sums, so it costs no pass over the buffer at all.
 
 from __future__ import annotations
 
-import functools
 from typing import Optional
 
 import torch
 from torch import Tensor
 
-from ._autograd import AnchorStatistics, apply_contrast
+from ._autograd import (
+    AnchorStatistics,
+    add_supcon_positive_gradient,
+    supcon_positive_sums,
+)
 from ._layout import ContrastLayout
+from ._options import ContrastOptions
 
 __all__ = [
     "AnchorStatistics",
-    "add_supcon_positive_gradient",
-    "supcon_positive_sums",
     "sweep",
-    "torch_contrastive_loss",
 ]
 
 # The one [rows, M] score buffer is the only O(rows * M) memory of the backend: up to 2**25
@@ -42,61 +43,36 @@ _CHUNK_ELEMENTS = 1 << 25
 _MIN_CHUNK_ROWS = 256
 
 
-def _exp_shifted(scores: Tensor, shift: Optional[Tensor]) -> Tensor:
-    """In place ``exp(scores - shift)`` row-wise; ``shift=None`` uses the row maximum.
+def _exponentiate(
+    scores: Tensor, saved_normalizer: Optional[Tensor]
+) -> tuple[Tensor, Optional[Tensor]]:
+    """In place ``exp(scores - shift)`` row-wise; returns ``(log-normaliser, row sums or None)``.
 
-    Returns the shift used, with ``-inf`` (a row without any finite score) replaced by 0 so that
-    such rows become exact zeros instead of NaN.
+    Without a saved log-normaliser the shift is the row maximum, and the result is
+    ``(shift + log z, z)`` with ``z`` the row sums of the exponentials. With one, the shift is
+    the saved log-normaliser itself (it bounds every score it sums over), so the rows already
+    hold the softmax: the result is ``(saved_normalizer, None)``. A shift of ``-inf`` (a row
+    without any finite score) is replaced by 0, so that such rows become exact zeros instead of
+    NaN.
     """
-    if shift is None:
-        shift = scores.amax(dim=1)
+    shift = scores.amax(dim=1) if saved_normalizer is None else saved_normalizer
     shift = torch.where(torch.isfinite(shift), shift, torch.zeros_like(shift))
     scores.sub_(shift[:, None]).exp_()
-    return shift
-
-
-def _normalizer(scores: Tensor, shift: Tensor) -> tuple[Tensor, Tensor]:
-    """From ``exp(s - shift)`` in ``scores``: the row sums ``z`` and ``shift + log z``."""
+    if saved_normalizer is not None:
+        return saved_normalizer, None
     total = scores.sum(dim=1)
-    return total, shift + total.log()
+    return shift + total.log(), total
 
 
-def supcon_positive_sums(layout: ContrastLayout) -> Tensor:
-    """``[N, D]`` sum of the positive keys of each sorted anchor, ``S_{y_a} - [in-batch] x_a``
-    with the class sums ``S_c`` (:mod:`pixcontrast.ops`): supcon's positive term is linear in
-    the keys."""
-    k = layout.keys
-    class_sums = k.new_zeros((layout.num_classes, k.shape[1]))
-    class_sums.index_add_(0, layout.key_class, k)
-    positive_sums = class_sums.index_select(0, layout.anchor_class)
-    if layout.self_column is not None:
-        positive_sums -= k.index_select(0, layout.self_column)
-    return positive_sums
+def _softmax_coefficient(coef: Tensor, total: Optional[Tensor]) -> Tensor:
+    """The row factors that turn the exponentials of :func:`_exponentiate` into ``coef`` x softmax.
 
-
-def add_supcon_positive_gradient(
-    layout: ContrastLayout,
-    positive_sums: Tensor,
-    temperature: float,
-    rho: float,
-    weight: Tensor,
-    grad_x: Optional[Tensor],
-    grad_k: Optional[Tensor],
-) -> None:
-    """Adds supcon's positive part of ``G``, ``-rho * g_a / |P(a)|`` on every positive pair, to
-    the (complete, ``1/tau`` included) input gradients in place, through class sums instead of a
-    pass over the pairs: ``dx_a -= beta_a S'_a``, ``dk_j -= sum_{a: y_a = c_j, a != j} beta_a x_a``
-    with ``beta_a = rho * g_a / (|P(a)| tau)`` and ``S'_a`` = :func:`supcon_positive_sums`."""
-    beta = rho * weight * (layout.positives > 0) / (layout.positives.clamp(min=1) * temperature)
-    if grad_x is not None:
-        grad_x -= beta[:, None] * positive_sums
-    if grad_k is not None:
-        weighted = beta[:, None] * layout.anchors
-        per_class = weighted.new_zeros((layout.num_classes, weighted.shape[1]))
-        per_class.index_add_(0, layout.anchor_class, weighted)
-        grad_k -= per_class.index_select(0, layout.key_class)
-        if layout.self_column is not None:
-            grad_k.index_add_(0, layout.self_column, weighted)
+    That is ``coef / z`` (``total`` holds ``z``), or ``coef`` itself when the rows hold the
+    softmax already (``total`` ``None``).
+    """
+    if total is None:
+        return coef
+    return coef / total.clamp(min=torch.finfo(total.dtype).tiny)
 
 
 def _paper_rows(
@@ -107,8 +83,10 @@ def _paper_rows(
     rho: float,
     saved: Optional[AnchorStatistics],
 ) -> tuple[Tensor, AnchorStatistics]:
-    """Paper variant on the rows ``start:start + len(scores)``; ``scores`` becomes ``G`` when
-    ``weight`` (the upstream ``g_a`` of these rows) is given. Returns (loss, statistics)."""
+    """Paper variant on the rows ``start:start + len(scores)``; returns (loss, statistics).
+
+    ``scores`` becomes ``G`` when ``weight`` (the upstream ``g_a`` of these rows) is given.
+    """
     rows = scores.shape[0]
     stop = start + rows
     inv_pos = 1.0 / layout.positives[start:stop].clamp(min=1)
@@ -126,12 +104,7 @@ def _paper_rows(
             positives[local, layout.self_column[lo:hi] - b0] = torch.inf
         blocks.append((lo - start, hi - start, b0, b1, positives))
 
-    if saved is None:
-        shift = _exp_shifted(scores, None)
-        total, nu = _normalizer(scores, shift)
-    else:
-        nu = saved.log_normalizer[start:stop]
-        _exp_shifted(scores, nu)  # exp(s - nu) directly: nu bounds every negative score
+    nu, total = _exponentiate(scores, None if saved is None else saved.log_normalizer[start:stop])
 
     loss = scores.new_zeros(rows)
     sigmoid_sum = scores.new_zeros(rows)
@@ -151,9 +124,7 @@ def _paper_rows(
         return loss, stats
 
     has_negatives = torch.isfinite(nu)
-    coef = rho * weight * w
-    if saved is None:
-        coef = coef / total.clamp(min=torch.finfo(total.dtype).tiny)
+    coef = _softmax_coefficient(rho * weight * w, total)
     scores.mul_(torch.where(has_negatives, coef, torch.zeros_like(coef))[:, None])
     pos_coef = -rho * weight * inv_pos
     for (a, b, b0, b1, _), sig in zip(blocks, sigmoids):
@@ -170,9 +141,11 @@ def _supcon_rows(
     saved: Optional[AnchorStatistics],
     positive_dot: Tensor,
 ) -> tuple[Tensor, AnchorStatistics]:
-    """Supcon variant on one row chunk; ``scores`` becomes the softmax part of ``G`` only (the
-    positive part is applied by the caller through class sums). ``positive_dot`` is
-    ``sum_p s_ap`` of these rows."""
+    """Supcon variant on one row chunk; returns (loss, statistics).
+
+    ``scores`` becomes the softmax part of ``G`` only (the positive part is applied by the
+    caller through class sums). ``positive_dot`` is ``sum_p s_ap`` of these rows.
+    """
     rows = scores.shape[0]
     stop = start + rows
     if layout.self_column is not None:
@@ -180,29 +153,19 @@ def _supcon_rows(
         scores[local, layout.self_column[start:stop]] = -torch.inf
     positives = layout.positives[start:stop]
     has_pos = positives > 0
-    if saved is None:
-        shift = _exp_shifted(scores, None)
-        total, lam = _normalizer(scores, shift)
-    else:
-        lam = saved.log_normalizer[start:stop]
-        _exp_shifted(scores, lam)
+    lam, total = _exponentiate(scores, None if saved is None else saved.log_normalizer[start:stop])
     safe_lam = torch.where(has_pos, lam, torch.zeros_like(lam))
     loss = torch.where(has_pos, rho * (safe_lam - positive_dot / positives.clamp(min=1)), 0.0)
     stats = AnchorStatistics(lam, torch.zeros_like(lam))
     if weight is None:
         return loss, stats
-    coef = rho * weight * has_pos
-    if saved is None:
-        coef = coef / total.clamp(min=torch.finfo(total.dtype).tiny)
-    scores.mul_(coef[:, None])
+    scores.mul_(_softmax_coefficient(rho * weight * has_pos, total)[:, None])
     return loss, stats
 
 
 def sweep(
     layout: ContrastLayout,
-    temperature: float,
-    rho: float,
-    variant: str,
+    options: ContrastOptions,
     weight: Optional[Tensor],
     need_anchor_grad: bool,
     key_grad_columns: Optional[list[tuple[int, int]]],
@@ -211,13 +174,17 @@ def sweep(
     """One pass over all row chunks, in the sorted order of ``layout``.
 
     Args:
+        layout: the class-sorted inputs.
+        options: the loss options (temperature, ``rho`` and variant are read).
         weight: ``[N]`` upstream gradient per sorted anchor, or ``None`` for statistics only.
+        need_anchor_grad: whether to compute the gradient of the anchors (with ``weight``).
         key_grad_columns: ranges of sorted key columns whose gradient is wanted (``None``: none).
         saved: statistics of an earlier forward; when given, the per-row normalisers are reused.
 
     Returns:
         ``(loss [N], statistics, d anchors [N, D] or None, d keys [M, D] or None)``.
     """
+    temperature, rho, variant = options.temperature, options.rho, options.variant
     x, k = layout.anchors, layout.keys
     n, m = x.shape[0], k.shape[0]
     scaled = x / temperature
@@ -269,11 +236,5 @@ def sweep(
     if grad_x is not None:
         grad_x /= temperature
     if weight is not None and variant == "supcon":
-        add_supcon_positive_gradient(
-            layout, positive_sums, temperature, rho, weight, grad_x, grad_k
-        )
+        add_supcon_positive_gradient(layout, positive_sums, options, weight, grad_x, grad_k)
     return loss, AnchorStatistics(normalizer, positive_weight), grad_x, grad_k
-
-
-# The torch backend: the shared autograd glue driven by this module's sweep.
-torch_contrastive_loss = functools.partial(apply_contrast, sweep=sweep)

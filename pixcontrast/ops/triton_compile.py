@@ -28,6 +28,7 @@ import torch
 
 from . import triton_fused
 from ._layout import ContrastLayout
+from ._options import ContrastOptions
 
 __all__ = ["CompileReport", "Launch", "compile_launch", "meta_layout", "record_launches"]
 
@@ -130,11 +131,12 @@ def record_launches(
     sweep = functools.partial(
         triton_fused.sweep, operand_dtype=operand_dtype, target=target, launch=record
     )
+    options = ContrastOptions(0.1, 1.0, variant, reduction)
     if reduction == "none":
-        _, stats, _, _ = sweep(layout, 0.1, 1.0, variant, None, False, None)
-        sweep(layout, 0.1, 1.0, variant, weight, True, columns, saved=stats)
+        _, stats, _, _ = sweep(layout, options, None, False, None)
+        sweep(layout, options, weight, True, columns, saved=stats)
     else:
-        sweep(layout, 0.1, 1.0, variant, weight, True, columns)
+        sweep(layout, options, weight, True, columns)
     return launches
 
 

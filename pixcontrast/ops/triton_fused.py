@@ -9,9 +9,10 @@ Scalar reductions know the upstream weights in forward, so the statistics pass a
 softmax-weighted key average ``sum_j exp(s_aj - lse_a) k_j`` (attention with V = K): the negative
 part of ``dx`` costs no pass of its own. Paper's positive terms (and the positive part of
 ``dx``) take one more pass over the rows' positive blocks only, about M / C columns; supcon's
-positive part goes through class sums, shared with the torch path. ``reduction="none"``
-recomputes the scores in backward, flash-attention style. The key gradient ``dk = G^T x / tau``
-is one kernel over key-column blocks. The ``N x M`` matrix is never in memory.
+positive part goes through the class sums of :mod:`pixcontrast.ops._autograd`, as on the
+torch path. ``reduction="none"`` recomputes the scores in backward, flash-attention style. The
+key gradient ``dk = G^T x / tau`` is one kernel over key-column blocks. The ``N x M`` matrix is
+never in memory.
 
 Nothing in this module's launch path reads a device value on the host: row bounds come from
 device-side searches, grids from shapes and upper bounds.
@@ -31,10 +32,14 @@ from typing import Callable, NamedTuple, Optional, Sequence
 import torch
 from torch import Tensor
 
-from ._autograd import AnchorStatistics, apply_contrast
+from ._autograd import (
+    AnchorStatistics,
+    Sweep,
+    add_supcon_positive_gradient,
+    supcon_positive_sums,
+)
 from ._layout import ContrastLayout
 from ._options import ContrastInputs, ContrastOptions
-from .torch_fused import add_supcon_positive_gradient, supcon_positive_sums
 
 __all__ = [
     "KernelLaunch",
@@ -43,8 +48,8 @@ __all__ = [
     "launch_plan",
     "operand_dtype",
     "sweep",
+    "sweep_for",
     "tile_config",
-    "triton_contrastive_loss",
     "unsupported",
 ]
 
@@ -59,8 +64,11 @@ _PRECISION = "tf32"
 
 @functools.cache
 def _load_kernels() -> tuple[Optional[ModuleType], bool, str]:
-    """``(kernels, interpreted, why not)``, decided once: Triton reads ``TRITON_INTERPRET`` when
-    the kernels are defined, so the answer of the first import holds for the process."""
+    """``(kernels, interpreted, why not)``, decided once.
+
+    Triton reads ``TRITON_INTERPRET`` when the kernels are defined, so the answer of the first
+    import holds for the process.
+    """
     try:
         import triton
 
@@ -71,8 +79,11 @@ def _load_kernels() -> tuple[Optional[ModuleType], bool, str]:
 
 
 def operand_dtype(anchors: Tensor, keys: Sequence[Tensor]) -> torch.dtype:
-    """Products take half-precision operands when every input is in that dtype (the layout's fp32
-    copy converts back exactly), and fp32 otherwise."""
+    """The dtype of the products' operands for these anchors and key parts.
+
+    Products take half-precision operands when every input is in that dtype (the layout's fp32
+    copy converts back exactly), and fp32 otherwise.
+    """
     dtypes = {anchors.dtype} | {part.dtype for part in keys}
     return dtypes.pop() if len(dtypes) == 1 else torch.float32
 
@@ -107,9 +118,12 @@ def _float32_highest() -> bool:
 
 
 class TileConfig(NamedTuple):
-    """Tiles of the score kernels: the row kernels take ``rows`` anchors x ``cols`` keys per tile
-    over ``num_warps``; the key-gradient kernel ``key_rows`` keys x ``cols`` anchors over
-    ``key_warps``. Both pipeline ``num_stages`` deep."""
+    """Tiles of the score kernels.
+
+    The row kernels take ``rows`` anchors x ``cols`` keys per tile over ``num_warps``; the
+    key-gradient kernel ``key_rows`` keys x ``cols`` anchors over ``key_warps``. Both pipeline
+    ``num_stages`` deep.
+    """
 
     rows: int
     cols: int
@@ -164,8 +178,11 @@ _WAVE_SLACK = 0.05
 
 
 def arch_family(capability: tuple[int, int]) -> str:
-    """The tile family of a CUDA compute capability: sm90 for Hopper and newer (untested beyond
-    sm90), sm80 for A100, sm86 (99 KiB of shared memory) for the other sm8x GPUs and older."""
+    """The tile family of a CUDA compute capability.
+
+    sm90 for Hopper and newer (untested beyond sm90), sm80 for A100, sm86 (99 KiB of shared
+    memory) for the other sm8x GPUs and older.
+    """
     if capability >= (9, 0):
         return "sm90"
     return "sm80" if capability == (8, 0) else "sm86"
@@ -196,6 +213,7 @@ class KernelLaunch:
 
     @property
     def programs(self) -> int:
+        """The number of programs the launch runs, the product of its grid."""
         return math.prod(self.grid)
 
 
@@ -234,14 +252,15 @@ def launch_plan(
     num_splits: Optional[int] = None,
     interpreted: bool = False,
 ) -> dict[str, KernelLaunch]:
-    """Every kernel a loss evaluation over ``n`` sorted anchors and ``m`` sorted keys may launch,
-    planned without launching anything: grid, tiles, warps, stages and key splits.
+    """Every kernel a loss evaluation over ``n`` sorted anchors and ``m`` sorted keys may launch.
 
-    ``dtype`` is the products' operand dtype, ``num_splits`` overrides the split choice (tests).
-    ``"key_grad"``'s grid is its upper bound, all ``m`` columns; ``"split_sum"``'s is that of an
-    ``[n, dim]`` sum of partials (paper's positive terms are a smaller one). ``"positive"`` (paper
-    only) and ``"anchor_grad"`` (backward of ``reduction="none"``) take the split of
-    ``"statistics"``.
+    Planned without launching anything: grid, tiles, warps, stages and key splits, for features
+    of dimension ``dim`` on a GPU of ``sm_count`` SMs and compute ``capability`` (the
+    interpreter's small tiles when ``interpreted``). ``dtype`` is the products' operand dtype,
+    ``num_splits`` overrides the split choice (tests). ``"key_grad"``'s grid is its upper bound,
+    all ``m`` columns; ``"split_sum"``'s is that of an ``[n, dim]`` sum of partials (paper's
+    positive terms are a smaller one). ``"positive"`` (paper only) and ``"anchor_grad"``
+    (backward of ``reduction="none"``) take the split of ``"statistics"``.
     """
     tiles = _INTERPRETER_TILES if interpreted else tile_config(capability, dtype, dim)
     block_d = _block_d(dim)
@@ -296,8 +315,11 @@ def device_target(device: torch.device) -> Target:
 
 
 def _row_bounds(layout: ContrastLayout) -> tuple[Tensor, Tensor, Tensor]:
-    """``pos_lo, pos_hi, self_col`` (int32) per sorted anchor, found on the device: the class
-    block of each anchor is where its class id sorts into the non-decreasing key classes."""
+    """``pos_lo, pos_hi, self_col`` (int32) per sorted anchor, found on the device.
+
+    The class block of each anchor is where its class id sorts into the non-decreasing key
+    classes.
+    """
     key_class, anchor_class = layout.key_class, layout.anchor_class
     pos_lo = torch.searchsorted(key_class, anchor_class, out_int32=True)
     pos_hi = torch.searchsorted(key_class, anchor_class, right=True, out_int32=True)
@@ -309,8 +331,11 @@ def _row_bounds(layout: ContrastLayout) -> tuple[Tensor, Tensor, Tensor]:
 
 
 def _key_blocks(columns: list[tuple[int, int]], block: int, device) -> tuple[Tensor, Tensor]:
-    """The table of column blocks of the ``dk`` kernel, ``[start, stop)`` per program, copied to
-    the device from pinned memory without waiting (the ranges are host values already)."""
+    """The table of column blocks of the ``dk`` kernel, ``[start, stop)`` per program.
+
+    The ``columns`` ranges are cut into blocks of ``block`` columns and copied to ``device``
+    from pinned memory without waiting (the ranges are host values already).
+    """
     starts = [start for lo, hi in columns for start in range(lo, hi, block)]
     stops = [hi for lo, hi in columns for _ in range(lo, hi, block)]
     table = torch.tensor([starts, stops], dtype=torch.int32)
@@ -329,9 +354,7 @@ def _launch(kernel, grid: tuple[int, ...], *args, **meta) -> None:
 
 def sweep(
     layout: ContrastLayout,
-    temperature: float,
-    rho: float,
-    variant: str,
+    options: ContrastOptions,
     weight: Optional[Tensor],
     need_anchor_grad: bool,
     key_grad_columns: Optional[list[tuple[int, int]]],
@@ -349,6 +372,7 @@ def sweep(
     dtype of the products' operands; ``num_splits`` overrides the planned key splits, ``target``
     the device's, and ``launch(kernel, grid, *args, **meta)`` runs a kernel (tests record).
     """
+    temperature, rho = options.temperature, options.rho
     x, k = layout.anchors, layout.keys
     n, m, dim = x.shape[0], k.shape[0], x.shape[1]
     loss = x.new_zeros(n)
@@ -376,7 +400,7 @@ def sweep(
     x_op = x.to(operand_dtype).contiguous()
     k_op = k.to(operand_dtype).contiguous()
     pos_lo, pos_hi, self_col = _row_bounds(layout)
-    is_paper = variant == "paper"
+    is_paper = options.variant == "paper"
     inv_pos = 1.0 / layout.positives.clamp(min=1)
     has_pos = layout.positives > 0
     positive_sums = None if is_paper else supcon_positive_sums(layout)
@@ -501,13 +525,10 @@ def sweep(
         grad_k *= coef_unit / temperature
     if not is_paper:
         assert positive_sums is not None
-        add_supcon_positive_gradient(
-            layout, positive_sums, temperature, rho, weight, grad_x, grad_k
-        )
+        add_supcon_positive_gradient(layout, positive_sums, options, weight, grad_x, grad_k)
     return loss, stats, grad_x, grad_k
 
 
-def triton_contrastive_loss(inputs: ContrastInputs, options: ContrastOptions) -> Tensor:
-    """The loss of the Triton backend (its ``sweep`` through the shared autograd glue)."""
-    fused_sweep = functools.partial(sweep, operand_dtype=operand_dtype(inputs.anchors, inputs.keys))
-    return apply_contrast(inputs, options, sweep=fused_sweep)
+def sweep_for(inputs: ContrastInputs) -> Sweep:
+    """The Triton ``sweep`` for these inputs: its products take :func:`operand_dtype` of them."""
+    return functools.partial(sweep, operand_dtype=operand_dtype(inputs.anchors, inputs.keys))
