@@ -14,10 +14,10 @@ import torch
 import torch.nn.functional as F
 
 import pixcontrast
-from pixcontrast import _dispatch
+from pixcontrast import _operator
 
 pytestmark = pytest.mark.skipif(
-    not _dispatch.FUSED_OPERATOR, reason="torch.library's operator registration needs torch 2.4"
+    not _operator.FUSED_OPERATOR, reason="torch.library's operator registration needs torch 2.4"
 )
 
 VARIANTS = ["paper", "supcon"]
@@ -33,7 +33,7 @@ def fresh_dynamo():
 @pytest.fixture
 def function_path(monkeypatch):
     """The path of torch < 2.4: the fused backends through ContrastFunction."""
-    monkeypatch.setattr(_dispatch, "FUSED_OPERATOR", False)
+    monkeypatch.setattr(_operator, "FUSED_OPERATOR", False)
 
 
 def unit(rows: int, seed: int, dtype=torch.float64) -> torch.Tensor:
@@ -177,7 +177,7 @@ def test_opcheck_backward():
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_function_path_gives_identical_results(variant, reduction, monkeypatch):
     through_operator = loss_and_gradients(losses, variant, reduction)
-    monkeypatch.setattr(_dispatch, "FUSED_OPERATOR", False)
+    monkeypatch.setattr(_operator, "FUSED_OPERATOR", False)
     through_function = loss_and_gradients(losses, variant, reduction)
     for got, want in zip(through_function, through_operator):
         assert torch.equal(got, want)
@@ -185,7 +185,7 @@ def test_function_path_gives_identical_results(variant, reduction, monkeypatch):
 
 @pytest.mark.parametrize("path", ["operator", "function"])
 def test_each_path_is_the_one_switched_on(path, monkeypatch):
-    monkeypatch.setattr(_dispatch, "FUSED_OPERATOR", path == "operator")
+    monkeypatch.setattr(_operator, "FUSED_OPERATOR", path == "operator")
     anchors, labels = make_inputs()[:2]
     name = type(pixcontrast.contrastive_loss(anchors, labels, backend="torch").grad_fn).__name__
     expected = "pixcontrast_contrastive_loss" if path == "operator" else "ContrastFunction"
@@ -195,7 +195,7 @@ def test_each_path_is_the_one_switched_on(path, monkeypatch):
 @pytest.mark.parametrize("reduction", ["mean", "none"])
 @pytest.mark.parametrize("path", ["operator", "function"])
 def test_gradients_only_where_needed_in_the_inputs_dtypes(path, reduction, monkeypatch):
-    monkeypatch.setattr(_dispatch, "FUSED_OPERATOR", path == "operator")
+    monkeypatch.setattr(_operator, "FUSED_OPERATOR", path == "operator")
     anchors = unit(10, seed=5, dtype=torch.float32).requires_grad_()
     keys = unit(7, seed=6, dtype=torch.float16).requires_grad_()
     memory = unit(9, seed=7, dtype=torch.float32)

@@ -1,0 +1,219 @@
+"""The fused backends as the registered operator ``pixcontrast::contrastive_loss``.
+
+With ``torch.library`` (from torch 2.4 on; :data:`FUSED_OPERATOR` is the one switch) the loss
+of the ``"torch"`` and ``"triton"`` backends is one operator to ``torch.compile``: one node with
+static output shapes, whose host synchronisations (the value checks, the class layout, the
+key-gradient columns) happen inside it, eagerly, so a compiled step has no graph break in the
+loss. Without it the backends run through :class:`~pixcontrast.ops._autograd.ContrastFunction`,
+which dynamo traces around.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Optional, Sequence
+
+import torch
+from torch import Tensor
+
+from . import _checks
+from .ops import torch_fused, triton_fused
+from .ops._autograd import (
+    AnchorStatistics,
+    FusedEvaluation,
+    Gradients,
+    Sweep,
+    apply_contrast,
+    first_derivatives_only,
+)
+from .ops._layout import compute_dtype
+from .ops._options import ContrastInputs, ContrastOptions
+
+__all__ = ["FUSED_OPERATOR", "fused_loss"]
+
+# Whether the fused backends run as the registered operator: torch.library registers a Python
+# operator's fake (shape) function and autograd formula from torch 2.4 on. Before that they run
+# through ContrastFunction, which dynamo traces around (graph breaks at the host syncs).
+FUSED_OPERATOR = hasattr(torch.library, "register_fake") and hasattr(
+    torch.library, "register_autograd"
+)
+
+# The sweep of each fused backend for given inputs (Triton's products take their dtype).
+_SWEEPS: dict[str, Callable[[ContrastInputs], Sweep]] = {
+    "torch": lambda inputs: torch_fused.sweep,
+    "triton": triton_fused.sweep_for,
+}
+
+
+def fused_loss(name: str, inputs: ContrastInputs, options: ContrastOptions) -> Tensor:
+    """The loss of the fused backend ``name``: the registered operator where torch has one."""
+    if not FUSED_OPERATOR:
+        _checks.check_contrast_values(inputs, options.temperature, options.rho)
+        return apply_contrast(inputs, options, sweep=_SWEEPS[name](inputs))
+    need_grad = [
+        torch.is_grad_enabled() and tensor.requires_grad
+        for tensor in (inputs.anchors, *inputs.keys)
+    ]
+    loss, _ = torch.ops.pixcontrast.contrastive_loss(
+        inputs.anchors, inputs.labels, list(inputs.keys), inputs.key_labels, inputs.in_batch,
+        options.temperature, options.rho, options.variant, options.reduction, name, need_grad,
+    )
+    return loss
+
+
+# -------------------------------------------------- pixcontrast::contrastive_loss (torch.library)
+#
+# Forward: (anchors, labels, key parts, key labels, in_batch, options, backend, which tensors need
+# a gradient) -> (loss, what backward needs). For a scalar reduction that is the input gradients
+# for an upstream gradient of 1, computed in forward (FusedEvaluation.reduced); backward scales
+# them. For reduction="none" it is the per-anchor statistics, and backward runs the second
+# operator, which lays the inputs out again and recomputes the scores with them. Gradients come
+# only for the tensors flagged in need_grad, in the order anchors, key parts.
+
+_FORWARD_SCHEMA = (
+    "(Tensor anchors, Tensor labels, Tensor[] keys, Tensor? key_labels, bool in_batch, "
+    "float temperature, float rho, str variant, str reduction, str backend, bool[] need_grad) "
+    "-> (Tensor, Tensor[])"
+)
+_BACKWARD_SCHEMA = (
+    "(Tensor grad, Tensor anchors, Tensor labels, Tensor[] keys, Tensor? key_labels, "
+    "Tensor log_normalizer, Tensor positive_weight, bool in_batch, float temperature, float rho, "
+    "str variant, str backend, bool[] need_grad) -> Tensor[]"
+)
+
+
+def _evaluation(
+    inputs: ContrastInputs, options: ContrastOptions, backend: str, need_grad: Sequence[bool]
+) -> FusedEvaluation:
+    return FusedEvaluation.prepare(inputs, options, _SWEEPS[backend](inputs), need_grad)
+
+
+def _wanted(gradients: Gradients) -> list[Tensor]:
+    """The gradients of the tensors that need one, anchors first."""
+    grad_anchors, grad_parts = gradients
+    return [grad for grad in (grad_anchors, *grad_parts) if grad is not None]
+
+
+def _wanted_like(
+    anchors: Tensor, keys: Sequence[Tensor], need_grad: Sequence[bool]
+) -> list[Tensor]:
+    """Fake tensors shaped like the gradients of :func:`_wanted`."""
+    return [t.new_empty(t.shape) for t, need in zip((anchors, *keys), need_grad) if need]
+
+
+def _operator_forward(
+    anchors: Tensor,
+    labels: Tensor,
+    keys: list[Tensor],
+    key_labels: Optional[Tensor],
+    in_batch: bool,
+    temperature: float,
+    rho: float,
+    variant: str,
+    reduction: str,
+    backend: str,
+    need_grad: list[bool],
+) -> tuple[Tensor, list[Tensor]]:
+    """The forward kernel: the loss and what backward needs (see above)."""
+    inputs = ContrastInputs(anchors, labels, tuple(keys), key_labels, in_batch)
+    # (the kernel always sees real values: while torch.compile traces, the fake stands in)
+    _checks.check_contrast_values(inputs, temperature, rho)
+    options = ContrastOptions(temperature, rho, variant, reduction)
+    evaluation = _evaluation(inputs, options, backend, need_grad)
+    if reduction == "none":
+        loss, statistics = evaluation.per_anchor()
+        return loss, [statistics.log_normalizer, statistics.positive_weight]
+    loss, gradients = evaluation.reduced()
+    return loss, _wanted(gradients)
+
+
+def _operator_forward_fake(*arguments: Any) -> tuple[Tensor, list[Tensor]]:
+    """The outputs' shapes and dtypes, from those of ``_operator_forward``'s arguments."""
+    anchors, _, keys, *_, reduction, _, need_grad = arguments
+    dtype = compute_dtype(anchors.dtype)
+    if reduction == "none":
+        loss, *statistics = (anchors.new_empty(anchors.shape[:1], dtype=dtype) for _ in range(3))
+        return loss, statistics
+    return anchors.new_empty((), dtype=dtype), _wanted_like(anchors, keys, need_grad)
+
+
+def _operator_backward(
+    grad: Tensor,
+    anchors: Tensor,
+    labels: Tensor,
+    keys: list[Tensor],
+    key_labels: Optional[Tensor],
+    log_normalizer: Tensor,
+    positive_weight: Tensor,
+    in_batch: bool,
+    temperature: float,
+    rho: float,
+    variant: str,
+    backend: str,
+    need_grad: list[bool],
+) -> list[Tensor]:
+    """The backward kernel of ``reduction="none"``: the wanted gradients for upstream ``grad``."""
+    inputs = ContrastInputs(anchors, labels, tuple(keys), key_labels, in_batch)
+    options = ContrastOptions(temperature, rho, variant, "none")
+    evaluation = _evaluation(inputs, options, backend, need_grad)
+    return _wanted(evaluation.backward(AnchorStatistics(log_normalizer, positive_weight), grad))
+
+
+def _operator_backward_fake(*arguments: Any) -> list[Tensor]:
+    """The gradients' shapes and dtypes, from those of ``_operator_backward``'s arguments."""
+    _, anchors, _, keys, *_, need_grad = arguments
+    return _wanted_like(anchors, keys, need_grad)
+
+
+def _setup_context(ctx, inputs: tuple, output: tuple[Tensor, list[Tensor]]) -> None:
+    """Keep what :func:`_operator_gradients` needs of a forward call."""
+    (anchors, labels, keys, key_labels, in_batch, temperature, rho, variant, reduction, backend,
+     need_grad) = inputs
+    kept = output[1]
+    ctx.mark_non_differentiable(*kept)
+    ctx.need_grad, ctx.scalar = need_grad, reduction != "none"
+    ctx.arguments = (in_batch, temperature, rho, variant, backend)
+    if ctx.scalar:
+        ctx.save_for_backward(*kept)
+    else:
+        # Backward lays the inputs out again: saved as autograd saves inputs, an in-place change
+        # before backward (a memory bank's enqueue into its keys() view) raises instead of
+        # giving a wrong gradient.
+        ctx.save_for_backward(*kept, anchors, labels, key_labels, *keys)
+
+
+@first_derivatives_only("contrastive_loss")
+def _operator_gradients(ctx, grad_loss: Tensor, _: list[Tensor]) -> tuple:
+    """The forward operator's input gradients (``None`` for the arguments that need none)."""
+    saved = ctx.saved_tensors
+    if ctx.scalar:
+        wanted = [grad * grad_loss.to(grad.dtype) for grad in saved]
+    else:
+        log_normalizer, positive_weight, anchors, labels, key_labels, *keys = saved
+        wanted = torch.ops.pixcontrast.contrastive_loss_backward(
+            grad_loss, anchors, labels, keys, key_labels, log_normalizer, positive_weight,
+            *ctx.arguments, ctx.need_grad,
+        )
+    grads = iter(wanted)
+    grad_anchors, *grad_keys = (next(grads) if need else None for need in ctx.need_grad)
+    return (grad_anchors, None, grad_keys) + (None,) * 8
+
+
+def _register_operator() -> None:
+    operators: list[tuple[str, str, Callable[..., object], Callable[..., object]]] = [
+        ("contrastive_loss", _FORWARD_SCHEMA, _operator_forward, _operator_forward_fake),
+        ("contrastive_loss_backward", _BACKWARD_SCHEMA, _operator_backward,
+         _operator_backward_fake),
+    ]
+    for name, schema, kernel, fake in operators:
+        qualname = f"pixcontrast::{name}"
+        torch.library.define(qualname, schema)
+        # (the plain kernel: custom_op's would import torch._dynamo, and Triton, at the first call)
+        torch.library.impl(qualname, "default", kernel)
+        torch.library.register_fake(qualname, fake)
+    torch.library.register_autograd(
+        "pixcontrast::contrastive_loss", _operator_gradients, setup_context=_setup_context
+    )
+
+
+if FUSED_OPERATOR:
+    _register_operator()
