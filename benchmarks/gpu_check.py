@@ -111,12 +111,14 @@ def loss_step(point: Point, backend: str, inputs, launch: Optional[Callable] = N
                 variant=point.variant, backend=backend,
             )
         else:
-            sweep = functools.partial(
-                triton_fused.sweep, operand_dtype=anchors.dtype, launch=launch
-            )
             options = ContrastOptions(TEMPERATURE, 1.0, point.variant, "mean")
             inputs = _checks.check_contrast_inputs(anchors, labels, keys, key_labels, True)
-            loss = apply_contrast(inputs, options, sweep=sweep)
+            # the backend's own sweep and key dtype, its launches recorded
+            sweep, key_dtype = triton_fused.sweep_for(inputs)
+            loss = apply_contrast(
+                inputs, options, sweep=functools.partial(sweep, launch=launch),
+                key_dtype=key_dtype,
+            )
         loss.backward()
 
     return step

@@ -20,8 +20,8 @@ from .ops import torch_fused, triton_fused
 from .ops._autograd import (
     AnchorStatistics,
     FusedEvaluation,
+    FusedSweep,
     Gradients,
-    Sweep,
     apply_contrast,
     first_derivatives_only,
 )
@@ -37,9 +37,9 @@ FUSED_OPERATOR = hasattr(torch.library, "register_fake") and hasattr(
     torch.library, "register_autograd"
 )
 
-# The sweep of each fused backend for given inputs (Triton's products take their dtype).
-_SWEEPS: dict[str, Callable[[ContrastInputs], Sweep]] = {
-    "torch": lambda inputs: torch_fused.sweep,
+# Each fused backend for given inputs (Triton's products take their dtype, and so do its keys).
+_SWEEPS: dict[str, Callable[[ContrastInputs], FusedSweep]] = {
+    "torch": lambda inputs: FusedSweep(torch_fused.sweep),
     "triton": triton_fused.sweep_for,
 }
 
@@ -48,7 +48,8 @@ def fused_loss(name: str, inputs: ContrastInputs, options: ContrastOptions) -> T
     """The loss of the fused backend ``name``: the registered operator where torch has one."""
     if not FUSED_OPERATOR:
         _checks.check_contrast_values(inputs, options.temperature, options.rho)
-        return apply_contrast(inputs, options, sweep=_SWEEPS[name](inputs))
+        sweep, key_dtype = _SWEEPS[name](inputs)
+        return apply_contrast(inputs, options, sweep=sweep, key_dtype=key_dtype)
     need_grad = [
         torch.is_grad_enabled() and tensor.requires_grad
         for tensor in (inputs.anchors, *inputs.keys)

@@ -21,7 +21,12 @@ import torch
 import pixcontrast
 from pixcontrast import _checks
 from pixcontrast.ops import torch_fused, triton_fused
-from pixcontrast.ops._autograd import apply_contrast, key_grad_columns
+from pixcontrast.ops._autograd import (
+    FusedEvaluation,
+    FusedSweep,
+    apply_contrast,
+    key_grad_columns,
+)
 from pixcontrast.ops._layout import build_layout
 from pixcontrast.ops._options import ContrastOptions
 
@@ -477,3 +482,29 @@ def test_gpu_check_triton_step_goes_through_its_launcher(gpu_check, tf32_allowed
     gpu_check.loss_step(point, "triton", inputs, launch)()
     assert {"contrast_statistics_kernel", "combine_statistics_kernel"} <= set(launched)
     assert inputs[0].grad.abs().sum() > 0
+
+
+def test_half_precision_keys_stay_in_their_dtype_without_a_copy():
+    # The kernels read half-precision keys as they are: the layout makes no fp32 copy for them,
+    # and a memory bank's keys, already grouped by class, are not copied at all without in-batch.
+    g = torch.Generator().manual_seed(0)
+    keys = torch.randn(40, 16, generator=g).half()
+    key_labels = torch.arange(40) // 10
+    anchors = torch.randn(12, 16, generator=g).half()
+    labels = torch.arange(12) % 4
+    options = ContrastOptions(0.1, 1.0, "paper", "mean")
+    for in_batch in (False, True):
+        inputs = _checks.check_contrast_inputs(anchors, labels, keys, key_labels, in_batch)
+        fused = triton_fused.sweep_for(inputs)
+        assert fused.key_dtype == torch.float16
+        layout = FusedEvaluation.prepare(inputs, options, fused, [True, False]).layout
+        assert layout.keys.dtype == torch.float16 and layout.anchors.dtype == torch.float32
+        if not in_batch:
+            assert layout.keys.data_ptr() == keys.data_ptr()
+        torch_layout = FusedEvaluation.prepare(
+            inputs, options, FusedSweep(torch_fused.sweep), [True, False]
+        ).layout
+        assert torch_layout.keys.dtype == torch.float32
+        torch.testing.assert_close(layout.keys.float(), torch_layout.keys, rtol=0, atol=0)
+    fp32 = _checks.check_contrast_inputs(anchors.float(), labels, keys.float(), key_labels, False)
+    assert triton_fused.sweep_for(fp32).key_dtype is None

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
-from typing import Callable, Optional, Sequence
+from typing import Callable, NamedTuple, Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -70,7 +70,21 @@ class AnchorStatistics:
     positive_weight: Tensor
 
 
+# Rows of half-precision keys converted at a time by supcon_positive_sums (16 MiB at D = 256).
+_SUM_ROWS = 1 << 14
+
 Sweep = Callable[..., tuple[Tensor, AnchorStatistics, Optional[Tensor], Optional[Tensor]]]
+
+
+class FusedSweep(NamedTuple):
+    """A fused backend for given inputs: its ``sweep``, and the dtype its layout keeps keys in.
+
+    ``key_dtype`` ``None`` is the compute dtype; the Triton backend asks for its half-precision
+    operand dtype, so that the layout makes no fp32 copy of the keys for it to convert back.
+    """
+
+    sweep: Sweep
+    key_dtype: Optional[torch.dtype] = None
 
 
 def key_grad_columns(
@@ -115,12 +129,17 @@ def supcon_positive_sums(layout: ContrastLayout) -> Tensor:
     That is ``S_{y_a} - [in-batch] x_a`` with the class sums ``S_c`` (:mod:`pixcontrast.ops`):
     supcon's positive term is linear in the keys.
     """
-    k = layout.keys
-    class_sums = k.new_zeros((layout.num_classes, k.shape[1]))
-    class_sums.index_add_(0, layout.key_class, k)
+    k, x = layout.keys, layout.anchors
+    class_sums = x.new_zeros((layout.num_classes, k.shape[1]))
+    # Keys kept in a half-precision operand dtype are summed in the compute dtype, a bounded
+    # block of rows at a time (no full-size copy).
+    rows = k.shape[0] if k.dtype == x.dtype else _SUM_ROWS
+    for start in range(0, k.shape[0], rows):
+        block = slice(start, start + rows)
+        class_sums.index_add_(0, layout.key_class[block], k[block].to(x.dtype))
     positive_sums = class_sums.index_select(0, layout.anchor_class)
     if layout.self_column is not None:
-        positive_sums -= k.index_select(0, layout.self_column)
+        positive_sums -= k.index_select(0, layout.self_column).to(x.dtype)
     return positive_sums
 
 
@@ -191,7 +210,7 @@ def scatter_to_inputs(
     if any(spec.need_part_grad):
         # (zeros for a part none of whose keys is a wanted column: only invalid keys, say)
         rows = offset + sum(layout.key_part_sizes)
-        combined = layout.keys.new_zeros((rows, layout.keys.shape[1]))
+        combined = layout.anchors.new_zeros((rows, layout.keys.shape[1]))
         if grad_k is not None:
             combined[layout.key_source] = grad_k
         parts = combined[offset:].split(list(layout.key_part_sizes))
@@ -268,12 +287,13 @@ class FusedEvaluation:
         cls,
         inputs: ContrastInputs,
         options: ContrastOptions,
-        sweep: Sweep,
+        fused: FusedSweep,
         need_grad: Sequence[bool],
     ) -> FusedEvaluation:
         """Lay ``inputs`` out by class; ``need_grad``: the anchors', then each key part's."""
         layout = build_layout(
-            inputs.anchors, inputs.labels, inputs.keys, inputs.key_labels, inputs.in_batch
+            inputs.anchors, inputs.labels, inputs.keys, inputs.key_labels, inputs.in_batch,
+            fused.key_dtype,
         )
         spec = InputSpec(
             anchor_dtype=inputs.anchors.dtype,
@@ -282,7 +302,7 @@ class FusedEvaluation:
             need_part_grad=tuple(need_grad[1:]),
         )
         columns = key_grad_columns(layout, spec.need_anchor_grad, spec.need_part_grad)
-        return cls(layout, spec, columns, options, sweep)
+        return cls(layout, spec, columns, options, fused.sweep)
 
     def reduced(self) -> tuple[Tensor, Gradients]:
         """A scalar reduction's loss and the input gradients for an upstream gradient of 1.
@@ -348,7 +368,7 @@ class ContrastCall:
     key_labels: Optional[Tensor]
     in_batch: bool
     options: ContrastOptions
-    sweep: Sweep
+    fused: FusedSweep
     grad_enabled: bool
 
 
@@ -367,7 +387,7 @@ class ContrastFunction(torch.autograd.Function):
     def forward(ctx, call: ContrastCall, anchors: Tensor, *key_parts: Tensor) -> Tensor:
         inputs = ContrastInputs(anchors, call.labels, key_parts, call.key_labels, call.in_batch)
         need_grad = [call.grad_enabled and need for need in ctx.needs_input_grad[1:]]
-        evaluation = FusedEvaluation.prepare(inputs, call.options, call.sweep, need_grad)
+        evaluation = FusedEvaluation.prepare(inputs, call.options, call.fused, need_grad)
         ctx.evaluation = evaluation
         if call.options.reduction != "none":
             loss, ctx.gradients = evaluation.reduced()
@@ -391,9 +411,19 @@ class ContrastFunction(torch.autograd.Function):
         return (None, grad_anchors, *grad_parts)
 
 
-def apply_contrast(inputs: ContrastInputs, options: ContrastOptions, *, sweep: Sweep) -> Tensor:
-    """``contrastive_loss`` through :class:`ContrastFunction` with a backend's ``sweep``."""
+def apply_contrast(
+    inputs: ContrastInputs,
+    options: ContrastOptions,
+    *,
+    sweep: Sweep,
+    key_dtype: Optional[torch.dtype] = None,
+) -> Tensor:
+    """``contrastive_loss`` through :class:`ContrastFunction` with a backend's ``sweep``.
+
+    ``key_dtype`` is the dtype of the layout's keys (see :class:`FusedSweep`).
+    """
     call = ContrastCall(
-        inputs.labels, inputs.key_labels, inputs.in_batch, options, sweep, torch.is_grad_enabled()
+        inputs.labels, inputs.key_labels, inputs.in_batch, options,
+        FusedSweep(sweep, key_dtype), torch.is_grad_enabled(),
     )
     return ContrastFunction.apply(call, inputs.anchors, *inputs.keys)

@@ -31,7 +31,9 @@ class ContrastLayout:
         anchors: ``[N, D]`` anchors sorted by class, in the compute dtype.
         anchor_order: ``[N]`` caller positions: ``anchors[i] = caller_anchors[anchor_order[i]]``.
         anchor_class: ``[N]`` compact class id of each sorted anchor (non-decreasing).
-        keys: ``[M, D]`` valid keys sorted by class, in the compute dtype.
+        keys: ``[M, D]`` valid keys sorted by class, in the compute dtype or the ``key_dtype``
+            the backend asked :func:`build_layout` for (a half-precision operand dtype: then
+            no fp32 copy of the keys is made, and grouped keys are not copied at all).
         key_source: ``[M]`` position of each sorted key in the caller's key space, which is
             ``[anchors (if in_batch); keys]``, so values ``< N`` are anchors acting as keys.
         key_class: ``[M]`` compact class id of each sorted key (non-decreasing).
@@ -82,6 +84,7 @@ def build_layout(
     key_parts: Sequence[Tensor],
     key_labels: Optional[Tensor],
     in_batch: bool,
+    key_dtype: Optional[torch.dtype] = None,
 ) -> ContrastLayout:
     """Arrange anchors and valid keys by class.
 
@@ -90,15 +93,20 @@ def build_layout(
     are already grouped by class in ascending order (a memory bank's ``keys()``) are not sorted
     again. In-batch anchors are merged into the key order by counting, anchors first within each
     class. Costs: a sort of the ``N`` anchors, a sort of the keys only when they are not grouped,
-    one gather of the keys and two host synchronisations.
+    one gather of the keys and two host synchronisations. ``key_dtype`` (default: the compute
+    dtype) is the dtype of the layout's keys; the anchors stay in the compute dtype.
     """
     dtype = compute_dtype(anchors.dtype)
+    key_dtype = key_dtype or dtype
     device = anchors.device
     n = anchors.shape[0]
     labels = labels.long()
     keys = None
     if key_parts:
-        keys = key_parts[0] if len(key_parts) == 1 else torch.cat([k.to(dtype) for k in key_parts])
+        keys = (
+            key_parts[0] if len(key_parts) == 1
+            else torch.cat([k.to(key_dtype) for k in key_parts])
+        )
 
     classes, anchor_ids = torch.unique(labels, return_inverse=True)  # sorted, host-synchronised
     num_anchor_classes = classes.numel()
@@ -140,11 +148,11 @@ def build_layout(
             part_class, part_order = torch.sort(part_ids, stable=True)
             part_class, part_order = part_class[:num_valid], part_order[:num_valid]
         part_keys = keys if host[-1] and num_valid == keys.shape[0] else keys[part_order]
-        part_keys = part_keys.to(dtype)
+        part_keys = part_keys.to(key_dtype)
         part_source = part_order + offset
     else:
         part_class = labels.new_empty(0)
-        part_keys = anchors.new_empty((0, anchors.shape[1]), dtype=dtype)
+        part_keys = anchors.new_empty((0, anchors.shape[1]), dtype=key_dtype)
         part_source = labels.new_empty(0)
 
     positives = (part_counts + (anchor_counts if in_batch else 0)).index_select(0, anchor_class)
@@ -153,7 +161,8 @@ def build_layout(
         sorted_keys, key_source, key_class = part_keys, part_source, part_class
         key_offsets = part_offsets
     elif num_valid == 0:
-        sorted_keys, key_source, key_class = sorted_anchors, anchor_order, anchor_class
+        sorted_keys = sorted_anchors.to(key_dtype)
+        key_source, key_class = anchor_order, anchor_class
         key_offsets = anchor_offsets
         self_column = torch.arange(n, device=device)
     else:
@@ -165,8 +174,8 @@ def build_layout(
         self_column = torch.arange(n, device=device) + part_start[anchor_class]
         key_column = torch.arange(num_valid, device=device) + anchor_end[part_class]
         total = n + num_valid
-        sorted_keys = sorted_anchors.new_empty((total, anchors.shape[1]))
-        sorted_keys.index_copy_(0, self_column, sorted_anchors)
+        sorted_keys = sorted_anchors.new_empty((total, anchors.shape[1]), dtype=key_dtype)
+        sorted_keys.index_copy_(0, self_column, sorted_anchors.to(key_dtype))
         sorted_keys.index_copy_(0, key_column, part_keys)
         key_source = labels.new_empty(total)
         key_source.index_copy_(0, self_column, anchor_order)

@@ -34,7 +34,7 @@ from torch import Tensor
 
 from ._autograd import (
     AnchorStatistics,
-    Sweep,
+    FusedSweep,
     add_supcon_positive_gradient,
     supcon_positive_sums,
 )
@@ -384,7 +384,7 @@ def sweep(
     want_grad_k = weight is not None and bool(columns)
     if n == 0 or m == 0:
         grad_x = x.new_zeros(x.shape) if want_grad_x else None
-        grad_k = k.new_zeros(k.shape) if want_grad_k else None
+        grad_k = x.new_zeros(k.shape) if want_grad_k else None
         return loss, stats, grad_x, grad_k
 
     kernels, interpreted, import_error = _load_kernels()
@@ -509,11 +509,12 @@ def sweep(
         if use_table:
             starts, stops = _key_blocks(columns, block, x.device)
             grid: tuple[int, ...] = (starts.numel(),)
-            grad_k = torch.zeros_like(k)  # columns outside key_grad_columns stay zero
+            # columns outside key_grad_columns stay zero
+            grad_k = torch.zeros(k.shape, dtype=torch.float32, device=k.device)
         else:
             starts = stops = pos_lo  # unused without the table
             grid = plan["key_grad"].grid
-            grad_k = torch.empty_like(k)  # every column is written
+            grad_k = torch.empty(k.shape, dtype=torch.float32, device=k.device)  # all written
         launch(
             kernels.contrast_key_grad_kernel, grid,
             x_op, k_op, *row_args, starts, stops, grad_k,
@@ -529,6 +530,12 @@ def sweep(
     return loss, stats, grad_x, grad_k
 
 
-def sweep_for(inputs: ContrastInputs) -> Sweep:
-    """The Triton ``sweep`` for these inputs: its products take :func:`operand_dtype` of them."""
-    return functools.partial(sweep, operand_dtype=operand_dtype(inputs.anchors, inputs.keys))
+def sweep_for(inputs: ContrastInputs) -> FusedSweep:
+    """The Triton backend for these inputs: its products take :func:`operand_dtype` of them.
+
+    With half-precision operands the layout keeps the keys in that dtype: the kernels read them
+    as they are, without an fp32 copy made to be converted back.
+    """
+    dtype = operand_dtype(inputs.anchors, inputs.keys)
+    key_dtype = dtype if dtype in (torch.float16, torch.bfloat16) else None
+    return FusedSweep(functools.partial(sweep, operand_dtype=dtype), key_dtype)
