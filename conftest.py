@@ -2,7 +2,10 @@
 ``--doctest-modules``; see ``[tool.pytest.ini_options]`` in pyproject.toml)."""
 
 import importlib.util
+import json
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -47,3 +50,42 @@ def device(request: pytest.FixtureRequest) -> torch.device:
 def dtype(request: pytest.FixtureRequest) -> torch.dtype:
     """The floating-point dtype given by ``--dtype``."""
     return getattr(torch, request.config.getoption("--dtype"))
+
+
+# What eager use loads, in a fresh interpreter without TRITON_INTERPRET or PIXCONTRAST_BACKEND
+# (a user's setting): sampling and mining (test_compile.py: no torch._dynamo), then the ``auto``
+# loss on CPU tensors and ``backend="triton"`` (test_dispatch.py: no Triton, and the reason). One
+# process for both files' checks, so one start-up; each step records what was loaded after it.
+_EAGER_SCRIPT = """
+import json, sys, torch, pixcontrast
+report = {}
+sample = pixcontrast.HardAnchorSampler()(torch.randn(1, 3, 4, 4), torch.zeros(1, 4, 4).long())
+pixcontrast.mine_keys(torch.randn(4, 3), torch.tensor([0, 0, 1, 1]), miner="semi-hard",
+                      num_positives=1, num_negatives=1)
+report["sampled"] = sample.indices.numel()
+report["dynamo_after_sampling_and_mining"] = "torch._dynamo" in sys.modules
+x = torch.randn(6, 8, requires_grad=True)
+y = torch.tensor([0, 0, 1, 1, 2, 2])
+pixcontrast.contrastive_loss(x, y).backward()
+report["triton_after_auto"] = "triton" in sys.modules
+try:
+    pixcontrast.contrastive_loss(x, y, backend="triton")
+except ValueError as error:
+    report["triton_backend_error"] = str(error)
+else:
+    report["triton_backend_error"] = None
+print(json.dumps(report))
+"""
+
+
+@pytest.fixture(scope="session")
+def fresh_eager_process() -> dict:
+    """The report of :data:`_EAGER_SCRIPT`, run once per session (after its own check that the
+    process succeeded)."""
+    from pixcontrast import _dispatch
+
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", _dispatch.ENV_VAR)}
+    result = subprocess.run([sys.executable, "-c", _EAGER_SCRIPT], env=env, capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout.strip().splitlines()[-1])

@@ -14,8 +14,8 @@ the script asserts. ``mine_keys(miner="semi-hard")`` is measured alongside, for 
 - Time: the sides alternate in one process, medians of ``--repeats`` calls.
 
 Run ``python benchmarks/bench_mining.py`` (one thread unless ``--threads``; ``--quick``: N = 256,
-M = 4,000, one repeat). Writes ``benchmarks/results/bench_mining.json`` and prints a markdown
-table.
+M = 4,000, one repeat, the three memory processes at once). Writes
+``benchmarks/results/bench_mining.json`` and prints a markdown table.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ import argparse
 import functools
 import os
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -113,11 +114,20 @@ def measure(args: argparse.Namespace) -> dict:
     # A fixed mmap threshold: every allocation of 64 KiB or more is its own mapping, returned
     # to the system when freed, so freed-but-resident heap memory cannot absorb the growth.
     os.environ.setdefault("MALLOC_MMAP_THRESHOLD_", str(1 << 16))
-    children = {
-        name: run_child(Path(__file__), {"side": name, "threads": threads, "anchors": n,
-                                         "keys": m})
-        for name in SIDES
-    }
+    if args.quick:  # the plumbing only: the children (each its own peak RSS) run side by side
+        with ThreadPoolExecutor(len(SIDES)) as pool:
+            started = {
+                name: pool.submit(run_child, Path(__file__), {"side": name, "threads": threads,
+                                                              "anchors": n, "keys": m})
+                for name in SIDES
+            }
+        children = {name: child.result() for name, child in started.items()}
+    else:
+        children = {
+            name: run_child(Path(__file__), {"side": name, "threads": threads, "anchors": n,
+                                             "keys": m})
+            for name in SIDES
+        }
     memory = {name: child["peak_rss_growth_bytes"] for name, child in children.items()}
 
     inputs = problem(0, n, m)

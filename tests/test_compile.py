@@ -9,8 +9,6 @@ the same anchors and keys as in eager mode, from the global generator as from an
 from __future__ import annotations
 
 import copy
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -20,11 +18,28 @@ from pixcontrast import MinedContrastLoss, PixelContrastLoss
 
 NUM_CLASSES = 4
 IGNORE = 255
-# (h, w) of the label maps: repeats (a cached graph is reused), new sizes (dynamo recompiles,
-# then marks the sizes dynamic); the embeddings have half the resolution
-SIZES = [(10, 9), (10, 9), (13, 9), (10, 9), (13, 9), (10, 9)]
+# Steps of (batch, (h, w) of the label maps, classes drawn, explicit generator); the embeddings
+# have half the resolution. Step 1 changes every size and the label map (dynamo recompiles, then
+# marks the sizes dynamic); step 2 returns to the first size with an explicit generator (the
+# graphs the generator passes through recompile, and so does the loss's, which specialises on the
+# anchors per class); step 3 repeats step 2's batch with a new draw: every graph is reused. Three
+# anchor counts; the first steps draw from the global generator, the last ones from an explicit
+# one.
+STEPS = [(0, (10, 9), 4, False), (1, (13, 9), 3, False), (2, (10, 9), 3, True),
+         (2, (10, 9), 3, True)]
+# The longer run (slow): more class counts, and the explicit generator at both sizes
+LONG_STEPS = [(0, (10, 9), 4, False), (1, (10, 9), 3, False), (2, (13, 9), 2, False),
+              (3, (10, 9), 4, False), (4, (13, 9), 3, True), (5, (10, 9), 2, True)]
+# Anchor counts of the miner steps: a repeat (the cached graph), a new count (dynamo recompiles
+# with a dynamic size), then another one (the dynamic graph)
+MINED_SIZES = [10, 10, 13, 9]
+LONG_MINED_SIZES = [10, 10, 13, 9, 10, 16]
 
-BACKENDS = ["aot_eager", pytest.param("inductor", marks=pytest.mark.slow)]
+BACKENDS = [
+    pytest.param("aot_eager", STEPS, id="aot_eager"),
+    pytest.param("aot_eager", LONG_STEPS, id="aot_eager-long", marks=pytest.mark.slow),
+    pytest.param("inductor", LONG_STEPS, id="inductor", marks=pytest.mark.slow),
+]
 
 
 @pytest.fixture(autouse=True)
@@ -49,24 +64,23 @@ class Segmenter(torch.nn.Module):
         self.classify = torch.nn.Conv2d(8, NUM_CLASSES, 1)
 
 
-def batch(step, size):
-    g = torch.Generator().manual_seed(100 + step)
+def batch(seed, size, classes):
+    g = torch.Generator().manual_seed(100 + seed)
     h, w = size
     images = torch.randn(2, 3, h, w, generator=g, dtype=torch.float64)
     # a varying number of classes and ignored pixels: the anchor count changes from step to step
-    labels = torch.randint(0, NUM_CLASSES - step % 3, (2, h, w), generator=g)
+    labels = torch.randint(0, classes, (2, h, w), generator=g)
     labels[torch.rand(2, h, w, generator=g) < 0.25] = IGNORE
     return images, labels
 
 
-def run_pixel_steps(step_fn, model, criterion):
+def run_pixel_steps(step_fn, model, criterion, steps):
     results = []
-    for i, size in enumerate(SIZES):
-        images, labels = batch(i, size)
+    for i, (seed, size, classes, explicit) in enumerate(steps):
+        images, labels = batch(seed, size, classes)
         model.zero_grad(set_to_none=True)
-        # the first steps draw from the global generator, the last ones from an explicit one
         torch.manual_seed(i)
-        generator = torch.Generator().manual_seed(i) if i >= 4 else None
+        generator = torch.Generator().manual_seed(i) if explicit else None
         loss = step_fn(model, criterion, images, labels, generator)
         sample = criterion.last_sample
         results.append((loss.detach(), [p.grad.clone() for p in model.parameters()],
@@ -83,15 +97,15 @@ def pixel_step(model, criterion, images, labels, generator):
     return contrast
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_pixel_contrast_step_compiles_and_equals_eager(backend):
+@pytest.mark.parametrize("backend, steps", BACKENDS)
+def test_pixel_contrast_step_compiles_and_equals_eager(backend, steps):
     torch.manual_seed(0)
     model = Segmenter().double()
     criterion = PixelContrastLoss(max_samples=40, max_views=5, num_classes=NUM_CLASSES,
                                   ignore_index=IGNORE)
-    eager = run_pixel_steps(pixel_step, copy.deepcopy(model), copy.deepcopy(criterion))
+    eager = run_pixel_steps(pixel_step, copy.deepcopy(model), copy.deepcopy(criterion), steps)
     compiled_step = torch.compile(pixel_step, backend=backend)
-    compiled = run_pixel_steps(compiled_step, model, criterion)
+    compiled = run_pixel_steps(compiled_step, model, criterion, steps)
 
     counts = [indices.numel() for _, _, indices in eager]
     assert len(set(counts)) > 2, counts  # the steps really change the anchor count
@@ -108,42 +122,51 @@ def mined_step(projection, criterion, anchors, labels):
     return loss
 
 
-@pytest.mark.parametrize("miner", ["semi-hard", "class-relation"])
-def test_mined_contrast_step_compiles_and_equals_eager(miner):
-    # both miners draw at random, with sizes known only after a host synchronisation
+def run_mined_steps(step_fn, miner, sizes):
+    """Steps of a projection under ``MinedContrastLoss(miner)``: (loss, weight gradient) each."""
     torch.manual_seed(0)
     projection = torch.nn.Linear(5, 6).double()
     criterion = MinedContrastLoss(miner, num_positives=2, num_negatives=3)
+    results = []
+    for i, n in enumerate(sizes):
+        g = torch.Generator().manual_seed(i)
+        anchors = torch.randn(n, 5, generator=g, dtype=torch.float64)
+        labels = torch.randint(0, 3, (n,), generator=g)
+        projection.zero_grad(set_to_none=True)
+        torch.manual_seed(i)
+        loss = step_fn(projection, criterion, anchors, labels)
+        results.append((loss.detach(), projection.weight.grad.clone()))
+    return results
 
-    def run(step_fn, projection):
-        results = []
-        for i, n in enumerate([10, 10, 13, 9, 10, 16]):
-            g = torch.Generator().manual_seed(i)
-            anchors = torch.randn(n, 5, generator=g, dtype=torch.float64)
-            labels = torch.randint(0, 3, (n,), generator=g)
-            projection.zero_grad(set_to_none=True)
-            torch.manual_seed(i)
-            loss = step_fn(projection, criterion, anchors, labels)
-            results.append((loss.detach(), projection.weight.grad.clone()))
-        return results
 
-    eager = run(mined_step, copy.deepcopy(projection))
-    compiled = run(torch.compile(mined_step, backend="aot_eager"), projection)
+def assert_mined_steps_equal_eager(compiled_step, miner, sizes):
+    eager = run_mined_steps(mined_step, miner, sizes)
+    compiled = run_mined_steps(compiled_step, miner, sizes)
     for (loss_c, grad_c), (loss_e, grad_e) in zip(compiled, eager):
         assert_same(loss_c, loss_e)
         assert_same(grad_c, grad_e)
 
 
-def test_eager_use_never_imports_dynamo():
-    # the compile cooperation is lazy: torch._dynamo (which imports Triton) stays unloaded
-    script = """
-import sys, torch, pixcontrast
-sample = pixcontrast.HardAnchorSampler()(torch.randn(1, 3, 4, 4), torch.zeros(1, 4, 4).long())
-pixcontrast.mine_keys(torch.randn(4, 3), torch.tensor([0, 0, 1, 1]), miner="semi-hard",
-                      num_positives=1, num_negatives=1)
-assert sample.indices.numel() == 16
-assert "torch._dynamo" not in sys.modules, "eager sampling imported torch._dynamo"
-"""
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                            timeout=120)
-    assert result.returncode == 0, result.stderr
+def test_mined_contrast_steps_compile_and_equal_eager():
+    # both miners draw at random, with sizes known only after a host synchronisation. One
+    # compiled step for both: the first miner's steps compile (and recompile for a new size),
+    # the second's reuse those graphs but not the first miner's call (dynamo guards the miner)
+    compiled_step = torch.compile(mined_step, backend="aot_eager")
+    for miner in ["semi-hard", "class-relation"]:
+        assert_mined_steps_equal_eager(compiled_step, miner, MINED_SIZES)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("miner", ["semi-hard", "class-relation"])
+def test_mined_contrast_step_compiles_and_equals_eager(miner):
+    # each miner on its own, from a fresh dynamo
+    compiled_step = torch.compile(mined_step, backend="aot_eager")
+    assert_mined_steps_equal_eager(compiled_step, miner, LONG_MINED_SIZES)
+
+
+def test_eager_use_never_imports_dynamo(fresh_eager_process):
+    # the compile cooperation is lazy: torch._dynamo (which imports Triton) stays unloaded by
+    # sampling and mining in a fresh process (conftest.py runs it, with test_dispatch's checks)
+    assert fresh_eager_process["sampled"] == 16
+    assert not fresh_eager_process["dynamo_after_sampling_and_mining"], \
+        "eager sampling imported torch._dynamo"

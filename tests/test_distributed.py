@@ -1,13 +1,14 @@
 """Multi-process training: gather helpers, cross-rank contrast under DDP and the gathered memory.
 
-Two CPU processes (gloo, a file store in a temporary directory) are spawned once for the module;
-each runs every scenario of :data:`SCENARIOS` and saves what it saw. The tests compare that with
-values computed here: closed forms for the helpers, and one process training on the concatenated
-batch for the losses.
+Two CPU processes (gloo, a file store in a temporary directory) are started once for the module,
+forked from a fresh interpreter that has imported what they need; each runs every scenario of
+:data:`SCENARIOS` and saves what it saw. The tests compare that with values computed here: closed
+forms for the helpers, and one process training on the concatenated batch for the losses.
 """
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import subprocess
 import sys
@@ -211,7 +212,12 @@ def worker(rank: int, directory: str) -> None:
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
     directory = tmp_path_factory.mktemp("ddp")
-    mp.spawn(worker, args=(str(directory),), nprocs=WORLD)
+    # The ranks fork from one fresh interpreter that has imported torch, the torch._dynamo that
+    # DDP and the optimiser load, and this module: once, where spawn imports them in every rank.
+    multiprocessing.get_context("forkserver").set_forkserver_preload(
+        ["torch", "torch._dynamo", "torch.distributed", __name__]
+    )
+    mp.start_processes(worker, args=(str(directory),), nprocs=WORLD, start_method="forkserver")
     return [torch.load(directory / f"rank{r}.pt") for r in range(WORLD)]
 
 

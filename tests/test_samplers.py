@@ -174,14 +174,29 @@ def test_reproducible_with_generator():
     assert not torch.equal(draw(1).indices, draw(2).indices)
 
 
+def draws_per_image(sampler_size, pixels, calls, images, seed=0):
+    """``[calls * images, sampler_size]``: the pixels that ``RandomAnchorSampler`` draws from
+    each of ``images`` one-class images of ``pixels`` pixels (``sampler_size`` per image), over
+    ``calls`` calls with one generator; the draws are independent within a call and from call to
+    call. (A few images per call: the sampler's tensors, such as its histogram of 9 x 2 x 257
+    counters per image, then stay small enough for torch to run them on one thread, which on a
+    busy 2-core machine is faster than two.)"""
+    labels = torch.zeros(images, 1, pixels, dtype=torch.long)
+    g = torch.Generator().manual_seed(seed)
+    sampler = RandomAnchorSampler(sampler_size * images, sampler_size)  # n_view = sampler_size
+    draws = []
+    for _ in range(calls):
+        indices = sampler(torch.randn(images, 1, 1, pixels), labels, generator=g).indices
+        assert bool((indices.diff() > 0).all())  # increasing, as documented
+        image = torch.arange(images).repeat_interleave(sampler_size)
+        assert torch.equal(indices // pixels, image)
+        draws.append((indices % pixels).view(images, sampler_size))
+    return torch.cat(draws)
+
+
 def test_draws_are_uniform_within_a_group():
-    labels = torch.zeros(1, 1, 12, dtype=torch.long)
-    g = torch.Generator().manual_seed(0)
-    hits = torch.zeros(12)
-    draws = 600
-    for _ in range(draws):
-        sample = RandomAnchorSampler(3, 3)(torch.randn(1, 1, 1, 12), labels, generator=g)
-        hits[sample.indices] += 1
+    draws = 600  # 100 calls of 6 images
+    hits = torch.bincount(draws_per_image(3, 12, calls=100, images=6).flatten(), minlength=12)
     # each pixel is drawn with probability 3 / 12; binomial sd = sqrt(600 * 0.25 * 0.75) ~ 10.6
     assert (hits - draws * 3 / 12).abs().max() < 45
 
@@ -329,26 +344,18 @@ def test_large_groups_match_the_rule(seed):
 
 
 def test_draws_are_uniform_in_a_large_group():
-    # 4 of 4096 pixels: by 16 blocks of 256 pixels, 1000 draws give 250 hits per block
-    labels = torch.zeros(1, 1, 4096, dtype=torch.long)
-    g = torch.Generator().manual_seed(0)
-    hits = torch.zeros(16)
-    for _ in range(1000):
-        sample = RandomAnchorSampler(4, 4)(torch.randn(1, 1, 1, 4096), labels, generator=g)
-        hits += torch.bincount(sample.indices // 256, minlength=16)
+    # 4 of 4096 pixels: by 16 blocks of 256 pixels, 1000 draws (200 calls of 5 images) give 250
+    # hits per block
+    drawn = draws_per_image(4, 4096, calls=200, images=5)
+    hits = torch.bincount(drawn.flatten() // 256, minlength=16)
     # binomial sd = sqrt(4000 * (1 / 16) * (15 / 16)) ~ 15.3
     assert (hits - 250).abs().max() < 80
 
 
 def test_draws_are_uniform_subsets():
-    # 2 of 5 pixels: each of the 10 pairs with probability 1 / 10
-    labels = torch.zeros(1, 1, 5, dtype=torch.long)
-    g = torch.Generator().manual_seed(0)
-    pairs = Counter(
-        tuple(RandomAnchorSampler(2, 2)(torch.randn(1, 1, 1, 5), labels, generator=g)
-              .indices.tolist())
-        for _ in range(3000)
-    )
+    # 2 of 5 pixels: each of the 10 pairs with probability 1 / 10, over 3000 draws (500 calls of
+    # 6 images)
+    pairs = Counter(map(tuple, draws_per_image(2, 5, calls=500, images=6).tolist()))
     assert len(pairs) == 10
     # binomial sd = sqrt(3000 * 0.1 * 0.9) ~ 16.4
     assert all(abs(count - 300) < 82 for count in pairs.values())
