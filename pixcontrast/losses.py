@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import sys
 import warnings
 from typing import Any, Callable, Optional, Sequence, Union
 
@@ -46,6 +47,17 @@ KeyParts = tuple[Optional[list[Tensor]], Optional[list[Tensor]], bool]
 Miner = Callable[..., MinedPairs]
 
 
+def _caller_stacklevel() -> int:
+    """The ``stacklevel`` that points a warning issued here at the first frame outside losses.
+
+    That is the user's call, through the constructors and their decorator.
+    """
+    frame, level = sys._getframe(1), 1
+    while frame is not None and frame.f_globals.get("__name__") == __name__:
+        frame, level = frame.f_back, level + 1
+    return level
+
+
 def _check_gather(gather: Union[bool, str]) -> bool:
     if isinstance(gather, str):
         _checks.check_choice(gather, "gather", GATHER_MODES)
@@ -53,7 +65,7 @@ def _check_gather(gather: Union[bool, str]) -> bool:
             f"gather={gather!r} is deprecated: use gather={gather == 'keys'} (one spelling with "
             "ClassMemoryBank(gather=...))",
             FutureWarning,
-            stacklevel=4,
+            stacklevel=_caller_stacklevel(),
         )
         return gather == "keys"
     if not isinstance(gather, bool):
@@ -82,7 +94,7 @@ def _keyword_options(*positional: str) -> Callable[[Callable], Callable]:
                     f"passing {', '.join(names)} by position is deprecated: they are "
                     f"keyword-only (e.g. {names[0]}=...)",
                     FutureWarning,
-                    stacklevel=2,
+                    stacklevel=_caller_stacklevel(),
                 )
                 for name, value in zip(names, args[1:]):
                     if name in kwargs:

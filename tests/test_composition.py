@@ -168,8 +168,9 @@ def test_both_losses_share_one_base_and_its_options():
 def test_former_positional_options_warn_and_keep_their_meaning():
     sampler = HardAnchorSampler(10, 2)
     bank = filled_bank()
-    with pytest.warns(FutureWarning, match="keyword-only"):
+    with pytest.warns(FutureWarning, match="keyword-only") as record:
         pixel = PixelContrastLoss(0.3, 0.6, "supcon", None, None, -1, False, "torch", sampler)
+    assert record[0].filename == __file__  # the warning points at the caller's line
     assert (pixel.base_temperature, pixel.variant, pixel.ignore_index, pixel.normalize,
             pixel.backend, pixel.sampler) == (0.6, "supcon", -1, False, "torch", sampler)
     with pytest.warns(FutureWarning, match="keyword-only"):

@@ -343,8 +343,9 @@ def test_gather_is_no_gather_in_one_process(loss_class, variant) -> None:
 
 def test_gather_is_one_bool_and_the_former_strings_warn() -> None:
     for former, meaning in (("none", False), ("keys", True)):
-        with pytest.warns(FutureWarning, match=f"gather={meaning}"):
+        with pytest.warns(FutureWarning, match=f"gather={meaning}") as record:
             assert PixelContrastLoss(gather=former).gather is meaning
+        assert record[0].filename == __file__
         with pytest.warns(FutureWarning, match="gather"):
             assert RegionContrastLoss(gather=former).gather is meaning
     assert "gather=True" in repr(PixelContrastLoss(gather=True))
