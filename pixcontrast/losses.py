@@ -11,6 +11,7 @@ import dataclasses
 import functools
 import sys
 import warnings
+from types import FrameType
 from typing import Any, Callable, Optional, Sequence, Union
 
 import torch
@@ -52,7 +53,8 @@ def _caller_stacklevel() -> int:
 
     That is the user's call, through the constructors and their decorator.
     """
-    frame, level = sys._getframe(1), 1
+    frame: Optional[FrameType] = sys._getframe(1)
+    level = 1
     while frame is not None and frame.f_globals.get("__name__") == __name__:
         frame, level = frame.f_back, level + 1
     return level
