@@ -260,21 +260,23 @@ def check_contrast_inputs(
     return ContrastInputs(anchors, labels, tuple(checked_keys), concatenated, in_batch)
 
 
+_NEGATIVE_LABELS = "labels must be >= 0 (filter ignored pixels out first)"
+
+
 def check_anchor_labels(labels: Tensor) -> None:
     """Raise unless every anchor label is ``>= 0`` (one host synchronisation)."""
     # (unsigned labels, which torch has no min for beyond uint8, are never negative)
     if labels.numel() and labels.is_signed() and int(labels.min()) < 0:
-        raise ValueError("labels must be >= 0 (filter ignored pixels out first)")
+        raise ValueError(_NEGATIVE_LABELS)
 
 
 def check_contrast_values(inputs: ContrastInputs, temperature: float, rho: float) -> None:
     """Raise unless the labels are ``>= 0`` and the loss is finite (:func:`check_score_range`).
 
-    The data-dependent checks, for inputs validated with ``check_values=False``: two host
-    synchronisations.
+    The data-dependent checks, for inputs validated with ``check_values=False``: one host
+    synchronisation for both.
     """
-    check_anchor_labels(inputs.labels)
-    check_score_range(inputs, temperature, rho)
+    check_score_range(inputs, temperature, rho, check_labels=True)
 
 
 def check_pixel_maps(embeddings: object, labels: object) -> tuple[Tensor, Tensor]:
@@ -293,7 +295,9 @@ def check_pixel_maps(embeddings: object, labels: object) -> tuple[Tensor, Tensor
     return embeddings, labels
 
 
-def check_score_range(inputs: ContrastInputs, temperature: float, rho: float) -> None:
+def check_score_range(
+    inputs: ContrastInputs, temperature: float, rho: float, *, check_labels: bool = False
+) -> None:
     """Raise unless the loss and its gradients are finite in the compute dtype.
 
     With ``A`` and ``K`` the largest ``|entry|`` of the anchors and of the keys (the anchors
@@ -305,16 +309,25 @@ def check_score_range(inputs: ContrastInputs, temperature: float, rho: float) ->
     (and the NaN of ``inf - inf`` that would follow) for any finite inputs; unit embeddings at
     any ``temperature >= 1e-30`` are far inside it. NaN or Inf entries raise too, naming the
     tensor: one pass over the inputs (the largest ``|entry|`` propagates NaN) and one host
-    synchronisation for all of them.
+    synchronisation for all of them, which with ``check_labels`` also reads the smallest anchor
+    label (:func:`check_anchor_labels`, checked first).
     """
     anchors, key_parts, in_batch = inputs.anchors, inputs.keys, inputs.in_batch
     tensors = [anchors, *key_parts]
     dtype = compute_dtype(anchors.dtype)
-    peaks = torch.stack([
-        torch.linalg.vector_norm(t, ord=float("inf")).to(torch.float64)
-        if t.numel() else torch.zeros((), dtype=torch.float64, device=t.device)
+    zero = torch.zeros((), dtype=torch.float64, device=anchors.device)
+    labels = inputs.labels
+    # (unsigned labels, which torch has no min for beyond uint8, are never negative)
+    lowest = (
+        labels.min().to(torch.float64)
+        if check_labels and labels.numel() and labels.is_signed() else zero
+    )
+    lowest_label, *peaks = torch.stack([lowest] + [
+        torch.linalg.vector_norm(t, ord=float("inf")).to(torch.float64) if t.numel() else zero
         for t in tensors
     ]).tolist()
+    if lowest_label < 0:
+        raise ValueError(_NEGATIVE_LABELS)
     names = ["anchors"] + [
         "keys" if len(key_parts) == 1 else f"keys[{i}]" for i in range(len(key_parts))
     ]

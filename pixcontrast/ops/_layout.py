@@ -78,6 +78,13 @@ class ContrastLayout:
         return segments
 
 
+def _count(ids: Tensor, size: int) -> Tensor:
+    """``bincount(ids, minlength=size)`` for ids below ``size``, without reading ``ids.max()``."""
+    return torch.zeros(size, dtype=torch.long, device=ids.device).scatter_add_(
+        0, ids, torch.ones_like(ids)
+    )
+
+
 def build_layout(
     anchors: Tensor,
     labels: Tensor,
@@ -93,8 +100,10 @@ def build_layout(
     are already grouped by class in ascending order (a memory bank's ``keys()``) are not sorted
     again. In-batch anchors are merged into the key order by counting, anchors first within each
     class. Costs: a sort of the ``N`` anchors, a sort of the keys only when they are not grouped,
-    one gather of the keys and two host synchronisations. ``key_dtype`` (default: the compute
-    dtype) is the dtype of the layout's keys; the anchors stay in the compute dtype.
+    one gather of the keys and one host synchronisation (the class boundaries; everything before
+    it is sized by upper bounds, and no tensor is made from host values). ``key_dtype``
+    (default: the compute dtype) is the dtype of the layout's keys; the anchors stay in the
+    compute dtype.
     """
     dtype = compute_dtype(anchors.dtype)
     key_dtype = key_dtype or dtype
@@ -108,46 +117,56 @@ def build_layout(
             else torch.cat([k.to(key_dtype) for k in key_parts])
         )
 
-    classes, anchor_ids = torch.unique(labels, return_inverse=True)  # sorted, host-synchronised
-    num_anchor_classes = classes.numel()
-    width = num_anchor_classes + 1  # + one class for keys of no anchor's class
-    anchor_class, anchor_order = torch.sort(anchor_ids, stable=True)
+    # Everything up to the one host transfer below is sized by the upper bound of N anchor
+    # classes (ids 0..C-1 for the C <= N classes, C for keys of no anchor's class, N + 1 for
+    # invalid keys), so that nothing waits for the device before it.
+    sorted_labels, anchor_order = torch.sort(labels, stable=True)
+    is_new = torch.ones_like(sorted_labels, dtype=torch.bool)
+    is_new[1:] = sorted_labels[1:] != sorted_labels[:-1]
+    anchor_class = is_new.cumsum(0) - 1
+    num_anchor_classes = (anchor_class[-1:] + 1) if n else anchor_class.new_zeros(1)
     sorted_anchors = anchors.index_select(0, anchor_order).to(dtype)
-    anchor_counts = torch.bincount(anchor_ids, minlength=width)
+    anchor_counts = _count(anchor_class, n + 1)
 
     if keys is not None and key_labels is not None and key_labels.numel() > 0:
         raw = key_labels.long()
-        slot = torch.searchsorted(classes, raw).clamp(max=max(num_anchor_classes - 1, 0))
-        known = (
-            classes[slot] == raw if num_anchor_classes
-            else torch.zeros_like(raw, dtype=torch.bool)
-        )
-        # Invalid keys get id ``width``: counted in a bin that is dropped, sorted last.
+        if n:
+            # the anchors' classes in ascending order, padded after the last with a value that
+            # no label reaches (searchsorted needs ascending values)
+            classes = torch.full_like(sorted_labels, torch.iinfo(torch.int64).max)
+            classes.scatter_(0, anchor_class, sorted_labels)
+            slot = torch.searchsorted(classes, raw).clamp(max=n - 1)
+            known = (classes[slot] == raw) & (slot < num_anchor_classes)
+        else:
+            slot, known = torch.zeros_like(raw), torch.zeros_like(raw, dtype=torch.bool)
+        # Invalid keys get id N + 1: counted in a bin that is dropped, sorted last.
         part_ids = torch.where(known, slot, num_anchor_classes)
-        part_ids = torch.where(raw >= 0, part_ids, width)
+        part_ids = torch.where(raw >= 0, part_ids, n + 1)
         grouped = (part_ids[1:] >= part_ids[:-1]).all().reshape(1)
-        part_counts = torch.bincount(part_ids, minlength=width + 1)[:width]
+        part_counts = _count(part_ids, n + 2)[: n + 1]
     else:
         grouped = torch.ones(1, dtype=torch.bool, device=device)
         part_counts = torch.zeros_like(anchor_counts)
-    zero = anchor_counts.new_zeros(1)
-    host = torch.cat(
-        [zero, anchor_counts.cumsum(0), zero, part_counts.cumsum(0), grouped.long()]
-    ).tolist()
-    anchor_offsets = host[: width + 1]
-    part_offsets = host[width + 1 : 2 * width + 2]
+    anchor_ends, part_ends = anchor_counts.cumsum(0), part_counts.cumsum(0)
+    # The one host synchronisation: the class count and the class boundaries, for the
+    # backends' per-class loops and the sizes below.
+    host = torch.cat([num_anchor_classes, grouped.long(), anchor_ends, part_ends]).tolist()
+    num_anchor_classes_host, is_grouped = host[0], host[1]
+    width = num_anchor_classes_host + 1  # + one class for keys of no anchor's class
+    anchor_offsets = [0] + host[2 : 2 + width]
+    part_offsets = [0] + host[3 + n : 3 + n + width]
     num_valid = part_offsets[-1]
 
     # The caller's key space is [anchors (if in_batch); keys]: ``offset`` shifts the keys.
     offset = n if in_batch else 0
     if keys is not None and key_labels is not None and key_labels.numel() > 0:
-        if host[-1]:
+        if is_grouped:
             part_order = torch.arange(num_valid, device=device)
             part_class = part_ids[:num_valid]
         else:
             part_class, part_order = torch.sort(part_ids, stable=True)
             part_class, part_order = part_class[:num_valid], part_order[:num_valid]
-        part_keys = keys if host[-1] and num_valid == keys.shape[0] else keys[part_order]
+        part_keys = keys if is_grouped and num_valid == keys.shape[0] else keys[part_order]
         part_keys = part_keys.to(key_dtype)
         part_source = part_order + offset
     else:
@@ -169,10 +188,8 @@ def build_layout(
         # Within class c the anchors come first, then the keys: anchor i lands at
         # i + (keys of classes < c), key j at j + (anchors of classes <= c).
         key_offsets = [a + b for a, b in zip(anchor_offsets, part_offsets)]
-        part_start = torch.tensor(part_offsets[:-1], device=device)
-        anchor_end = torch.tensor(anchor_offsets[1:], device=device)
-        self_column = torch.arange(n, device=device) + part_start[anchor_class]
-        key_column = torch.arange(num_valid, device=device) + anchor_end[part_class]
+        self_column = torch.arange(n, device=device) + (part_ends - part_counts)[anchor_class]
+        key_column = torch.arange(num_valid, device=device) + anchor_ends[part_class]
         total = n + num_valid
         sorted_keys = sorted_anchors.new_empty((total, anchors.shape[1]), dtype=key_dtype)
         sorted_keys.index_copy_(0, self_column, sorted_anchors.to(key_dtype))
