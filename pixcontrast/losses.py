@@ -7,6 +7,7 @@ say which keys the anchors meet (:meth:`SampledContrastLoss.contrast_keys`).
 
 from __future__ import annotations
 
+import abc
 import dataclasses
 import functools
 import sys
@@ -134,7 +135,7 @@ def _rank_keys(keys: Tensor, key_labels: Tensor, own: bool) -> list[tuple[Tensor
     return parts
 
 
-class SampledContrastLoss(nn.Module):
+class SampledContrastLoss(nn.Module, abc.ABC):
     r"""The common base of the pixel and region losses: sample anchors, contrast with keys.
 
     Labels (and predictions) are nearest-resized to the embeddings' resolution, anchors are
@@ -300,6 +301,7 @@ class SampledContrastLoss(nn.Module):
             )
         return memory.num_classes
 
+    @abc.abstractmethod
     def contrast_keys(self, embeddings: Tensor, labels: Tensor, sample: AnchorSample) -> KeyParts:
         """The keys of the ``sample`` of a prepared batch, the hook of a subclass.
 
@@ -314,7 +316,6 @@ class SampledContrastLoss(nn.Module):
             ``[M_i]`` (negative: invalid), or ``(None, None)``, and whether the anchors are keys
             of each other, as ``contrastive_loss`` takes them.
         """
-        raise NotImplementedError
 
     def prepare(
         self, embeddings: Tensor, labels: Tensor, predictions: Optional[Tensor] = None

@@ -156,6 +156,8 @@ def test_mined_contrast_loss_composes_a_key_miner():
 
 
 def test_both_losses_share_one_base_and_its_options():
+    with pytest.raises(TypeError, match="abstract"):
+        SampledContrastLoss()  # a subclass says which keys the anchors meet
     for loss_class in (PixelContrastLoss, RegionContrastLoss):
         criterion = loss_class(0.2, variant="supcon", ignore_index=-1, gather=True)
         assert isinstance(criterion, SampledContrastLoss)
