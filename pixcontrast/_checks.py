@@ -14,7 +14,6 @@ from .ops._options import ContrastInputs
 
 __all__ = [
     "check_pixel_maps",
-    "check_anchor_labels",
     "check_choice",
     "check_contrast_inputs",
     "check_contrast_values",
@@ -30,7 +29,6 @@ __all__ = [
     "check_positive",
     "check_same_device",
     "check_pair_index",
-    "check_score_range",
     "check_size",
     "check_tensor",
     "out_of_bounds",
@@ -187,15 +185,12 @@ def check_contrast_inputs(
     keys: object,
     key_labels: object,
     in_batch: object,
-    *,
-    check_values: bool = True,
 ) -> ContrastInputs:
     """The data arguments of a contrastive loss, validated into :class:`ContrastInputs`.
 
-    Checks shapes, dtypes, devices and, unless ``check_values`` is false, the label range
-    (:func:`check_anchor_labels`; finiteness: :func:`check_score_range`). ``check_values=False``
-    makes no host synchronisation: the caller then runs :func:`check_contrast_values` where
-    the values are known (the loss runs it inside its registered operator). ``keys`` and
+    Checks shapes, dtypes and devices, with no host synchronisation: the caller then runs
+    :func:`check_contrast_values` (labels ``>= 0``, a finite loss) where the values are known
+    (the fused loss runs it inside its registered operator). ``keys`` and
     ``key_labels`` are a tensor each, or sequences of matching parts; ``in_batch`` ``None``
     means ``True`` without keys and ``False`` with them.
     """
@@ -250,33 +245,11 @@ def check_contrast_inputs(
             )
         named += [(f"keys{suffix}", part), (f"key_labels{suffix}", part_labels)]
     check_same_device(named)
-    if check_values:
-        check_anchor_labels(labels)
-    # (finiteness: checked with the magnitudes by check_score_range, which every caller runs)
     concatenated = None
     if checked_labels:
         concatenated = checked_labels[0] if single else torch.cat(checked_labels)
     in_batch = keys is None if in_batch is None else bool(in_batch)
     return ContrastInputs(anchors, labels, tuple(checked_keys), concatenated, in_batch)
-
-
-_NEGATIVE_LABELS = "labels must be >= 0 (filter ignored pixels out first)"
-
-
-def check_anchor_labels(labels: Tensor) -> None:
-    """Raise unless every anchor label is ``>= 0`` (one host synchronisation)."""
-    # (unsigned labels, which torch has no min for beyond uint8, are never negative)
-    if labels.numel() and labels.is_signed() and int(labels.min()) < 0:
-        raise ValueError(_NEGATIVE_LABELS)
-
-
-def check_contrast_values(inputs: ContrastInputs, temperature: float, rho: float) -> None:
-    """Raise unless the labels are ``>= 0`` and the loss is finite (:func:`check_score_range`).
-
-    The data-dependent checks, for inputs validated with ``check_values=False``: one host
-    synchronisation for both.
-    """
-    check_score_range(inputs, temperature, rho, check_labels=True)
 
 
 def check_pixel_maps(embeddings: object, labels: object) -> tuple[Tensor, Tensor]:
@@ -295,22 +268,20 @@ def check_pixel_maps(embeddings: object, labels: object) -> tuple[Tensor, Tensor
     return embeddings, labels
 
 
-def check_score_range(
-    inputs: ContrastInputs, temperature: float, rho: float, *, check_labels: bool = False
-) -> None:
-    """Raise unless the loss and its gradients are finite in the compute dtype.
+def check_contrast_values(inputs: ContrastInputs, temperature: float, rho: float) -> None:
+    """Raise unless the anchor labels are ``>= 0`` and the loss and its gradients are finite.
 
-    With ``A`` and ``K`` the largest ``|entry|`` of the anchors and of the keys (the anchors
-    among them when ``in_batch``), every score obeys ``|s| <= S = D * A * K / temperature``, every
-    loss term ``L_a <= rho * (2 S + log M + 1)``, a reduction adds ``N`` of them, and the
-    backends form ``x / temperature`` and sums of up to ``N + M`` scores. Requiring
+    Finite in the compute dtype. With ``A`` and ``K`` the largest ``|entry|`` of the anchors and
+    of the keys (the anchors among them when ``in_batch``), every score obeys
+    ``|s| <= S = D * A * K / temperature``, every loss term ``L_a <= rho * (2 S + log M + 1)``,
+    a reduction adds ``N`` of them, and the backends form ``x / temperature`` and sums of up to
+    ``N + M`` scores. Requiring
     ``(N + M + 1) * max(rho, 1) * (2 S + log(M + 1) + 1)``, ``A / temperature`` and
     ``K / temperature`` to stay below a quarter of the dtype's largest value rules out overflow
     (and the NaN of ``inf - inf`` that would follow) for any finite inputs; unit embeddings at
     any ``temperature >= 1e-30`` are far inside it. NaN or Inf entries raise too, naming the
     tensor: one pass over the inputs (the largest ``|entry|`` propagates NaN) and one host
-    synchronisation for all of them, which with ``check_labels`` also reads the smallest anchor
-    label (:func:`check_anchor_labels`, checked first).
+    synchronisation for all of them and the smallest anchor label (checked first).
     """
     anchors, key_parts, in_batch = inputs.anchors, inputs.keys, inputs.in_batch
     tensors = [anchors, *key_parts]
@@ -318,16 +289,13 @@ def check_score_range(
     zero = torch.zeros((), dtype=torch.float64, device=anchors.device)
     labels = inputs.labels
     # (unsigned labels, which torch has no min for beyond uint8, are never negative)
-    lowest = (
-        labels.min().to(torch.float64)
-        if check_labels and labels.numel() and labels.is_signed() else zero
-    )
+    lowest = labels.min().to(torch.float64) if labels.numel() and labels.is_signed() else zero
     lowest_label, *peaks = torch.stack([lowest] + [
         torch.linalg.vector_norm(t, ord=float("inf")).to(torch.float64) if t.numel() else zero
         for t in tensors
     ]).tolist()
     if lowest_label < 0:
-        raise ValueError(_NEGATIVE_LABELS)
+        raise ValueError("labels must be >= 0 (filter ignored pixels out first)")
     names = ["anchors"] + [
         "keys" if len(key_parts) == 1 else f"keys[{i}]" for i in range(len(key_parts))
     ]

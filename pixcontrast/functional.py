@@ -98,9 +98,7 @@ def contrastive_loss(
     """
     # The backend checks the values (labels >= 0, a finite loss): the fused ones inside their
     # registered operator, where the host synchronisations break no compiled graph.
-    inputs = _checks.check_contrast_inputs(
-        anchors, labels, keys, key_labels, in_batch, check_values=False
-    )
+    inputs = _checks.check_contrast_inputs(anchors, labels, keys, key_labels, in_batch)
     options = loss_options(temperature, base_temperature, variant, reduction)
     _checks.check_choice(backend, "backend", BACKEND_NAMES)
     return select_backend(backend, inputs).loss(inputs, options)
@@ -186,7 +184,7 @@ def pair_contrastive_loss(
     """
     inputs = _checks.check_contrast_inputs(anchors, labels, keys, key_labels, in_batch)
     options = loss_options(temperature, base_temperature, variant, reduction)
-    _checks.check_score_range(inputs, options.temperature, options.rho)
+    _checks.check_contrast_values(inputs, options.temperature, options.rho)
     labels = inputs.labels.long()
     space = inputs.key_space(compute_dtype(anchors.dtype))
     positive_index = _checks.check_pair_index(

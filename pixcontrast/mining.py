@@ -322,7 +322,7 @@ def mine_keys(
         ([[1], [0], [3], [2]], [[3], [3], [1], [0]])
     """
     inputs = _checks.check_contrast_inputs(anchors, labels, keys, key_labels, in_batch)
-    _checks.check_score_range(inputs, 1.0, 1.0)  # (scores x . k)
+    _checks.check_contrast_values(inputs, 1.0, 1.0)  # (scores x . k)
     _checks.check_choice(miner, "miner", MINERS)
     num_positives = _checks.check_count(num_positives, "num_positives")
     num_negatives = _checks.check_count(num_negatives, "num_negatives")

@@ -132,10 +132,9 @@ def supcon_positive_sums(layout: ContrastLayout) -> Tensor:
     k, x = layout.keys, layout.anchors
     class_sums = x.new_zeros((layout.num_classes, k.shape[1]))
     # Keys kept in a half-precision operand dtype are summed in the compute dtype, a bounded
-    # block of rows at a time (no full-size copy).
-    rows = k.shape[0] if k.dtype == x.dtype else _SUM_ROWS
-    for start in range(0, k.shape[0], rows):
-        block = slice(start, start + rows)
+    # block of rows at a time (no full-size copy; the conversion is free in that dtype).
+    for start in range(0, k.shape[0], _SUM_ROWS):
+        block = slice(start, start + _SUM_ROWS)
         class_sums.index_add_(0, layout.key_class[block], k[block].to(x.dtype))
     positive_sums = class_sums.index_select(0, layout.anchor_class)
     if layout.self_column is not None:
