@@ -407,7 +407,7 @@ class SampledContrastLoss(nn.Module, abc.ABC):
                 sample.embeddings, sample.labels, keys, key_labels, backend=self.backend,
                 **options,
             )
-            counted = diagnostics.positive_counts(sample.labels, key_labels, in_batch) > 0
+            counted: Optional[Tensor] = None  # (counted below, only when gathering)
         else:
             pairs = self.miner(
                 sample.embeddings, sample.labels, keys, key_labels, in_batch=in_batch,
@@ -419,7 +419,9 @@ class SampledContrastLoss(nn.Module, abc.ABC):
             )
             counted = (pairs.positive_index >= 0).any(dim=1)
         if self.gather:
-            # the denominator of the mean, over all ranks' anchors
+            # the denominator of the mean: the anchors with a (selected) positive, of all ranks
+            if counted is None:
+                counted = diagnostics.positive_counts(sample.labels, key_labels, in_batch) > 0
             loss = distributed.mean_across_ranks(loss, counted.sum())
         return loss
 
