@@ -376,13 +376,11 @@ def check_pair_index(
         raise ValueError(f"{name} is on {index.device} but labels is on {labels.device}")
     index = index.long()
     m = space_labels.numel()
-    if index.numel() and (int(index.min()) < -1 or int(index.max()) >= m):
-        raise ValueError(
-            f"{name} must hold key-space indices in [0, {m}) or -1 (padding), got values in "
-            f"[{int(index.min())}, {int(index.max())}]"
-        )
     selected = index >= 0
-    key_class = space_labels[index.clamp(min=0)] if m else torch.full_like(index, -1)
+    # (clamped so that an out-of-range index, refused below, cannot fault the gather)
+    key_class = (
+        space_labels[index.clamp(0, m - 1)] if m else torch.full_like(index, -1)
+    )
     same = key_class == labels[:, None]
     if positive:
         wrong = ~same
@@ -392,11 +390,20 @@ def check_pair_index(
     else:
         wrong = same | (key_class < 0)
         relation = "valid keys (key label >= 0) of another class than the anchor's"
-    bad = (wrong & selected).nonzero()
-    if bad.numel():
-        a, i = bad[0].tolist()
+    wrong &= selected
+    if not index.numel():
+        return index
+    # one host read for the range and the class relation
+    low, high, count = torch.stack([index.min(), index.max(), wrong.sum()]).tolist()
+    if low < -1 or high >= m:
+        raise ValueError(
+            f"{name} must hold key-space indices in [0, {m}) or -1 (padding), got values in "
+            f"[{low}, {high}]"
+        )
+    if count:
+        a, i = wrong.nonzero()[0].tolist()
         raise ValueError(
             f"{name} must select {relation}: {name}[{a}, {i}] = {int(index[a, i])} has key label "
-            f"{int(key_class[a, i])}, anchor label {int(labels[a])} ({bad.shape[0]} such entries)"
+            f"{int(key_class[a, i])}, anchor label {int(labels[a])} ({count} such entries)"
         )
     return index
