@@ -113,12 +113,9 @@ def loss_step(point: Point, backend: str, inputs, launch: Optional[Callable] = N
         else:
             options = ContrastOptions(TEMPERATURE, 1.0, point.variant, "mean")
             inputs = _checks.check_contrast_inputs(anchors, labels, keys, key_labels, True)
-            # the backend's own sweep and key dtype, its launches recorded
-            sweep, key_dtype = triton_fused.sweep_for(inputs)
-            loss = apply_contrast(
-                inputs, options, sweep=functools.partial(sweep, launch=launch),
-                key_dtype=key_dtype,
-            )
+            # the backend's own sweep, its launches recorded
+            sweep = triton_fused.sweep_for(inputs).sweep
+            loss = apply_contrast(inputs, options, sweep=functools.partial(sweep, launch=launch))
         loss.backward()
 
     return step
