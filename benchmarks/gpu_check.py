@@ -8,8 +8,8 @@ Run from the repository root on a machine with one CUDA GPU (a few minutes)::
 
 It writes ``benchmarks/results/gpu_check.json`` and prints, per point, which backend wins:
 
-1. ``tests/test_triton.py`` on CUDA tensors (``TRITON_INTERPRET=0``; bf16 included, which the
-   interpreter cannot run), without the compile sweep;
+1. ``tests/ops/test_triton_fused.py`` on CUDA tensors (``TRITON_INTERPRET=0``; bf16 included,
+   which the interpreter cannot run), without the compile sweep;
 2. forward + backward of ``contrastive_loss`` for ``paper`` and ``supcon`` at N = 1024 anchors
    (in-batch, needing a gradient) against M memory keys (grouped by class, no gradient),
    M in {40k, 190k}, D in {128, 256}, bf16 and fp32, timed with ``triton.testing.do_bench``:
@@ -39,8 +39,7 @@ from _common import metadata
 from _harness import write_result
 
 import pixcontrast
-from pixcontrast import _checks
-from pixcontrast.ops import triton_fused
+from pixcontrast.ops import check_contrast_inputs, triton_fused
 from pixcontrast.ops._autograd import apply_contrast
 from pixcontrast.ops._options import ContrastOptions
 
@@ -72,7 +71,8 @@ def points(
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--skip-tests", action="store_true", help="skip tests/test_triton.py")
+    parser.add_argument("--skip-tests", action="store_true",
+                        help="skip tests/ops/test_triton_fused.py")
     parser.add_argument("--test-timeout", type=float, default=150.0, help="seconds for the tests")
     parser.add_argument("--ms", type=int, nargs="+", default=[40_000, 190_000])
     parser.add_argument("--dims", type=int, nargs="+", default=[128, 256])
@@ -112,7 +112,7 @@ def loss_step(point: Point, backend: str, inputs, launch: Optional[Callable] = N
             )
         else:
             options = ContrastOptions(TEMPERATURE, 1.0, point.variant, "mean")
-            inputs = _checks.check_contrast_inputs(anchors, labels, keys, key_labels, True)
+            inputs = check_contrast_inputs(anchors, labels, keys, key_labels, True)
             # the backend's own sweep and key dtype, its launches recorded
             sweep, key_dtype = triton_fused.sweep_for(inputs)
             loss = apply_contrast(
@@ -173,10 +173,11 @@ def kernel_reports(point: Point, inputs) -> list[dict]:
 
 
 def run_tests(timeout: float) -> dict:
-    """``tests/test_triton.py`` on CUDA tensors, the compile sweep left out."""
+    """``tests/ops/test_triton_fused.py`` on CUDA tensors, the compile sweep left out."""
     env = dict(os.environ, TRITON_INTERPRET="0", PYTHONPATH=str(ROOT))
     command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-               str(ROOT / "tests" / "test_triton.py"), "-k", "not compile_without_spills"]
+               str(ROOT / "tests" / "ops" / "test_triton_fused.py"), "-k",
+               "not compile_without_spills"]
     try:
         result = subprocess.run(command, env=env, cwd=ROOT, capture_output=True, text=True,
                                 timeout=timeout)
@@ -222,7 +223,7 @@ def main(argv: list[str]) -> int:
         sm_count=torch.cuda.get_device_properties(0).multi_processor_count,
     )
     if not args.skip_tests:
-        print("tests/test_triton.py on CUDA ...", flush=True)
+        print("tests/ops/test_triton_fused.py on CUDA ...", flush=True)
         result["tests"] = run_tests(args.test_timeout)
         print("  ", result["tests"]["summary"], flush=True)
 
