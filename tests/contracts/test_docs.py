@@ -13,7 +13,7 @@ import pytest
 
 import pixcontrast
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 DOCS = ROOT / "docs"
 PAGES = sorted(DOCS.rglob("*.md"))
 BLOCKS = [
@@ -22,17 +22,20 @@ BLOCKS = [
     for index, code in enumerate(
         re.findall(r"^```python\n(.*?)^```", page.read_text(), flags=re.M | re.S))
 ]
-DIRECTIVE = re.compile(r"^\.\. auto(class|function|data|module|attribute|exception):: (\S+)",
-                       flags=re.M)
+DIRECTIVE = re.compile(r"^\.\. auto(class|function|data|module|attribute|exception):: (\S+)"
+                       r"((?:\n   :.*)*)", flags=re.M)
 
 
 def api_entries() -> tuple[set[str], set[str]]:
-    """The names the API pages document, and the modules they document whole (automodule)."""
+    """The names the API pages document, and the modules they document with their members."""
     names: set[str] = set()
     modules: set[str] = set()
     for page in (DOCS / "api").glob("*.rst"):
-        for kind, target in DIRECTIVE.findall(page.read_text()):
-            (modules if kind == "module" else names).add(target)
+        for kind, target, options in DIRECTIVE.findall(page.read_text()):
+            if kind != "module":
+                names.add(target)
+            elif ":no-members:" not in options:
+                modules.add(target)
     return names, modules
 
 
