@@ -21,8 +21,8 @@ flushed to disk as soon as it is measured, so a run cut short keeps all it measu
    through the backend's launcher and timed on its own, with registers and spills) and
    ``breakdown`` (one profiled step: the device time of the Triton kernels, of the other device
    work such as the layout's sorts and copies, and the rest of the step, host overhead).
-3. ``tests``: ``tests/test_triton.py`` on CUDA tensors (``TRITON_INTERPRET=0``, bf16 included;
-   the compile sweep left out), its output streamed to ``OUT/tests.log``.
+3. ``tests``: ``tests/ops/test_triton_fused.py`` on CUDA tensors (``TRITON_INTERPRET=0``, bf16
+   included; the compile sweep left out), its output streamed to ``OUT/tests.log``.
 
 A global budget (``--budget``, 400 s from the interpreter's start) bounds the run: a point whose
 estimated time no longer fits is recorded as ``skipped``, the tests get what is left, an alarm
@@ -60,8 +60,7 @@ import torch  # noqa: E402
 from _common import metadata  # noqa: E402
 
 import pixcontrast  # noqa: E402
-from pixcontrast import _checks  # noqa: E402
-from pixcontrast.ops import triton_fused  # noqa: E402
+from pixcontrast.ops import check_contrast_inputs, triton_fused  # noqa: E402
 from pixcontrast.ops._autograd import apply_contrast  # noqa: E402
 from pixcontrast.ops._options import ContrastOptions  # noqa: E402
 
@@ -136,7 +135,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "--out", type=Path, default=DEFAULT_OUT,
         help=f"folder of {RECORDS}, {TEST_LOG} and {SUMMARY} (default: %(default)s)",
     )
-    parser.add_argument("--skip-tests", action="store_true", help="skip tests/test_triton.py")
+    parser.add_argument("--skip-tests", action="store_true",
+                        help="skip tests/ops/test_triton_fused.py")
     parser.add_argument("--budget", type=float, default=DEFAULT_BUDGET_S,
                         help="seconds for the whole run, from the interpreter's start")
     parser.add_argument("--ms", type=int, nargs="+", default=[40_000, 190_000])
@@ -338,7 +338,7 @@ def preflight(device: str = "cuda", dtype: torch.dtype = torch.bfloat16) -> dict
         raise _FirstLaunchDone(dict(zip(kernel.arg_names, args)))
 
     options = ContrastOptions(TEMPERATURE, 1.0, "supcon", "mean")
-    inputs = _checks.check_contrast_inputs(anchors, labels, keys, key_labels, False)
+    inputs = check_contrast_inputs(anchors, labels, keys, key_labels, False)
     sweep, key_dtype = triton_fused.sweep_for(inputs)
     try:
         with torch.no_grad():
@@ -397,7 +397,7 @@ def loss_step(point: Point, backend: str, inputs, launch: Optional[Callable] = N
             )
         else:
             options = ContrastOptions(TEMPERATURE, 1.0, point.variant, "mean")
-            checked = _checks.check_contrast_inputs(anchors, labels, keys, key_labels, True)
+            checked = check_contrast_inputs(anchors, labels, keys, key_labels, True)
             # the backend's own sweep and key dtype, its launches recorded
             sweep, key_dtype = triton_fused.sweep_for(checked)
             loss = apply_contrast(
@@ -549,9 +549,11 @@ def measure_point(point: Point, log: ResultLog, device_name: str) -> None:
 
 
 def pytest_command() -> list[str]:
-    """``tests/test_triton.py`` on CUDA tensors, one line per test, the compile sweep left out."""
+    """``tests/ops/test_triton_fused.py`` on CUDA tensors, one line per test, the compile sweep
+    left out."""
     return [sys.executable, "-m", "pytest", "-v", "-p", "no:cacheprovider", "--durations=10",
-            str(ROOT / "tests" / "test_triton.py"), "-k", "not compile_without_spills"]
+            str(ROOT / "tests" / "ops" / "test_triton_fused.py"),
+            "-k", "not compile_without_spills"]
 
 
 def run_tests(command: list[str], log_path: Path, timeout: float) -> dict:
@@ -698,7 +700,7 @@ def main(argv: list[str]) -> int:
                     log.write("skipped", stage="tests", reason="budget",
                               left_s=round(budget.left(), 1))
                 else:
-                    print(f"tests/test_triton.py on CUDA, log in {args.out / TEST_LOG} ...",
+                    print(f"the Triton tests on CUDA, log in {args.out / TEST_LOG} ...",
                           flush=True)
                     log.write("tests", **run_tests(pytest_command(), args.out / TEST_LOG, timeout))
     except BudgetExceeded as error:

@@ -18,8 +18,8 @@ from pixcontrast.ops import triton_fused
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
-BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
-# numpy's warnings about the values the kernels produce on purpose (see test_triton.py)
+BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
+# numpy's warnings about the values the kernels produce on purpose (see test_triton_fused.py)
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning:triton.runtime.interpreter")
 
 
@@ -223,7 +223,7 @@ def test_tests_are_streamed_and_stopped_at_their_timeout(gpu_check, tmp_path):
 
 def test_pytest_command_runs_the_triton_tests_without_the_compile_sweep(gpu_check):
     command = gpu_check.pytest_command()
-    assert command[-3].endswith("test_triton.py")
+    assert command[-3].endswith("test_triton_fused.py")
     assert command[-2:] == ["-k", "not compile_without_spills"]
 
 

@@ -12,14 +12,14 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 from typing import NamedTuple, Optional
 
 import pytest
 import torch
 
 import pixcontrast
-from pixcontrast import _checks
-from pixcontrast.ops import torch_fused, triton_fused
+from pixcontrast.ops import check_contrast_inputs, torch_fused, triton_fused
 from pixcontrast.ops._autograd import (
     FusedEvaluation,
     FusedSweep,
@@ -31,6 +31,7 @@ from pixcontrast.ops._options import ContrastOptions
 
 from _helpers import assert_close_to_oracle, contrast_floors
 
+TOOLS = Path(__file__).resolve().parents[2] / "tools"
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 DEVICE = "cuda" if torch.cuda.is_available() and not INTERPRETED else "cpu"
@@ -107,7 +108,7 @@ def test_split_choice_fills_a_wave_with_little_waste(sm_count, row_tiles):
 def test_launch_path_performs_no_host_sync(variant, reduction):
     """The whole launch path on meta tensors, which hold no values: a host sync (``.item()``,
     ``.tolist()``, a data-dependent shape) would raise. The launches follow the plan."""
-    from pixcontrast.ops import triton_compile
+    import triton_compile
 
     target = triton_fused.Target((9, 0), 132)
     launches = triton_compile.step_launches(target, torch.bfloat16, 256, variant, reduction)
@@ -246,7 +247,7 @@ def _loss_and_grads(case: Case, backend: str, anchors, labels, keys, key_labels)
         contrast = ContrastOptions(
             case.temperature, case.temperature / 0.07, case.variant, case.reduction
         )
-        inputs = _checks.check_contrast_inputs(x, labels, k, key_labels, case.in_batch)
+        inputs = check_contrast_inputs(x, labels, k, key_labels, case.in_batch)
         loss = apply_contrast(inputs, contrast, sweep=sweep)
     else:
         loss = pixcontrast.contrastive_loss(
@@ -396,7 +397,7 @@ def _compile(arch: int, dtype: str, dim: int, variant: str, reduction: str) -> l
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
     result = subprocess.run(
-        [sys.executable, "-m", "pixcontrast.ops.triton_compile", str(arch), dtype, str(dim),
+        [sys.executable, str(TOOLS / "triton_compile.py"), str(arch), dtype, str(dim),
          variant, reduction],
         env=env, capture_output=True, text=True, timeout=900,
     )
@@ -448,7 +449,7 @@ def test_half_precision_keys_stay_in_their_dtype_without_a_copy():
     labels = torch.arange(12) % 4
     options = ContrastOptions(0.1, 1.0, "paper", "mean")
     for in_batch in (False, True):
-        inputs = _checks.check_contrast_inputs(anchors, labels, keys, key_labels, in_batch)
+        inputs = check_contrast_inputs(anchors, labels, keys, key_labels, in_batch)
         fused = triton_fused.sweep_for(inputs)
         assert fused.key_dtype == torch.float16
         layout = FusedEvaluation.prepare(inputs, options, fused, [True, False]).layout
@@ -460,5 +461,5 @@ def test_half_precision_keys_stay_in_their_dtype_without_a_copy():
         ).layout
         assert torch_layout.keys.dtype == torch.float32
         torch.testing.assert_close(layout.keys.float(), torch_layout.keys, rtol=0, atol=0)
-    fp32 = _checks.check_contrast_inputs(anchors.float(), labels, keys.float(), key_labels, False)
+    fp32 = check_contrast_inputs(anchors.float(), labels, keys.float(), key_labels, False)
     assert triton_fused.sweep_for(fp32).key_dtype is None
