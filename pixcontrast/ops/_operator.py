@@ -15,9 +15,8 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 from torch import Tensor
 
-from . import _checks
-from .ops import torch_fused, triton_fused
-from .ops._autograd import (
+from . import _inputs, torch_fused, triton_fused
+from ._autograd import (
     AnchorStatistics,
     FusedEvaluation,
     FusedSweep,
@@ -25,8 +24,8 @@ from .ops._autograd import (
     apply_contrast,
     first_derivatives_only,
 )
-from .ops._layout import compute_dtype
-from .ops._options import ContrastInputs, ContrastOptions
+from ._layout import compute_dtype
+from ._options import ContrastInputs, ContrastOptions
 
 __all__ = ["FUSED_OPERATOR", "fused_loss"]
 
@@ -47,7 +46,7 @@ _SWEEPS: dict[str, Callable[[ContrastInputs], FusedSweep]] = {
 def fused_loss(name: str, inputs: ContrastInputs, options: ContrastOptions) -> Tensor:
     """The loss of the fused backend ``name``: the registered operator where torch has one."""
     if not FUSED_OPERATOR:
-        _checks.check_contrast_values(inputs, options.temperature, options.rho)
+        _inputs.check_contrast_values(inputs, options.temperature, options.rho)
         return apply_contrast(inputs, options, sweep=_SWEEPS[name](inputs).sweep)
     need_grad = [
         torch.is_grad_enabled() and tensor.requires_grad
@@ -116,7 +115,7 @@ def _operator_forward(
     """The forward kernel: the loss and what backward needs (see above)."""
     inputs = ContrastInputs(anchors, labels, tuple(keys), key_labels, in_batch)
     # (the kernel always sees real values: while torch.compile traces, the fake stands in)
-    _checks.check_contrast_values(inputs, temperature, rho)
+    _inputs.check_contrast_values(inputs, temperature, rho)
     options = ContrastOptions(temperature, rho, variant, reduction)
     evaluation = _evaluation(inputs, options, backend, need_grad)
     if reduction == "none":
