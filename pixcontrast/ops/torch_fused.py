@@ -2,7 +2,7 @@
 
 Rows of the class-sorted anchors are processed in chunks; a chunk holds one ``[rows, M]`` buffer of
 scores and never more. Per row the buffer is turned, in place, into the gradient of the loss with
-respect to the scores (the gradients of :mod:`pixcontrast.ops`):
+respect to the scores (the gradients of :mod:`pixcontrast.ops`)::
 
     paper:  G_an = rho * g_a * w_a * exp(s_an - nu_a)           (negatives)
             G_ap = -rho * g_a / |P(a)| * sigmoid(nu_a - s_ap)    (positives, one block per class)
