@@ -15,7 +15,7 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 from torch import Tensor
 
-from . import _inputs, torch_fused, triton_fused
+from . import torch_fused, triton_fused
 from ._autograd import (
     AnchorStatistics,
     FusedEvaluation,
@@ -46,7 +46,6 @@ _SWEEPS: dict[str, Callable[[ContrastInputs], FusedSweep]] = {
 def fused_loss(name: str, inputs: ContrastInputs, options: ContrastOptions) -> Tensor:
     """The loss of the fused backend ``name``: the registered operator where torch has one."""
     if not FUSED_OPERATOR:
-        _inputs.check_contrast_values(inputs, options.temperature, options.rho)
         return apply_contrast(inputs, options, sweep=_SWEEPS[name](inputs).sweep)
     need_grad = [
         torch.is_grad_enabled() and tensor.requires_grad
@@ -81,9 +80,15 @@ _BACKWARD_SCHEMA = (
 
 
 def _evaluation(
-    inputs: ContrastInputs, options: ContrastOptions, backend: str, need_grad: Sequence[bool]
+    inputs: ContrastInputs,
+    options: ContrastOptions,
+    backend: str,
+    need_grad: Sequence[bool],
+    check_values: bool = False,
 ) -> FusedEvaluation:
-    return FusedEvaluation.prepare(inputs, options, _SWEEPS[backend](inputs), need_grad)
+    return FusedEvaluation.prepare(
+        inputs, options, _SWEEPS[backend](inputs), need_grad, check_values
+    )
 
 
 def _wanted(gradients: Gradients) -> list[Tensor]:
@@ -114,10 +119,10 @@ def _operator_forward(
 ) -> tuple[Tensor, list[Tensor]]:
     """The forward kernel: the loss and what backward needs (see above)."""
     inputs = ContrastInputs(anchors, labels, tuple(keys), key_labels, in_batch)
-    # (the kernel always sees real values: while torch.compile traces, the fake stands in)
-    _inputs.check_contrast_values(inputs, temperature, rho)
+    # The value checks, their bounds read with the layout's (the kernel always sees real values:
+    # while torch.compile traces, the fake stands in).
     options = ContrastOptions(temperature, rho, variant, reduction)
-    evaluation = _evaluation(inputs, options, backend, need_grad)
+    evaluation = _evaluation(inputs, options, backend, need_grad, check_values=True)
     if reduction == "none":
         loss, statistics = evaluation.per_anchor()
         return loss, [statistics.log_normalizer, statistics.positive_weight]
