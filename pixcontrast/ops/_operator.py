@@ -36,7 +36,7 @@ FUSED_OPERATOR = hasattr(torch.library, "register_fake") and hasattr(
     torch.library, "register_autograd"
 )
 
-# Each fused backend for given inputs (Triton's products take their dtype, and so do its keys).
+# Each fused backend for given inputs (Triton's products take their dtype).
 _SWEEPS: dict[str, Callable[[ContrastInputs], FusedSweep]] = {
     "torch": lambda inputs: FusedSweep(torch_fused.sweep),
     "triton": triton_fused.sweep_for,
@@ -47,8 +47,7 @@ def fused_loss(name: str, inputs: ContrastInputs, options: ContrastOptions) -> T
     """The loss of the fused backend ``name``: the registered operator where torch has one."""
     if not FUSED_OPERATOR:
         _inputs.check_contrast_values(inputs, options.temperature, options.rho)
-        sweep, key_dtype = _SWEEPS[name](inputs)
-        return apply_contrast(inputs, options, sweep=sweep, key_dtype=key_dtype)
+        return apply_contrast(inputs, options, sweep=_SWEEPS[name](inputs).sweep)
     need_grad = [
         torch.is_grad_enabled() and tensor.requires_grad
         for tensor in (inputs.anchors, *inputs.keys)
