@@ -22,8 +22,8 @@ the other.
 
 :class:`FusedEvaluation` drives a sweep for one loss evaluation, forward and backward. Two
 autograd entries run it: the registered operator ``pixcontrast::contrastive_loss`` of
-:mod:`pixcontrast.ops._operator` (torch 2.4 and later, opaque to ``torch.compile``), and
-:class:`ContrastFunction` (older torch, and any sweep that is not a registered backend's, such
+:mod:`pixcontrast.ops._operator` (opaque to ``torch.compile``), and
+:class:`ContrastFunction` (any sweep that is not a registered backend's, such
 as a test's with fixed key splits).
 """
 

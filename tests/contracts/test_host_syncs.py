@@ -17,7 +17,6 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import pixcontrast
-from pixcontrast.ops import _operator
 from pixcontrast.ops._layout import build_layout
 
 # ops whose result size or value the host has to wait for
@@ -80,20 +79,9 @@ def test_the_layout_reads_the_device_once(in_batch, keys, anchors, monkeypatch):
     assert dict(reads.counts) == {"tolist": 1}
 
 
-@pytest.fixture(params=["operator", "function"])
-def path(request, monkeypatch):
-    """The registered operator (its insides are one op to the counter, but ``tolist`` is seen),
-    and the autograd-Function path, whose every op the counter sees."""
-    if request.param == "function":
-        monkeypatch.setattr(_operator, "FUSED_OPERATOR", False)
-    elif not _operator.FUSED_OPERATOR:
-        pytest.skip("torch.library's operator registration needs torch 2.4")
-    return request.param
-
-
 @pytest.mark.parametrize("variant", ["paper", "supcon"])
 @pytest.mark.parametrize("reduction", ["mean", "none"])
-def test_a_training_step_reads_the_device_once(variant, reduction, path, monkeypatch):
+def test_a_training_step_reads_the_device_once(variant, reduction, monkeypatch):
     x = unit(50, 0).requires_grad_()
     y = torch.arange(50) % 4
     memory, memory_labels = unit(80, 1), torch.randint(-1, 5, (80,))
@@ -104,9 +92,8 @@ def test_a_training_step_reads_the_device_once(variant, reduction, path, monkeyp
         )
         loss.sum().backward()
     # the value checks with the layout; for reduction="none" the operator's backward lays the
-    # inputs out again (the Function path keeps the forward's layout)
-    again = reduction == "none" and path == "operator"
-    assert dict(reads.counts) == {"tolist": 2 if again else 1}
+    # inputs out again
+    assert dict(reads.counts) == {"tolist": 2 if reduction == "none" else 1}
 
 
 def test_key_parts_of_which_only_some_need_a_gradient_add_no_read(monkeypatch):
