@@ -24,6 +24,7 @@ from .ops._autograd import (
     Gradients,
     apply_contrast,
     first_derivatives_only,
+    scale_gradient,
 )
 from .ops._layout import compute_dtype
 from .ops._options import ContrastInputs, ContrastOptions
@@ -65,9 +66,10 @@ def fused_loss(name: str, inputs: ContrastInputs, options: ContrastOptions) -> T
 #
 # Forward: (anchors, labels, key parts, key labels, in_batch, options, backend, which tensors need
 # a gradient) -> (loss, what backward needs). For a scalar reduction that is the input gradients
-# for an upstream gradient of 1, computed in forward (FusedEvaluation.reduced); backward scales
-# them. For reduction="none" it is the per-anchor statistics, and backward runs the second
-# operator, which lays the inputs out again and recomputes the scores with them. Gradients come
+# for an upstream gradient of 1 in the compute dtype, computed in forward
+# (FusedEvaluation.reduced); backward scales them and rounds them to the inputs' dtypes. For
+# reduction="none" it is the per-anchor statistics, and backward runs the second operator, which
+# lays the inputs out again and recomputes the scores with them. Gradients come
 # only for the tensors flagged in need_grad, in the order anchors, key parts.
 
 _FORWARD_SCHEMA = (
@@ -95,10 +97,17 @@ def _wanted(gradients: Gradients) -> list[Tensor]:
 
 
 def _wanted_like(
-    anchors: Tensor, keys: Sequence[Tensor], need_grad: Sequence[bool]
+    anchors: Tensor,
+    keys: Sequence[Tensor],
+    need_grad: Sequence[bool],
+    dtype: Optional[torch.dtype] = None,
 ) -> list[Tensor]:
-    """Fake tensors shaped like the gradients of :func:`_wanted`."""
-    return [t.new_empty(t.shape) for t, need in zip((anchors, *keys), need_grad) if need]
+    """Fake tensors shaped like the gradients of :func:`_wanted` (in ``dtype``: each tensor's)."""
+    return [
+        t.new_empty(t.shape, dtype=dtype or t.dtype)
+        for t, need in zip((anchors, *keys), need_grad)
+        if need
+    ]
 
 
 def _operator_forward(
@@ -134,7 +143,7 @@ def _operator_forward_fake(*arguments: Any) -> tuple[Tensor, list[Tensor]]:
     if reduction == "none":
         loss, *statistics = (anchors.new_empty(anchors.shape[:1], dtype=dtype) for _ in range(3))
         return loss, statistics
-    return anchors.new_empty((), dtype=dtype), _wanted_like(anchors, keys, need_grad)
+    return anchors.new_empty((), dtype=dtype), _wanted_like(anchors, keys, need_grad, dtype)
 
 
 def _operator_backward(
@@ -172,6 +181,7 @@ def _setup_context(ctx, inputs: tuple, output: tuple[Tensor, list[Tensor]]) -> N
     kept = output[1]
     ctx.mark_non_differentiable(*kept)
     ctx.need_grad, ctx.scalar = need_grad, reduction != "none"
+    ctx.dtypes = [t.dtype for t, need in zip((anchors, *keys), need_grad) if need]
     ctx.arguments = (in_batch, temperature, rho, variant, backend)
     if ctx.scalar:
         ctx.save_for_backward(*kept)
@@ -187,7 +197,9 @@ def _operator_gradients(ctx, grad_loss: Tensor, _: list[Tensor]) -> tuple:
     """The forward operator's input gradients (``None`` for the arguments that need none)."""
     saved = ctx.saved_tensors
     if ctx.scalar:
-        wanted = [grad * grad_loss.to(grad.dtype) for grad in saved]
+        wanted = [
+            scale_gradient(grad, dtype, grad_loss) for grad, dtype in zip(saved, ctx.dtypes)
+        ]
     else:
         log_normalizer, positive_weight, anchors, labels, key_labels, *keys = saved
         wanted = torch.ops.pixcontrast.contrastive_loss_backward(

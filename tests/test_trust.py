@@ -109,6 +109,31 @@ def test_pixel_loss_loss_enqueue_backward_is_exact() -> None:
 
 
 # ---------------------------------------------------------------------------------------------
+# mixed precision
+
+
+def test_grad_scaler_never_skips_a_step_for_the_fp16_loss() -> None:
+    # GradScaler starts at 2**16, above fp16's largest 65504, and doubles every 3 clean steps
+    # here; the true gradients fit in fp16 at every scale reached, so no step may be skipped.
+    head = torch.nn.Conv2d(8, 16, 1)
+    optimizer = torch.optim.SGD(head.parameters(), lr=0.1)
+    criterion = PixelContrastLoss(0.1)
+    scaler = torch.amp.GradScaler("cpu", growth_interval=3)
+    g = torch.Generator().manual_seed(0)
+    scales = []
+    for _ in range(7):
+        features = torch.randn(2, 8, 12, 12, generator=g)
+        labels = torch.randint(0, 4, (2, 12, 12), generator=g)
+        loss = criterion(head(features).half(), labels, generator=g)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad()
+        scales.append(scaler.get_scale())
+    assert scales == [2.0**16] * 2 + [2.0**17] * 3 + [2.0**18] * 2
+
+
+# ---------------------------------------------------------------------------------------------
 # second derivatives
 
 

@@ -11,7 +11,9 @@ frozen :class:`~pixcontrast.ops._options.ContrastOptions` (the sweep reads its t
 gradient ``g_a`` per sorted anchor (``None``: statistics only, no gradient work),
 ``key_grad_columns`` the sorted key column ranges whose gradient is wanted, and ``saved`` the
 statistics of an earlier call, reused instead of being recomputed. Gradients are with respect to
-the sorted anchors and keys; :func:`scatter_to_inputs` maps them back to the caller's tensors.
+the sorted anchors and keys; :func:`scatter_to_inputs` maps them back to the caller's tensors
+(still in the compute dtype), and :func:`scale_gradient` rounds each to its tensor's dtype, once,
+after any scaling by the upstream gradient.
 
 Both sweeps take supcon's positive terms from the class sums here
 (:func:`supcon_positive_sums`, :func:`add_supcon_positive_gradient`), so neither backend imports
@@ -49,9 +51,10 @@ __all__ = [
     "add_supcon_positive_gradient",
     "key_grad_columns",
     "reduction_weights",
-    "scale_gradients",
+    "scale_gradient",
     "scatter_to_inputs",
     "supcon_positive_sums",
+    "to_input_dtypes",
     "unsort",
 ]
 
@@ -181,6 +184,10 @@ def reduction_weights(layout: ContrastLayout, reduction: str) -> Tensor:
     return has_pos
 
 
+Gradients = tuple[Optional[Tensor], tuple[Optional[Tensor], ...]]
+"""Gradients of the anchors and of each key part; ``None`` for a tensor that needs none."""
+
+
 @dataclass(frozen=True)
 class InputSpec:
     """What backward needs to know of the caller's tensors (not the tensors themselves)."""
@@ -193,8 +200,11 @@ class InputSpec:
 
 def scatter_to_inputs(
     layout: ContrastLayout, spec: InputSpec, grad_x: Optional[Tensor], grad_k: Optional[Tensor]
-) -> tuple[Optional[Tensor], tuple[Optional[Tensor], ...]]:
-    """Map sorted-space gradients back to the caller's anchors and key parts, dtypes included."""
+) -> Gradients:
+    """Map sorted-space gradients back to the caller's anchors and key parts.
+
+    They stay in the compute dtype: :func:`to_input_dtypes` rounds them to the caller's.
+    """
     n = layout.anchors.shape[0]
     offset = n if layout.in_batch else 0
     grad_anchors = None
@@ -215,12 +225,35 @@ def scatter_to_inputs(
         parts = combined[offset:].split(list(layout.key_part_sizes))
         # (copies, not views of ``combined``: the registered operator returns fresh tensors)
         grad_parts = tuple(
-            part.to(dtype, copy=True) if need else None
-            for part, dtype, need in zip(parts, spec.key_dtypes, spec.need_part_grad)
+            part.clone() if need else None for part, need in zip(parts, spec.need_part_grad)
         )
-    if grad_anchors is not None:
-        grad_anchors = grad_anchors.to(spec.anchor_dtype)
     return grad_anchors, grad_parts
+
+
+def scale_gradient(grad: Tensor, dtype: torch.dtype, upstream: Optional[Tensor] = None) -> Tensor:
+    """A compute-dtype gradient, times the scalar ``upstream`` when given, rounded to ``dtype``.
+
+    The product is formed in the compute dtype and rounded once: an upstream that a half
+    precision cannot hold (``GradScaler``'s initial ``2**16``, above fp16's largest 65504) or a
+    gradient below its smallest normal then still gives the gradient, whenever that fits
+    ``dtype``.
+    """
+    if upstream is not None:
+        grad = grad * upstream.to(grad.dtype)
+    return grad.to(dtype)
+
+
+def to_input_dtypes(
+    gradients: Gradients, spec: InputSpec, upstream: Optional[Tensor] = None
+) -> Gradients:
+    """Each gradient of :func:`scatter_to_inputs` through :func:`scale_gradient`."""
+    grad_anchors, grad_parts = gradients
+    if grad_anchors is not None:
+        grad_anchors = scale_gradient(grad_anchors, spec.anchor_dtype, upstream)
+    return grad_anchors, tuple(
+        None if grad is None else scale_gradient(grad, dtype, upstream)
+        for grad, dtype in zip(grad_parts, spec.key_dtypes)
+    )
 
 
 def unsort(layout: ContrastLayout, per_anchor: Tensor) -> Tensor:
@@ -254,10 +287,6 @@ def first_derivatives_only(name: str) -> Callable[[Callable], Callable]:
         return wrapper
 
     return decorate
-
-
-Gradients = tuple[Optional[Tensor], tuple[Optional[Tensor], ...]]
-"""Gradients of the anchors and of each key part; ``None`` for a tensor that needs none."""
 
 
 @dataclass(frozen=True)
@@ -306,7 +335,8 @@ class FusedEvaluation:
     def reduced(self) -> tuple[Tensor, Gradients]:
         """A scalar reduction's loss and the input gradients for an upstream gradient of 1.
 
-        The reduction's weights are the upstream ``g_a``, known here: one sweep gives both.
+        The reduction's weights are the upstream ``g_a``, known here: one sweep gives both. The
+        gradients stay in the compute dtype (see :func:`scale_gradient`).
         """
         layout, spec = self.layout, self.spec
         weight = reduction_weights(layout, self.options.reduction)
@@ -343,17 +373,7 @@ class FusedEvaluation:
         _, _, grad_x, grad_k = self.sweep(
             layout, self.options, weight, self.spec.need_anchor_grad, self.columns, saved=saved
         )
-        return scatter_to_inputs(layout, self.spec, grad_x, grad_k)
-
-
-def scale_gradients(gradients: Gradients, upstream: Tensor) -> Gradients:
-    """The gradients of :meth:`FusedEvaluation.reduced` for the upstream scalar ``upstream``."""
-    grad_anchors, grad_parts = gradients
-
-    def scaled(grad: Optional[Tensor]) -> Optional[Tensor]:
-        return None if grad is None else grad * upstream.to(grad.dtype)
-
-    return scaled(grad_anchors), tuple(scaled(grad) for grad in grad_parts)
+        return to_input_dtypes(scatter_to_inputs(layout, self.spec, grad_x, grad_k), self.spec)
 
 
 @dataclass(frozen=True)
@@ -403,7 +423,9 @@ class ContrastFunction(torch.autograd.Function):
     @first_derivatives_only("contrastive_loss")
     def backward(ctx, grad_output: Tensor):
         if ctx.gradients is not None:
-            grad_anchors, grad_parts = scale_gradients(ctx.gradients, grad_output)
+            grad_anchors, grad_parts = to_input_dtypes(
+                ctx.gradients, ctx.evaluation.spec, grad_output
+            )
         else:
             _ = ctx.saved_tensors  # raises if an input was modified in place since forward
             grad_anchors, grad_parts = ctx.evaluation.backward(ctx.statistics, grad_output)
