@@ -368,7 +368,7 @@ class PixelMaps:
     """A batch's maps at the embeddings' resolution ``(h, w)``, validated.
 
     Attributes:
-        labels: ``[B, h, w]`` class ids.
+        labels: ``[B, h, w]`` int64 class ids.
         predictions: ``[B, h, w]`` predicted class ids, or ``None``.
         logits: ``[B, C, h, w]`` class scores, or ``None``.
     """
@@ -401,7 +401,9 @@ def pixel_maps(
     """Validate a batch and bring labels, predictions and logits to the embeddings' resolution.
 
     Every map is nearest-resized by the rule of :func:`resize_labels` (logits pick the same
-    source pixels as labels), so a map already at ``(h, w)`` is returned as it is.
+    source pixels as labels), so a map already at ``(h, w)`` is returned as it is. The labels
+    come out as int64 whatever their integer dtype: relabelling them (``exclude_classes`` to
+    ``ignore_index``, which a ``uint8`` or ``int8`` map may not hold) then never wraps around.
 
     Args:
         embeddings: ``[B, D, h, w]`` float pixel embeddings.
@@ -460,7 +462,7 @@ def pixel_maps(
         source = torch.arange(size[0] * size[1], device=logits.device).view(1, *size)
         source = resize_labels(source, (h, w)).reshape(-1)
         logits = logits.flatten(2)[:, :, source].view(b, -1, h, w)
-    return PixelMaps(resize_labels(labels, (h, w)), predictions, logits)
+    return PixelMaps(resize_labels(labels, (h, w)).long(), predictions, logits)
 
 
 def split_predictions(
