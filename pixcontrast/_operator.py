@@ -24,6 +24,7 @@ from .ops._autograd import (
     Gradients,
     apply_contrast,
     first_derivatives_only,
+    reverse_mode_only,
     scale_gradient,
 )
 from .ops._layout import compute_dtype
@@ -47,6 +48,7 @@ _SWEEPS: dict[str, Callable[[ContrastInputs], FusedSweep]] = {
 
 def fused_loss(name: str, inputs: ContrastInputs, options: ContrastOptions) -> Tensor:
     """The loss of the fused backend ``name``: the registered operator where torch has one."""
+    reverse_mode_only("contrastive_loss", (inputs.anchors, *inputs.keys))
     if not FUSED_OPERATOR:
         _checks.check_contrast_values(inputs, options.temperature, options.rho)
         sweep, key_dtype = _SWEEPS[name](inputs)

@@ -14,13 +14,16 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.autograd import forward_ad
 
 from pixcontrast import (
     ClassMemoryBank,
+    HardAnchorSampler,
     PixelContrastLoss,
     RegionContrastLoss,
     contrastive_loss,
     region_embeddings,
+    select_anchors,
 )
 
 IGNORE = 255
@@ -155,6 +158,41 @@ def test_gradient_penalty_through_a_head_is_refused_not_wrong() -> None:
     loss = contrastive_loss(F.normalize(head(x), dim=1), torch.arange(9) % 3, backend="torch")
     with pytest.raises(RuntimeError, match="first derivatives only"):
         torch.autograd.grad(loss, x, create_graph=True)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("mode", ["torch.func.jvp", "forward_ad"])
+def test_forward_mode_is_refused_by_the_fused_path(backend, mode) -> None:
+    dtype = torch.float16 if backend == "triton" else torch.float32  # (Triton: no fp32 FMA)
+    x, y = unit(9, 4, seed=12).to(dtype), torch.arange(9) % 3
+    keys, key_labels = unit(5, 4, seed=13).to(dtype), torch.arange(5) % 3
+    if backend == "triton":
+        from pixcontrast.ops import triton_fused
+
+        reasons = triton_fused.unsupported(x, (keys,))
+        if reasons:
+            pytest.skip("; ".join(reasons))
+
+    def loss(keys: torch.Tensor) -> torch.Tensor:  # (a tangent on the keys only)
+        return contrastive_loss(x, y, keys, key_labels, backend=backend)
+
+    tangent = torch.randn_like(keys)
+    with pytest.raises(RuntimeError, match="no forward-mode derivative.*backend=\"reference\""):
+        if mode == "forward_ad":
+            with forward_ad.dual_level():
+                loss(forward_ad.make_dual(keys, tangent))
+        else:
+            torch.func.jvp(loss, (keys,), (tangent,))
+
+
+def test_forward_mode_of_the_reference_is_the_directional_derivative() -> None:
+    x, y = unit(9, 4, seed=12), torch.arange(9) % 3
+    tangent = torch.randn(9, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    _, got = torch.func.jvp(lambda a: contrastive_loss(a, y, backend="reference"), (x,),
+                            (tangent,))
+    x.requires_grad_()
+    (gradient,) = torch.autograd.grad(contrastive_loss(x, y, backend="torch"), x)
+    torch.testing.assert_close(got, (gradient * tangent).sum(), rtol=1e-12, atol=1e-12)
 
 
 def test_double_backward_of_the_reference_is_plain_autograd() -> None:
@@ -387,3 +425,59 @@ def test_empty_label_map_gives_a_connected_zero() -> None:
     loss = PixelContrastLoss()(x, torch.zeros(2, 0, 0, dtype=torch.long))
     loss.backward()
     assert float(loss.detach()) == 0 and x.grad.shape == x.shape
+
+
+# ---------------------------------------------------------------------------------------------
+# label dtypes narrower than int64
+
+
+NARROW_LABELS = [(torch.uint8, -100), (torch.int8, 255), (torch.int16, -100), (torch.int32, 255)]
+
+
+def _labelled_batch(dtype: torch.dtype, ignore_index: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Maps whose labels are 0..3, and ``ignore_index`` in a row where ``dtype`` can hold it."""
+    g = torch.Generator().manual_seed(0)
+    embeddings = torch.randn(2, 8, 6, 6, generator=g, dtype=torch.float64)
+    labels = torch.randint(0, 4, (2, 6, 6), generator=g)
+    if torch.iinfo(dtype).min <= ignore_index <= torch.iinfo(dtype).max:
+        labels[:, 0] = ignore_index
+    return embeddings, labels
+
+
+@pytest.mark.parametrize("dtype,ignore_index", NARROW_LABELS)
+@pytest.mark.parametrize("loss_class", [PixelContrastLoss, RegionContrastLoss])
+def test_narrow_label_dtypes_give_the_int64_loss(loss_class, dtype, ignore_index) -> None:
+    # ignore_index is one the dtype cannot hold, and exclude_classes relabels class 1 to it
+    embeddings, labels = _labelled_batch(dtype, ignore_index)
+    results = []
+    for labels_of_dtype in (labels, labels.to(dtype)):
+        bank = ClassMemoryBank(4, 8, pixels_per_class=10, regions_per_class=2,
+                               ignore_index=ignore_index).double()
+        loss = loss_class(0.1, ignore_index=ignore_index, exclude_classes=(1,), memory=bank)
+        value = loss(embeddings, labels_of_dtype, generator=torch.Generator().manual_seed(1))
+        results.append((value, loss.last_sample.labels, bank.queue, bank.pixel_count))
+    for wide, narrow in zip(*results):
+        assert torch.equal(wide, narrow)
+    assert int(results[0][3][1]) == 0  # class 1 was excluded, not enqueued
+
+
+@pytest.mark.parametrize("dtype,ignore_index", NARROW_LABELS)
+def test_narrow_label_dtypes_give_the_int64_sample_and_bank(dtype, ignore_index) -> None:
+    embeddings, labels = _labelled_batch(dtype, ignore_index)
+    samples, queues = [], []
+    for labels_of_dtype in (labels, labels.to(dtype)):
+        sampler = HardAnchorSampler(20, 4, num_classes=4)
+        samples.append(sampler(embeddings, labels_of_dtype, labels_of_dtype, ignore_index,
+                               torch.Generator().manual_seed(2)))
+        samples.append(select_anchors(embeddings, labels_of_dtype, max_samples=20, max_views=4,
+                                      ignore_index=ignore_index,
+                                      generator=torch.Generator().manual_seed(2)))
+        bank = ClassMemoryBank(4, 8, pixels_per_class=10, regions_per_class=2,
+                               ignore_index=ignore_index, exclude_classes=(1,)).double()
+        bank.enqueue(embeddings, labels_of_dtype, generator=torch.Generator().manual_seed(3))
+        queues.append(bank.state_dict())
+    for wide, narrow in zip(samples[:2], samples[2:]):
+        assert torch.equal(wide.indices, narrow.indices)
+        assert torch.equal(wide.labels, narrow.labels) and narrow.labels.dtype == torch.int64
+    for name, wide in queues[0].items():
+        assert torch.equal(wide, queues[1][name]), name

@@ -30,10 +30,11 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
-from typing import Callable, NamedTuple, Optional, Sequence
+from typing import Callable, Iterable, NamedTuple, Optional, Sequence
 
 import torch
 from torch import Tensor
+from torch.autograd import forward_ad
 
 from ._layout import ContrastLayout, build_layout
 from ._options import ContrastInputs, ContrastOptions
@@ -46,6 +47,7 @@ __all__ = [
     "Gradients",
     "apply_contrast",
     "first_derivatives_only",
+    "reverse_mode_only",
     "InputSpec",
     "Sweep",
     "add_supcon_positive_gradient",
@@ -287,6 +289,21 @@ def first_derivatives_only(name: str) -> Callable[[Callable], Callable]:
         return wrapper
 
     return decorate
+
+
+def reverse_mode_only(name: str, tensors: Iterable[Tensor]) -> None:
+    """Raise if one of ``tensors`` carries a forward-mode tangent.
+
+    The fused backends have a backward formula only; forward-mode AD (``torch.func.jvp``,
+    ``jacfwd``, ``torch.autograd.forward_ad``) through them would give a zero or missing tangent
+    without a word. ``name`` names the loss in the error.
+    """
+    if any(forward_ad.unpack_dual(tensor).tangent is not None for tensor in tensors):
+        raise RuntimeError(
+            f"{name} of the fused backends has no forward-mode derivative (torch.func.jvp, "
+            "jacfwd, torch.autograd.forward_ad): pass backend=\"reference\", whose plain "
+            "autograd has one, or use reverse mode (backward, torch.func.grad, jacrev)"
+        )
 
 
 @dataclass(frozen=True)
