@@ -6,9 +6,15 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
+
+# tests/ import their shared helpers (tests/_helpers.py) and the developer tools (tools/) as
+# top-level modules, from every folder of tests/
+ROOT = Path(__file__).resolve().parent
+sys.path[:0] = [str(ROOT / "tests"), str(ROOT / "tools")]
 
 # Triton picks its interpreter when the kernels are defined, so this must precede any import of
 # pixcontrast.ops._kernels: the Triton tests then run on CPU tensors. On a GPU machine,
@@ -53,9 +59,10 @@ def dtype(request: pytest.FixtureRequest) -> torch.dtype:
 
 
 # What eager use loads, in a fresh interpreter without TRITON_INTERPRET or PIXCONTRAST_BACKEND
-# (a user's setting): sampling and mining (test_compile.py: no torch._dynamo), then the ``auto``
-# loss on CPU tensors and ``backend="triton"`` (test_dispatch.py: no Triton, and the reason). One
-# process for both files' checks, so one start-up; each step records what was loaded after it.
+# (a user's setting): sampling and mining (tests/contracts/test_compile.py: no torch._dynamo),
+# then the ``auto`` loss on CPU tensors and ``backend="triton"`` (tests/ops/test_dispatch.py: no
+# Triton, and the reason). One process for both files' checks, so one start-up; each step records
+# what was loaded after it.
 _EAGER_SCRIPT = """
 import json, sys, torch, pixcontrast
 report = {}
@@ -82,7 +89,7 @@ print(json.dumps(report))
 def fresh_eager_process() -> dict:
     """The report of :data:`_EAGER_SCRIPT`, run once per session (after its own check that the
     process succeeded)."""
-    from pixcontrast import _dispatch
+    from pixcontrast.ops import _dispatch
 
     env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", _dispatch.ENV_VAR)}
     result = subprocess.run([sys.executable, "-c", _EAGER_SCRIPT], env=env, capture_output=True,

@@ -1,6 +1,7 @@
 """pixcontrast: supervised pixel-wise contrastive learning for semantic segmentation."""
 
 from . import diagnostics, distributed
+from .capture import FeatureCapture
 from .diagnostics import GradientRatio, contrast_stats, gradient_ratio
 from .functional import contrastive_loss, pair_contrastive_loss, resize_labels
 from .heads import ProjectionHead
@@ -16,6 +17,7 @@ from .samplers import (
     select_anchors,
 )
 from .schedule import ContrastWeightSchedule
+from .term import ContrastTerm
 
 __version__ = "0.1.0"
 
@@ -25,7 +27,9 @@ __all__ = [
     "AnchorSampler",
     "ClassMemoryBank",
     "ConfidenceAnchorSampler",
+    "ContrastTerm",
     "ContrastWeightSchedule",
+    "FeatureCapture",
     "GradientRatio",
     "HardAnchorSampler",
     "KeyMiner",

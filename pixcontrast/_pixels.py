@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import _checks
-from .ops._autograd import first_derivatives_only
+from .ops import first_derivatives_only
 
 __all__ = [
     "PixelMaps",

@@ -18,7 +18,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from . import _checks
-from .ops._autograd import first_derivatives_only
+from .ops import first_derivatives_only
 
 __all__ = ["all_gather", "all_gather_with_grad", "get_rank", "get_world_size", "mean_across_ranks"]
 

@@ -8,11 +8,17 @@ from typing import Optional, Sequence, Union
 from torch import Tensor
 
 from . import _checks
-from ._dispatch import BACKEND_NAMES, select_backend
 from ._pixels import resize_labels
-from .ops._layout import compute_dtype
-from .ops._options import ContrastOptions
-from .ops.pairs import pair_loss
+from .ops import (
+    BACKEND_NAMES,
+    ContrastOptions,
+    check_contrast_inputs,
+    check_contrast_values,
+    check_pair_index,
+    compute_dtype,
+    pair_loss,
+    select_backend,
+)
 
 __all__ = [
     "REDUCTIONS",
@@ -78,7 +84,7 @@ def contrastive_loss(
             (``[N]``, zero where an anchor has no positive).
         backend: ``"auto"`` (``"torch"``, and ``"triton"`` for CUDA inputs only where
             committed GPU measurements show it faster, see
-            :func:`pixcontrast._dispatch.explain_auto`; the environment variable
+            :func:`pixcontrast.ops.explain_auto`; the environment variable
             ``PIXCONTRAST_BACKEND`` replaces it), ``"triton"`` (fused kernels on CUDA;
             fp16/bf16, fp32 when TF32 is allowed, D <= 256), ``"torch"`` (chunked, any device)
             or ``"reference"`` (dense).
@@ -98,7 +104,7 @@ def contrastive_loss(
     """
     # The backend checks the values (labels >= 0, a finite loss): the fused ones inside their
     # registered operator, where the host synchronisations break no compiled graph.
-    inputs = _checks.check_contrast_inputs(anchors, labels, keys, key_labels, in_batch)
+    inputs = check_contrast_inputs(anchors, labels, keys, key_labels, in_batch)
     options = loss_options(temperature, base_temperature, variant, reduction)
     _checks.check_choice(backend, "backend", BACKEND_NAMES)
     return select_backend(backend, inputs).loss(inputs, options)
@@ -182,15 +188,15 @@ def pair_contrastive_loss(
         >>> loss.ndim, x.grad.shape
         (0, torch.Size([6, 8]))
     """
-    inputs = _checks.check_contrast_inputs(anchors, labels, keys, key_labels, in_batch)
+    inputs = check_contrast_inputs(anchors, labels, keys, key_labels, in_batch)
     options = loss_options(temperature, base_temperature, variant, reduction)
-    _checks.check_contrast_values(inputs, options.temperature, options.rho)
+    check_contrast_values(inputs, options.temperature, options.rho)
     labels = inputs.labels.long()
     space = inputs.key_space(compute_dtype(anchors.dtype))
-    positive_index = _checks.check_pair_index(
+    positive_index = check_pair_index(
         positive_index, "positive_index", labels, space.labels, inputs.in_batch, positive=True
     )
-    negative_index = _checks.check_pair_index(
+    negative_index = check_pair_index(
         negative_index, "negative_index", labels, space.labels, inputs.in_batch, positive=False
     )
     return pair_loss(anchors, space.dense(), positive_index, negative_index, options)

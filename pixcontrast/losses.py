@@ -20,7 +20,6 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import _checks, diagnostics, distributed
-from ._dispatch import BACKEND_NAMES
 from ._pixels import (
     PixelMaps,
     exclude_labels,
@@ -31,6 +30,7 @@ from ._pixels import (
 from .functional import contrastive_loss, loss_options, pair_contrastive_loss
 from .memory import ClassMemoryBank
 from .mining import MinedPairs
+from .ops import BACKEND_NAMES
 from .samplers import AnchorSample, AnchorSampler, HardAnchorSampler, _MapSampler
 
 __all__ = [

@@ -30,8 +30,7 @@ from torch import Tensor, nn
 from . import _checks
 from ._compile import eager_under_compile
 from .functional import loss_options, pair_contrastive_loss
-from .ops._layout import compute_dtype
-from .ops._options import KeySpace
+from .ops import KeySpace, check_contrast_inputs, check_contrast_values, compute_dtype
 
 __all__ = [
     "MINERS",
@@ -321,8 +320,8 @@ def mine_keys(
         >>> pairs.positive_index.tolist(), pairs.negative_index.tolist()
         ([[1], [0], [3], [2]], [[3], [3], [1], [0]])
     """
-    inputs = _checks.check_contrast_inputs(anchors, labels, keys, key_labels, in_batch)
-    _checks.check_contrast_values(inputs, 1.0, 1.0)  # (scores x . k)
+    inputs = check_contrast_inputs(anchors, labels, keys, key_labels, in_batch)
+    check_contrast_values(inputs, 1.0, 1.0)  # (scores x . k)
     _checks.check_choice(miner, "miner", MINERS)
     num_positives = _checks.check_count(num_positives, "num_positives")
     num_negatives = _checks.check_count(num_negatives, "num_negatives")

@@ -21,10 +21,11 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from pixcontrast import distributed
+from pixcontrast import ContrastTerm, FeatureCapture, distributed
 from pixcontrast.losses import PixelContrastLoss, RegionContrastLoss
 from pixcontrast.memory import ClassMemoryBank
 from pixcontrast.mining import KeyMiner
@@ -185,8 +186,50 @@ def broadcast_buffers(rank: int) -> list[str]:
     return [str(w.message) for w in caught if issubclass(w.category, UserWarning)]
 
 
+class _TinySegmenter(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.backbone = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.ReLU())
+        self.classifier = nn.Conv2d(6, 3, kernel_size=1)
+        # the term inside the wrapped model, so DDP averages its head's gradients
+        self.term = ContrastTerm(in_channels=6, num_classes=3, total_steps=STEPS, warmup=0.34,
+                                 ramp=0.0, proj_dim=4, max_samples=20, max_views=5, gather=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.backbone(x))
+
+
+def term_under_ddp(rank: int) -> dict:
+    """A ContrastTerm inside a DDP model without find_unused_parameters, features taken by a
+    FeatureCapture through the wrapper: the head's gradients after the warm-up step (zeros,
+    not None) and every parameter after the run (identical on every rank)."""
+    torch.manual_seed(0)
+    model = DistributedDataParallel(_TinySegmenter(), find_unused_parameters=False)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    capture = FeatureCapture(model, "backbone")
+    term = model.module.term
+    seen: dict = {"weights": []}
+    for step in range(STEPS):
+        x, y = batches(step, empty_rank=None)[rank]
+        logits = model(x.float())
+        loss = F.cross_entropy(logits, y, ignore_index=IGNORE)
+        loss = loss + term(capture.take(), y, logits)
+        seen["weights"].append(float(term.last_stats["weight"]))
+        optimizer.zero_grad()
+        loss.backward()
+        if step == 0:
+            seen["warmup_head_grads"] = [
+                None if p.grad is None else p.grad.clone() for p in term.head.parameters()
+            ]
+        optimizer.step()
+    seen["parameters"] = [p.detach().clone() for p in model.parameters()]
+    capture.remove()
+    return seen
+
+
 SCENARIOS: dict[str, Callable[[int], object]] = {
     "helpers": gather_helpers,
+    "term_under_ddp": term_under_ddp,
     "double_backward": double_backward,
     "broadcast_buffers": broadcast_buffers,
     "random_memory": random_memory,
@@ -284,6 +327,18 @@ def test_memory_with_random_pixels_is_identical_on_every_rank(ranks) -> None:
         assert torch.equal(first[key], value), key
         assert torch.equal(second[key], value), key
     assert int(expected["pixel_count"].sum()) > 0
+
+
+def test_contrast_term_warmup_gives_every_head_parameter_a_gradient_under_ddp(ranks) -> None:
+    # without find_unused_parameters, a head parameter without a gradient in the warm-up step
+    # would stop DDP at the next step; the run reaching its end is half of the test
+    for seen in ranks:
+        outcome = seen["term_under_ddp"]
+        assert outcome["weights"] == pytest.approx([0.0, 0.1, 0.1])
+        grads = outcome["warmup_head_grads"]
+        assert len(grads) > 0 and all(g is not None and not g.any() for g in grads)
+    for mine, theirs in zip(*(seen["term_under_ddp"]["parameters"] for seen in ranks)):
+        torch.testing.assert_close(mine, theirs, rtol=0, atol=0)
 
 
 def test_second_derivative_through_the_gather_is_refused(ranks) -> None:

@@ -426,7 +426,7 @@ def test_every_backend_checks_the_values(backend, monkeypatch):
     # The data-dependent checks run in the backend's loss: the fused operator's kernel, the
     # autograd-Function path of torch < 2.4 ("torch-function") and the reference, alike.
     if backend == "torch-function":
-        monkeypatch.setattr(pixcontrast._operator, "FUSED_OPERATOR", False)
+        monkeypatch.setattr(pixcontrast.ops._operator, "FUSED_OPERATOR", False)
         backend = "torch"
     x, y = F.normalize(torch.randn(4, 3), dim=1), torch.tensor([0, 0, 1, 1])
     k, c = F.normalize(torch.randn(5, 3), dim=1), torch.tensor([0, 1, 0, 1, -1])

@@ -1,8 +1,10 @@
-r"""Loss backends, and the math they share.
+r"""The contrastive-loss engine: backends, their dispatch and operator, and the math they share.
 
 ``reference`` is the dense oracle; ``torch_fused`` and ``triton_fused`` share the contract of
 :mod:`pixcontrast.ops._layout` and :mod:`pixcontrast.ops._autograd` and never build the
-anchors x keys matrix.
+anchors x keys matrix. ``_dispatch`` picks a backend, ``_operator`` runs the fused ones as the
+registered operator ``pixcontrast::contrastive_loss``, ``_inputs`` validates their data. The rest
+of the package uses the names this module exports, never its private modules.
 
 **Notation.** Anchors ``x_a`` (``a = 1..N``) with labels ``y_a``; keys ``k_j`` (``j = 1..M``)
 with labels ``c_j``; ``s_aj = x_a . k_j / tau``. In-batch contrast means the keys are the
@@ -44,3 +46,26 @@ by class, the positive pass touches only that block.
 so forward can turn each chunk of scores into ``G`` in place and accumulate ``dx`` (and ``dk``)
 at once; backward then only rescales by the upstream scalar.
 """
+
+from ._autograd import first_derivatives_only
+from ._dispatch import BACKEND_NAMES, TRITON_MEASURED_WINS, explain_auto, select_backend
+from ._inputs import check_contrast_inputs, check_contrast_values, check_pair_index
+from ._layout import compute_dtype
+from ._options import ContrastInputs, ContrastOptions, KeySpace
+from .pairs import pair_loss
+
+__all__ = [
+    "BACKEND_NAMES",
+    "TRITON_MEASURED_WINS",
+    "ContrastInputs",
+    "ContrastOptions",
+    "KeySpace",
+    "check_contrast_inputs",
+    "check_contrast_values",
+    "check_pair_index",
+    "compute_dtype",
+    "explain_auto",
+    "first_derivatives_only",
+    "pair_loss",
+    "select_backend",
+]

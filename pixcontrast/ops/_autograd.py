@@ -21,7 +21,7 @@ the other.
 
 :class:`FusedEvaluation` drives a sweep for one loss evaluation, forward and backward. Two
 autograd entries run it: the registered operator ``pixcontrast::contrastive_loss`` of
-:mod:`pixcontrast._dispatch` (torch 2.4 and later, opaque to ``torch.compile``), and
+:mod:`pixcontrast.ops._operator` (torch 2.4 and later, opaque to ``torch.compile``), and
 :class:`ContrastFunction` (older torch, and any sweep that is not a registered backend's, such
 as a test's with fixed key splits).
 """
@@ -310,7 +310,7 @@ def reverse_mode_only(name: str, tensors: Iterable[Tensor]) -> None:
 class FusedEvaluation:
     """One loss evaluation of a fused backend: what its forward and its backward share.
 
-    Both :class:`ContrastFunction` and the registered operator of :mod:`pixcontrast._dispatch`
+    Both :class:`ContrastFunction` and the registered operator of :mod:`pixcontrast.ops._operator`
     run a fused backend through it.
 
     Attributes:

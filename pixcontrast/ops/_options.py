@@ -75,7 +75,7 @@ class KeySpace:
 class ContrastInputs:
     """Validated data arguments of a contrastive loss.
 
-    Made by :func:`pixcontrast._checks.check_contrast_inputs` and passed unchanged to the
+    Made by :func:`pixcontrast.ops.check_contrast_inputs` and passed unchanged to the
     chosen backend (with :class:`ContrastOptions`) and to the miners.
 
     Attributes:

@@ -137,7 +137,7 @@ class TileConfig(NamedTuple):
 SHARED_MEMORY = {"sm80": 163 * 1024, "sm86": 99 * 1024, "sm90": 227 * 1024}
 
 # (family, operand bytes, padded D) -> tiles, checked by compiling every entry for its family
-# (tests/test_triton.py: zero spills, shared memory within SHARED_MEMORY). 64 rows per 4 warps
+# (test_triton_fused.py: zero spills, shared memory within SHARED_MEMORY). 64 rows per 4 warps
 # are one warpgroup's wgmma height on sm90 (so no two warpgroups compute the same scores) and
 # the score tile of 4 warps on sm80. The [rows, D] fp32 accumulators bound the rest: from
 # D = 128 on, sm8x row kernels (whose mma.sync operands also sit in registers) and every

@@ -17,8 +17,8 @@ to opt in, ``PIXCONTRAST_BACKEND=torch`` to rule out a kernel problem); a backen
 is never overridden. It is read at every call.
 
 The fused backends run as the registered operator ``pixcontrast::contrastive_loss``
-(:mod:`pixcontrast._operator`). Every backend's loss runs the data-dependent input checks itself
-(``_checks.check_contrast_values``): the operator inside, the others before they start.
+(:mod:`pixcontrast.ops._operator`). Every backend's loss runs the data-dependent input checks itself
+(``_inputs.check_contrast_values``): the operator inside, the others before they start.
 """
 
 from __future__ import annotations
@@ -31,11 +31,10 @@ from typing import Callable, Optional, Sequence
 import torch
 from torch import Tensor
 
-from . import _checks
+from . import _inputs, triton_fused
 from ._operator import fused_loss
-from .ops import triton_fused
-from .ops._options import ContrastInputs, ContrastOptions
-from .ops.reference import reference_contrastive_loss
+from ._options import ContrastInputs, ContrastOptions
+from .reference import reference_contrastive_loss
 
 __all__ = [
     "AUTO_ORDER",
@@ -128,7 +127,7 @@ def _reference_loss(inputs: ContrastInputs, options: ContrastOptions) -> Tensor:
     Plain torch, so that dynamo traces it and autograd differentiates it to any order (a
     registered operator would allow first derivatives only).
     """
-    _checks.check_contrast_values(inputs, options.temperature, options.rho)
+    _inputs.check_contrast_values(inputs, options.temperature, options.rho)
     return reference_contrastive_loss(inputs, options)
 
 

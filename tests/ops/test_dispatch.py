@@ -13,8 +13,7 @@ import pytest
 import torch
 
 import pixcontrast
-from pixcontrast import _checks, _dispatch
-from pixcontrast.ops import triton_fused
+from pixcontrast.ops import _dispatch, check_contrast_inputs, triton_fused
 
 
 def inputs(anchors, keys=()):
@@ -22,7 +21,7 @@ def inputs(anchors, keys=()):
     dtypes only)."""
     labels = torch.zeros(anchors.shape[0], dtype=torch.long)
     key_labels = [torch.zeros(part.shape[0], dtype=torch.long) for part in keys]
-    return _checks.check_contrast_inputs(
+    return check_contrast_inputs(
         anchors, labels, list(keys) or None, key_labels or None, None
     )
 

@@ -15,9 +15,8 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 from torch import Tensor
 
-from . import _checks
-from .ops import torch_fused, triton_fused
-from .ops._autograd import (
+from . import _inputs, torch_fused, triton_fused
+from ._autograd import (
     AnchorStatistics,
     FusedEvaluation,
     FusedSweep,
@@ -27,8 +26,8 @@ from .ops._autograd import (
     reverse_mode_only,
     scale_gradient,
 )
-from .ops._layout import compute_dtype
-from .ops._options import ContrastInputs, ContrastOptions
+from ._layout import compute_dtype
+from ._options import ContrastInputs, ContrastOptions
 
 __all__ = ["FUSED_OPERATOR", "fused_loss"]
 
@@ -50,7 +49,7 @@ def fused_loss(name: str, inputs: ContrastInputs, options: ContrastOptions) -> T
     """The loss of the fused backend ``name``: the registered operator where torch has one."""
     reverse_mode_only("contrastive_loss", (inputs.anchors, *inputs.keys))
     if not FUSED_OPERATOR:
-        _checks.check_contrast_values(inputs, options.temperature, options.rho)
+        _inputs.check_contrast_values(inputs, options.temperature, options.rho)
         sweep, key_dtype = _SWEEPS[name](inputs)
         return apply_contrast(inputs, options, sweep=sweep, key_dtype=key_dtype)
     need_grad = [
@@ -128,7 +127,7 @@ def _operator_forward(
     """The forward kernel: the loss and what backward needs (see above)."""
     inputs = ContrastInputs(anchors, labels, tuple(keys), key_labels, in_batch)
     # (the kernel always sees real values: while torch.compile traces, the fake stands in)
-    _checks.check_contrast_values(inputs, temperature, rho)
+    _inputs.check_contrast_values(inputs, temperature, rho)
     options = ContrastOptions(temperature, rho, variant, reduction)
     evaluation = _evaluation(inputs, options, backend, need_grad)
     if reduction == "none":

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import pixcontrast
-from pixcontrast import _operator
+from pixcontrast.ops import _operator
 from pixcontrast.ops._layout import build_layout
 
 # ops whose result size or value the host has to wait for

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 import pixcontrast
-from pixcontrast import _operator
+from pixcontrast.ops import _operator
 
 pytestmark = pytest.mark.skipif(
     not _operator.FUSED_OPERATOR, reason="torch.library's operator registration needs torch 2.4"

@@ -8,7 +8,7 @@ JIT would give it at run time (16-byte aligned pointers and integers divisible b
 ``tt.divisibility``; tensor allocations are aligned, as on CUDA) and reports registers and spills
 from the bundled ``ptxas``, shared memory, and whether the PTX uses wgmma.
 
-Run as ``python -m pixcontrast.ops.triton_compile ARCH DTYPE DIM VARIANT REDUCTION`` (without
+Run as ``python tools/triton_compile.py ARCH DTYPE DIM VARIANT REDUCTION`` (without
 ``TRITON_INTERPRET``): prints one JSON line per distinct compiled kernel.
 """
 
@@ -26,9 +26,9 @@ from typing import Any
 
 import torch
 
-from . import triton_fused
-from ._layout import ContrastLayout
-from ._options import ContrastOptions
+from pixcontrast.ops import triton_fused
+from pixcontrast.ops._layout import ContrastLayout
+from pixcontrast.ops._options import ContrastOptions
 
 __all__ = ["CompileReport", "Launch", "compile_launch", "meta_layout", "record_launches"]
 

@@ -19,8 +19,7 @@ import pytest
 import torch
 
 import pixcontrast
-from pixcontrast import _checks
-from pixcontrast.ops import torch_fused, triton_fused
+from pixcontrast.ops import check_contrast_inputs, torch_fused, triton_fused
 from pixcontrast.ops._autograd import (
     FusedEvaluation,
     FusedSweep,
@@ -32,6 +31,7 @@ from pixcontrast.ops._options import ContrastOptions
 
 from _helpers import assert_close_to_oracle, contrast_floors
 
+TOOLS = Path(__file__).resolve().parents[2] / "tools"
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 DEVICE = "cuda" if torch.cuda.is_available() and not INTERPRETED else "cpu"
@@ -108,7 +108,7 @@ def test_split_choice_fills_a_wave_with_little_waste(sm_count, row_tiles):
 def test_launch_path_performs_no_host_sync(variant, reduction):
     """The whole launch path on meta tensors, which hold no values: a host sync (``.item()``,
     ``.tolist()``, a data-dependent shape) would raise. The launches follow the plan."""
-    from pixcontrast.ops import triton_compile
+    import triton_compile
 
     target = triton_fused.Target((9, 0), 132)
     launches = triton_compile.step_launches(target, torch.bfloat16, 256, variant, reduction)
@@ -247,7 +247,7 @@ def _loss_and_grads(case: Case, backend: str, anchors, labels, keys, key_labels)
         contrast = ContrastOptions(
             case.temperature, case.temperature / 0.07, case.variant, case.reduction
         )
-        inputs = _checks.check_contrast_inputs(x, labels, k, key_labels, case.in_batch)
+        inputs = check_contrast_inputs(x, labels, k, key_labels, case.in_batch)
         loss = apply_contrast(inputs, contrast, sweep=sweep)
     else:
         loss = pixcontrast.contrastive_loss(
@@ -397,7 +397,7 @@ def _compile(arch: int, dtype: str, dim: int, variant: str, reduction: str) -> l
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
     result = subprocess.run(
-        [sys.executable, "-m", "pixcontrast.ops.triton_compile", str(arch), dtype, str(dim),
+        [sys.executable, str(TOOLS / "triton_compile.py"), str(arch), dtype, str(dim),
          variant, reduction],
         env=env, capture_output=True, text=True, timeout=900,
     )
@@ -439,66 +439,6 @@ def test_kernels_compile_without_spills(arch, dtype, dim, variant, reduction):
             assert report["wgmma"], report
 
 
-# ------------------------------------------------------------- benchmarks/gpu_check.py on CPU
-
-
-@pytest.fixture
-def gpu_check(monkeypatch):
-    benchmarks = Path(__file__).resolve().parent.parent / "benchmarks"
-    monkeypatch.syspath_prepend(str(benchmarks))  # the script imports its sibling _common
-    spec = importlib.util.spec_from_file_location("gpu_check", benchmarks / "gpu_check.py")
-    module = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, "gpu_check", module)  # dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_gpu_check_plans_the_paper_grid(gpu_check):
-    grid = gpu_check.points()
-    assert len(grid) == 16
-    assert {p.n for p in grid} == {1024}
-    assert {p.m for p in grid} == {40_000, 190_000}
-    assert {p.dim for p in grid} == {128, 256}
-    assert {p.dtype for p in grid} == {"bfloat16", "float32"}
-    assert {p.variant for p in grid} == {"paper", "supcon"}
-    args = gpu_check.parse_args(["--ms", "1000", "--dtypes", "float16", "--skip-tests"])
-    assert args.ms == [1000] and args.dtypes == ["float16"] and args.skip_tests
-    assert gpu_check.winner({"triton_ms": 1.0, "torch_ms": 2.0}) == "triton"
-    assert gpu_check.winner({"triton_ms": 2.0, "torch_ms": 1.0}) == "torch"
-
-
-def test_gpu_check_says_it_needs_cuda(gpu_check, monkeypatch, capsys, tmp_path):
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert gpu_check.main(["--skip-tests", "--output", str(tmp_path / "out.json")]) == 2
-    assert "needs a CUDA GPU" in capsys.readouterr().err
-    assert not (tmp_path / "out.json").exists()
-
-
-def test_gpu_check_steps_run_on_cpu(gpu_check):
-    point = gpu_check.Point("paper", 12, 50, 8, "float32")
-    anchors, labels, keys, key_labels = inputs = gpu_check.make_inputs(point, "cpu")
-    assert (key_labels.diff() >= 0).all()  # a memory bank's keys, grouped by class
-    gpu_check.loss_step(point, "torch", inputs)()
-    assert anchors.grad is not None and anchors.grad.abs().sum() > 0
-    assert gpu_check.floor_step(inputs)().shape == (12, 8)
-
-
-@needs_kernels
-def test_gpu_check_triton_step_goes_through_its_launcher(gpu_check, tf32_allowed):
-    """The kernel report hooks the launcher: every kernel of the step passes through it."""
-    point = gpu_check.Point("supcon", 12, 50, 8, "float32")
-    inputs = gpu_check.make_inputs(point, DEVICE)
-    launched = []
-
-    def launch(kernel, grid, *args, **meta):
-        launched.append(kernel.fn.__name__)
-        kernel[grid](*args, **meta)
-
-    gpu_check.loss_step(point, "triton", inputs, launch)()
-    assert {"contrast_statistics_kernel", "combine_statistics_kernel"} <= set(launched)
-    assert inputs[0].grad.abs().sum() > 0
-
-
 def test_half_precision_keys_stay_in_their_dtype_without_a_copy():
     # The kernels read half-precision keys as they are: the layout makes no fp32 copy for them,
     # and a memory bank's keys, already grouped by class, are not copied at all without in-batch.
@@ -509,7 +449,7 @@ def test_half_precision_keys_stay_in_their_dtype_without_a_copy():
     labels = torch.arange(12) % 4
     options = ContrastOptions(0.1, 1.0, "paper", "mean")
     for in_batch in (False, True):
-        inputs = _checks.check_contrast_inputs(anchors, labels, keys, key_labels, in_batch)
+        inputs = check_contrast_inputs(anchors, labels, keys, key_labels, in_batch)
         fused = triton_fused.sweep_for(inputs)
         assert fused.key_dtype == torch.float16
         layout = FusedEvaluation.prepare(inputs, options, fused, [True, False]).layout
@@ -521,5 +461,5 @@ def test_half_precision_keys_stay_in_their_dtype_without_a_copy():
         ).layout
         assert torch_layout.keys.dtype == torch.float32
         torch.testing.assert_close(layout.keys.float(), torch_layout.keys, rtol=0, atol=0)
-    fp32 = _checks.check_contrast_inputs(anchors.float(), labels, keys.float(), key_labels, False)
+    fp32 = check_contrast_inputs(anchors.float(), labels, keys.float(), key_labels, False)
     assert triton_fused.sweep_for(fp32).key_dtype is None
