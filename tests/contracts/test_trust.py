@@ -18,6 +18,7 @@ from torch.autograd import forward_ad
 
 from pixcontrast import (
     ClassMemoryBank,
+    ConfidenceAnchorSampler,
     HardAnchorSampler,
     PixelContrastLoss,
     RegionContrastLoss,
@@ -481,3 +482,109 @@ def test_narrow_label_dtypes_give_the_int64_sample_and_bank(dtype, ignore_index)
         assert torch.equal(wide.labels, narrow.labels) and narrow.labels.dtype == torch.int64
     for name, wide in queues[0].items():
         assert torch.equal(wide, queues[1][name]), name
+
+
+# ---------------------------------------------------------------------------------------------
+# user mistakes that would otherwise run silently
+
+
+@pytest.mark.parametrize("labels_size,embeddings_size", [
+    ((513, 513), (65, 65)), ((513, 513), (129, 129)), ((512, 512), (64, 64)),
+    ((513, 769), (65, 97)), ((512, 1024), (16, 32)), ((32, 32), (1, 1)), ((26, 39), (22, 33)),
+    ((6, 5), (6, 5)),
+])
+def test_labels_at_one_stride_of_the_embeddings_are_taken(labels_size, embeddings_size) -> None:
+    # what networks of output stride 4 to 32 give for even and odd input sizes
+    g = torch.Generator().manual_seed(0)
+    embeddings = torch.randn(1, 2, *embeddings_size, generator=g, dtype=torch.float64)
+    labels = torch.randint(0, 3, (1, *labels_size), generator=g)
+    loss = PixelContrastLoss(0.1, max_samples=64)
+    assert torch.isfinite(loss(embeddings, labels, generator=g))
+    want = F.interpolate(labels[:, None].float(), embeddings_size, mode="nearest")
+    assert torch.equal(loss.prepare(embeddings, labels)[0], want[:, 0].long())
+
+
+@pytest.mark.parametrize("labels_size", [(30, 45), (4, 4), (8, 7), (16, 24), (64, 8)])
+@pytest.mark.parametrize("entry", ["pixel loss", "region loss", "bank"])
+def test_labels_of_another_aspect_or_a_lower_resolution_raise(labels_size, entry) -> None:
+    embeddings = torch.randn(1, 4, 8, 8)
+    labels = torch.zeros(1, *labels_size, dtype=torch.long)
+    call = {
+        "pixel loss": lambda: PixelContrastLoss()(embeddings, labels),
+        "region loss": lambda: RegionContrastLoss()(embeddings, labels),
+        "bank": lambda: ClassMemoryBank(3, 4).enqueue(embeddings, labels),
+    }[entry]
+    with pytest.raises(ValueError, match=r"labels of resolution .* do not fit embeddings of "
+                                         r"resolution \(8, 8\)"):
+        call()
+
+
+@pytest.mark.parametrize("labels_size", [(8, 12), (64, 96)])
+def test_channels_last_embeddings_raise_with_the_permute(labels_size) -> None:
+    embeddings = torch.randn(2, 8, 12, 16)  # [B, h, w, D]
+    labels = torch.zeros(2, *labels_size, dtype=torch.long)
+    with pytest.raises(ValueError, match=r"channels-last.*embeddings\.permute\(0, 3, 1, 2\)"):
+        PixelContrastLoss()(embeddings, labels)
+    PixelContrastLoss()(embeddings.permute(0, 3, 1, 2), labels)  # the fix runs
+
+
+def test_softmax_probabilities_as_logits_raise() -> None:
+    g = torch.Generator().manual_seed(0)
+    embeddings = torch.randn(2, 4, 6, 6, generator=g)
+    labels = torch.randint(0, 3, (2, 6, 6), generator=g)
+    logits = 3 * torch.randn(2, 3, 6, 6, generator=g)
+    for probabilities in (logits.softmax(dim=1), logits.half().softmax(dim=1)):
+        with pytest.raises(ValueError, match="softmax probabilities.*raw logits"):
+            ConfidenceAnchorSampler()(embeddings, labels, logits=probabilities)
+        loss = PixelContrastLoss(sampler=ConfidenceAnchorSampler())
+        with pytest.raises(ValueError, match="softmax probabilities"):
+            loss(embeddings, labels, probabilities)
+    # logits never do, even squashed into [0, 1], or log-probabilities
+    for scores in (logits, logits.sigmoid(), logits.log_softmax(dim=1),
+                   torch.full_like(logits, 1 / 3) + 0.05 * torch.rand(logits.shape, generator=g)):
+        ConfidenceAnchorSampler()(embeddings, labels, logits=scores)
+
+
+@pytest.mark.parametrize("ignore_index,stray", [(-100, 255), (255, -100)])
+def test_the_other_conventional_ignore_label_raises(ignore_index, stray) -> None:
+    g = torch.Generator().manual_seed(0)
+    embeddings = torch.randn(1, 4, 6, 6, generator=g)
+    labels = torch.randint(0, 3, (1, 6, 6), generator=g)
+    labels[0, 0] = stray
+    for call in (lambda: PixelContrastLoss(ignore_index=ignore_index)(embeddings, labels),
+                 lambda: select_anchors(embeddings, labels, ignore_index=ignore_index)):
+        with pytest.raises(ValueError, match=f"pass ignore_index={stray}"):
+            call()
+    if stray == 255:  # a class when num_classes says so
+        PixelContrastLoss(ignore_index=ignore_index, num_classes=256)(embeddings, labels)
+
+
+def test_out_of_range_labels_name_the_bound_the_user_set() -> None:
+    embeddings = torch.randn(1, 4, 2, 2)
+    labels = torch.tensor([[[0, 1], [2, 2000]]])
+    with pytest.raises(ValueError) as error:
+        PixelContrastLoss()(embeddings, labels)
+    message = str(error.value)
+    assert "DEFAULT_NUM_CLASSES=1024, the bound when num_classes is not given" in message
+    assert "num_classes=1024" not in message and "Confidence" not in message
+    with pytest.raises(ValueError, match=r"\[0, 3\) \(the 3 classes of predictions, its "
+                                         r"dimension 1\).*target 2000"):
+        PixelContrastLoss()(embeddings, labels, torch.randn(1, 3, 2, 2))
+    with pytest.raises(ValueError, match=r"\[0, 5\) \(num_classes=5\)"):
+        PixelContrastLoss(num_classes=5)(embeddings, labels)
+
+
+def test_unnormalised_raw_features_warn_once() -> None:
+    g = torch.Generator().manual_seed(0)
+    raw = 30 * torch.randn(2, 8, 6, 6, generator=g)
+    labels = torch.randint(0, 3, (2, 6, 6), generator=g)
+    loss = PixelContrastLoss(0.1, normalize=False)
+    with pytest.warns(UserWarning, match=r"normalize=False.*reach .*normalize=True"):
+        value = loss(raw, labels, generator=g)
+    assert float(value) > 100  # the magnitude the warning explains
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        loss(raw, labels, generator=g)  # once
+        unit_loss = PixelContrastLoss(0.1, normalize=False)
+        unit_loss(F.normalize(raw, dim=1), labels, generator=g)  # unit: no warning
+        PixelContrastLoss(0.1)(raw, labels, generator=g)  # normalized: no check
