@@ -52,11 +52,15 @@ Miner = Callable[..., MinedPairs]
 def _caller_stacklevel() -> int:
     """The ``stacklevel`` that points a warning issued here at the first frame outside losses.
 
-    That is the user's call, through the constructors and their decorator.
+    That is the user's call, through the constructors and their decorator, or through
+    ``nn.Module.__call__`` into ``forward``.
     """
     frame: Optional[FrameType] = sys._getframe(1)
     level = 1
-    while frame is not None and frame.f_globals.get("__name__") == __name__:
+    while frame is not None and (
+        frame.f_globals.get("__name__") == __name__
+        or frame.f_globals.get("__name__", "").startswith("torch.nn.modules.")
+    ):
         frame, level = frame.f_back, level + 1
     return level
 
@@ -159,7 +163,7 @@ def _warn_far_from_unit(anchors: Tensor, temperature: float) -> None:
         "made for unit embeddings); pass normalize=True (the default) unless the embeddings "
         "are L2-normalised already. (Checked once, at the first batch.)",
         UserWarning,
-        stacklevel=4,
+        stacklevel=_caller_stacklevel(),
     )
 
 

@@ -579,8 +579,9 @@ def test_unnormalised_raw_features_warn_once() -> None:
     raw = 30 * torch.randn(2, 8, 6, 6, generator=g)
     labels = torch.randint(0, 3, (2, 6, 6), generator=g)
     loss = PixelContrastLoss(0.1, normalize=False)
-    with pytest.warns(UserWarning, match=r"normalize=False.*reach .*normalize=True"):
+    with pytest.warns(UserWarning, match=r"normalize=False.*reach .*normalize=True") as record:
         value = loss(raw, labels, generator=g)
+    assert record[0].filename == __file__  # (the caller's line, not nn.Module's)
     assert float(value) > 100  # the magnitude the warning explains
     with warnings.catch_warnings():
         warnings.simplefilter("error")
