@@ -53,7 +53,7 @@ class ContrastTerm(nn.Module):
       checked at every call, so a wrong ``in_channels`` fails at the first step, not after
       the warm-up.
     - **Logging.** :attr:`weight` is the weight the next training call applies;
-      :attr:`last_stats` the last call's statistics (those of
+      ``last_stats`` the last call's statistics (those of
       :attr:`PixelContrastLoss.last_stats <pixcontrast.PixelContrastLoss>` and ``weight``, its
       weight; only ``weight`` during the warm-up), detached tensors to ``.item()`` when logging.
     - **Checkpoints.** ``state_dict()`` holds the head, the schedule's step and configuration
@@ -199,7 +199,6 @@ class ContrastTerm(nn.Module):
         else:
             term = weight * self.loss(self.head(features), labels, predictions=logits,
                                       generator=generator)
-            assert self.loss.last_stats is not None  # (set by every call)
             self.last_stats = {**self.loss.last_stats, "weight": torch.tensor(weight)}
         if self.training and torch.is_grad_enabled():
             self.schedule.step()

@@ -23,9 +23,10 @@ from pixcontrast import (
     PixelContrastLoss,
     RegionContrastLoss,
     contrastive_loss,
-    region_embeddings,
-    select_anchors,
 )
+from pixcontrast.functional import region_embeddings
+from pixcontrast._pixels import pixel_maps
+from pixcontrast.samplers import select_anchors
 
 IGNORE = 255
 
@@ -501,7 +502,7 @@ def test_labels_at_one_stride_of_the_embeddings_are_taken(labels_size, embedding
     loss = PixelContrastLoss(0.1, max_samples=64)
     assert torch.isfinite(loss(embeddings, labels, generator=g))
     want = F.interpolate(labels[:, None].float(), embeddings_size, mode="nearest")
-    assert torch.equal(loss.prepare(embeddings, labels)[0], want[:, 0].long())
+    assert torch.equal(pixel_maps(embeddings, labels).labels, want[:, 0].long())
 
 
 @pytest.mark.parametrize("labels_size", [(30, 45), (4, 4), (8, 7), (16, 24), (64, 8)])
