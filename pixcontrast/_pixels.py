@@ -59,8 +59,8 @@ def resize_labels(labels: Tensor, size: tuple[int, int]) -> Tensor:
     interpolating, so any integer id survives exactly. It resizes any size to any other; the
     losses, samplers and memory bank take labels only at the embeddings' resolution or larger
     by one integer stride ``s`` in both dimensions, ``h`` being ``H / s`` rounded down or up to
-    one more (512 -> 64 and 513 -> 65 at stride 8), or by one exact scale ``H / h = W / w``
-    (:func:`check_label_resolution`).
+    one more (512 -> 64 and 513 -> 65 at stride 8), or by one exact scale ``H / h = W / w``;
+    other sizes raise there.
 
     Args:
         labels: ``[B, H, W]`` integer class ids.
@@ -469,13 +469,14 @@ def pixel_maps(
 ) -> PixelMaps:
     """Validate a batch and bring labels, predictions and logits to the embeddings' resolution.
 
-    Labels must be at the embeddings' resolution or larger by one stride in both dimensions
-    (:func:`check_label_resolution`: 512 x 512 or 513 x 513 labels for 64 x 64 or 65 x 65
-    embeddings). Every map is nearest-resized by the rule of
-    :func:`~pixcontrast.functional.resize_labels` (logits pick the same source pixels as
-    labels), so a map already at ``(h, w)`` is returned as it is. The labels and predictions
-    come out as int64 whatever their integer dtype: relabelling labels (``exclude_classes`` to
-    ``ignore_index``, which a ``uint8`` or ``int8`` map may not hold) then never wraps around.
+    Labels must be at the embeddings' resolution or larger by one integer stride ``s`` in both
+    dimensions, ``h`` being ``H / s`` rounded down or up to one more (512 x 512 or 513 x 513
+    labels for 64 x 64 or 65 x 65 embeddings), or by one exact scale ``H / h = W / w``. Every
+    map is nearest-resized by the rule of :func:`~pixcontrast.functional.resize_labels` (logits
+    pick the same source pixels as labels), so a map already at ``(h, w)`` is returned as it
+    is. The labels and predictions come out as int64 whatever their integer dtype: relabelling
+    labels (``exclude_classes`` to ``ignore_index``, which a ``uint8`` or ``int8`` map may not
+    hold) then never wraps around.
 
     Args:
         embeddings: ``[B, D, h, w]`` float pixel embeddings.

@@ -25,8 +25,7 @@ from pixcontrast import (
     contrastive_loss,
 )
 from pixcontrast.functional import region_embeddings
-from pixcontrast._pixels import pixel_maps
-from pixcontrast.samplers import select_anchors
+from pixcontrast.samplers import pixel_maps, select_anchors
 
 IGNORE = 255
 
