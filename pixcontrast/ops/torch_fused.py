@@ -38,12 +38,13 @@ __all__ = [
 ]
 
 # The one [rows, M] score buffer is the only O(rows * M) memory of the backend: up to 2**25
-# elements (128 MiB in fp32) and half the keys' bytes, but at least 64 rows, below which the two
+# elements (128 MiB in fp32) and the keys' own bytes, but at least 64 rows, below which the two
 # products lose efficiency (BLAS re-streams all keys once per chunk).
 _CHUNK_ELEMENTS = 1 << 25
 _MIN_CHUNK_ROWS = 64
-# Key rows widened to the compute dtype at a time (8 MiB at D = 256 in fp32).
-_WIDEN_ROWS = 1 << 13
+# Key rows widened to the compute dtype at a time (1 MiB at D = 256 in fp32: larger blocks, freed
+# and allocated again, raise the peak resident memory by several of them).
+_WIDEN_ROWS = 1 << 10
 # Whether torch has the half-precision product with fp32 output (aten::mm.dtype, CUDA).
 _MM_OUT_DTYPE = "dtype" in torch.ops.aten.mm.overloads()
 
@@ -203,11 +204,11 @@ def _half_mm(a: Tensor, b: Tensor) -> Tensor:
 def _chunk_rows(n: int, m: int, key_bytes: int, element_bytes: int) -> int:
     """Rows per chunk of ``n`` anchors against ``m`` keys of ``key_bytes`` in all.
 
-    The ``[rows, m]`` buffer holds at most :data:`_CHUNK_ELEMENTS` elements and half the keys'
-    own bytes (so the loss's memory grows with the keys, not beyond), but at least
+    The ``[rows, m]`` buffer holds at most :data:`_CHUNK_ELEMENTS` elements and the keys' own
+    bytes (so the loss's memory grows with the keys, not beyond), but at least
     :data:`_MIN_CHUNK_ROWS` rows; chunks are equal rather than leaving a small rest.
     """
-    budget = min(_CHUNK_ELEMENTS, key_bytes // (2 * element_bytes)) // max(m, 1)
+    budget = min(_CHUNK_ELEMENTS, key_bytes // element_bytes) // max(m, 1)
     num_chunks = -(-n // max(_MIN_CHUNK_ROWS, budget))
     return -(-n // num_chunks)
 
