@@ -176,6 +176,8 @@ TILE_OVERRIDES: dict[tuple[tuple[int, int], str, int, int], TileConfig] = {
     # kernel at 128 rows; 64 rows over 8 warps split the [rows, D] accumulators over two
     # warpgroups instead.
     ((3, 9), "sm90", 4, 256): TileConfig(64, 32, 8, 2, 64, 8),
+    # and 16-bit D = 256 on sm80 spills in the key gradient at 64 anchors per step.
+    ((3, 9), "sm80", 2, 256): TileConfig(64, 32, 8, 2, 64, 8),
 }
 # Under the interpreter small tiles make small test sizes span several tiles and splits.
 _INTERPRETER_TILES = TileConfig(32, 32, 1, 1, 32, 1)
@@ -190,14 +192,15 @@ _MAX_WAVES = 4
 _WAVE_SLACK = 0.05
 
 
-def _positive_tile(tiles: TileConfig) -> tuple[int, int]:
-    """``(rows, warps)`` of paper's positive kernel: at most 64 rows, as many warps per row.
+def _positive_rows(tiles: TileConfig) -> int:
+    """Rows of paper's positive kernel, on the row kernels' warps and key columns: at most 64.
 
     Its row tiles hold one class each (about N / C rows, 54 at the paper's shape), so 64 rows
-    waste less of the product than 128; 64 rows are one warpgroup's wgmma height on sm90.
+    waste less of the product than 128; on sm90 64 rows are one warpgroup's wgmma height, and
+    the 8 warps of the row kernels split the ``[rows, D]`` accumulator over two warpgroups
+    (with 4 warps, or twice the columns, it spills at D = 256).
     """
-    rows = min(tiles.rows, 64)
-    return rows, max(1, tiles.num_warps * rows // tiles.rows)
+    return min(tiles.rows, 64)
 
 
 def arch_family(capability: tuple[int, int]) -> str:
@@ -335,7 +338,7 @@ def launch_plan(
     row_tiles, col_tiles = -(-n // tiles.rows), -(-m // tiles.cols)
     wanted = num_splits if num_splits is not None else choose_splits(row_tiles, col_tiles, sm_count)
     splits = max(1, min(wanted, col_tiles))  # no empty split
-    positive_rows, positive_warps = _positive_tile(tiles)
+    positive_rows = _positive_rows(tiles)
     class_tiles = positive_tiles(*(class_offsets or ([0, n], [0, m])), positive_rows)
     widest = max((-(-(hi - lo) // tiles.cols) for _, _, lo, hi in class_tiles), default=0)
     positive_splits = max(1, min(
@@ -361,7 +364,7 @@ def launch_plan(
         ),
         "positive": KernelLaunch(
             "paper_positive_kernel", (len(class_tiles), positive_splits), positive_rows,
-            tiles.cols, block_d, positive_warps, tiles.num_stages, positive_splits,
+            tiles.cols, block_d, tiles.num_warps, tiles.num_stages, positive_splits,
         ),
         "split_sum": small_kernel("sum_splits_kernel", (-(-n * dim // _SUM_BLOCK),), _SUM_BLOCK),
         "anchor_grad": score_kernel("contrast_anchor_grad_kernel", row_grid, splits),
