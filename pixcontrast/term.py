@@ -53,9 +53,12 @@ class ContrastTerm(nn.Module):
       checked at every call, so a wrong ``in_channels`` fails at the first step, not after
       the warm-up.
     - **Logging.** :attr:`weight` is the weight the next training call applies;
-      :attr:`last_stats` the last call's statistics (those of
+      ``last_stats`` the last call's statistics (those of
       :attr:`PixelContrastLoss.last_stats <pixcontrast.PixelContrastLoss>` and ``weight``, its
       weight; only ``weight`` during the warm-up), detached tensors to ``.item()`` when logging.
+      When the term switches on, :func:`~pixcontrast.gradient_ratio` of the returned value and
+      the other loss at ``features`` says whether it dominates (lengthen the warm-up at a ratio
+      above 1 with a cosine near 0; lower ``weight`` at a ratio in the tens).
     - **Checkpoints.** ``state_dict()`` holds the head, the schedule's step and configuration
       (as the module's extra state) and a memory bank's queue, so a resumed run continues its
       warm-up, ramp and memory where it stopped.
@@ -199,7 +202,6 @@ class ContrastTerm(nn.Module):
         else:
             term = weight * self.loss(self.head(features), labels, predictions=logits,
                                       generator=generator)
-            assert self.loss.last_stats is not None  # (set by every call)
             self.last_stats = {**self.loss.last_stats, "weight": torch.tensor(weight)}
         if self.training and torch.is_grad_enabled():
             self.schedule.step()

@@ -4,9 +4,10 @@
 #   bash scripts/env.sh [COMMAND [ARG...]]
 #
 # Creates the virtual environment .venv at the repository root if it is missing, installs torch
-# into it FIRST, then pixcontrast in editable mode with the "test" and "examples" extras, and runs
-# COMMAND (from the repository root, with the environment's bin/ first on PATH). Once installed,
-# a later call only checks that nothing changed (about a second) and runs COMMAND.
+# into it FIRST, then pixcontrast in editable mode with the extras CI uses ("test", "examples",
+# "docs" and "release": the tests, the examples, the documentation site and the package checks),
+# and runs COMMAND (from the repository root, with the environment's bin/ first on PATH). Once
+# installed, a later call only checks that nothing changed (about a second) and runs COMMAND.
 #
 # Which torch (read at every call; a change reinstalls):
 #   PIXCONTRAST_TORCH        the requirement, default "torch==2.13.0"
@@ -35,6 +36,7 @@ root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 venv="${PIXCONTRAST_VENV:-$root/.venv}"
 torch_requirement="${PIXCONTRAST_TORCH:-torch==2.13.0}"
 torch_index="${PIXCONTRAST_TORCH_INDEX:-}"
+extras="test,examples,docs,release"
 stamp="$venv/.pixcontrast-env"
 
 say() { echo "scripts/env.sh: $*" >&2; }
@@ -49,7 +51,7 @@ installed_torch() {
 }
 
 # What the environment was built from: the torch choice and the package's dependencies.
-wanted="torch=$torch_requirement index=$torch_index pyproject=$(cksum < "$root/pyproject.toml")"
+wanted="torch=$torch_requirement index=$torch_index extras=$extras pyproject=$(cksum < "$root/pyproject.toml")"
 
 # Installed from the same choices, the pinned torch still in place and the package and the test
 # tools present (package metadata only: importing torch would cost seconds): nothing to do.
@@ -72,8 +74,8 @@ else
     torch_version="$(installed_torch)"
     constraints="$venv/torch-constraint.txt"
     echo "torch==$torch_version" > "$constraints"
-    say "installing pixcontrast[test,examples] with torch pinned to $torch_version"
-    "$python" -m pip install -q -c "$constraints" -e "$root[test,examples]"
+    say "installing pixcontrast[$extras] with torch pinned to $torch_version"
+    "$python" -m pip install -q -c "$constraints" -e "$root[$extras]"
     after="$(installed_torch)"
     if [ "$after" != "$torch_version" ]; then
         say "torch changed from $torch_version to $after while installing the rest"
