@@ -67,7 +67,7 @@ _EAGER_SCRIPT = """
 import json, sys, torch, pixcontrast
 report = {}
 sample = pixcontrast.HardAnchorSampler()(torch.randn(1, 3, 4, 4), torch.zeros(1, 4, 4).long())
-pixcontrast.mine_keys(torch.randn(4, 3), torch.tensor([0, 0, 1, 1]), miner="semi-hard",
+pixcontrast.mining.mine_keys(torch.randn(4, 3), torch.tensor([0, 0, 1, 1]), miner="semi-hard",
                       num_positives=1, num_negatives=1)
 report["sampled"] = sample.indices.numel()
 report["dynamo_after_sampling_and_mining"] = "torch._dynamo" in sys.modules

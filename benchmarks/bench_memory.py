@@ -11,10 +11,14 @@ gradients for the anchors only (memory keys are detached).
   ``[N, M] @ [M, D]`` (k: the N + M keys), alternated in one fresh process; medians and their
   ratio.
 
+Peak growth is also reported in units of the keys' own bytes (the N anchors and the M memory keys
+in their dtypes): ``peak / keys``.
+
 Run ``python benchmarks/bench_memory.py`` (add ``--skip-reference`` to leave out the dense
-reference, which needs several GB; ``--threads`` sets torch's intra-op threads; ``--quick``: 250
-slots per class and kind, 256 anchors, one repeat). Writes ``benchmarks/results/bench_memory.json``
-and prints a markdown table.
+reference, which needs several GB; ``--threads`` sets torch's intra-op threads; ``--slots`` the
+slots per class and kind, for other M; ``--bank-dtype bfloat16`` a half-precision memory with fp32
+anchors; ``--quick``: 250 slots per class and kind, 256 anchors, one repeat). Writes
+``benchmarks/results/bench_memory.json`` and prints a markdown table.
 """
 
 from __future__ import annotations
@@ -43,6 +47,7 @@ COLUMNS = [
     Column("variant", "variant"),
     Column("backend", "backend"),
     Column("peak RSS growth (GB)", "peak_rss_growth_bytes", ".2f", 1e-9),
+    Column("peak / keys", "peak_per_key_bytes", ".2f"),
     Column("seconds", "seconds", ".2f"),
     Column("fused median (s)", "fused_median_s", ".2f"),
     Column("floor median (s)", "floor_median_s", ".2f"),
@@ -50,12 +55,21 @@ COLUMNS = [
 ]
 
 
-def full_bank(seed: int, slots: int) -> ClassMemoryBank:
-    """A memory with every slot filled by random unit vectors (what many enqueues would give)."""
-    bank = ClassMemoryBank(NUM_CLASSES, DIM, pixels_per_class=slots, regions_per_class=slots)
+def full_bank(seed: int, slots: int, dtype: torch.dtype = torch.float32) -> ClassMemoryBank:
+    """A memory with every slot filled by random unit vectors (what many enqueues would give).
+
+    Filled a class at a time in ``dtype``: no full-size fp32 queue raises the process's peak
+    before the measured call.
+    """
+    with torch.device("meta"):
+        bank = ClassMemoryBank(NUM_CLASSES, DIM, pixels_per_class=slots, regions_per_class=slots)
+    bank.to_empty(device="cpu")
+    bank.queue = torch.empty(bank.queue.shape, dtype=dtype)
     generator = torch.Generator().manual_seed(seed)
-    bank.queue.normal_(generator=generator)
-    bank.queue.div_(bank.queue.norm(dim=-1, keepdim=True))
+    for c in range(NUM_CLASSES):
+        bank.queue[c] = F.normalize(torch.randn(bank.queue.shape[1:], generator=generator), dim=-1)
+    for counter in (bank.pixel_pointer, bank.region_pointer):
+        counter.zero_()
     bank.pixel_count.fill_(slots)
     bank.region_count.fill_(slots)
     return bank
@@ -86,7 +100,7 @@ def memory_point(spec: dict) -> dict:
     small.region_count.fill_(8)
 
     def setup() -> Callable[[], None]:
-        bank = full_bank(0, spec["slots"])
+        bank = full_bank(0, spec["slots"], getattr(torch, spec["bank_dtype"]))
         x, labels = anchors(1, spec["anchors"])
         return lambda: loss_step(bank, x, labels, variant, backend)
 
@@ -94,7 +108,11 @@ def memory_point(spec: dict) -> dict:
         loss_step(small, *anchors(1, n=32), variant, backend)
 
     measured = peak_growth_and_slack(warm_up, setup, spec["threads"])
-    return {"point": "memory", "variant": variant, "backend": backend, **measured}
+    memory_keys = 2 * NUM_CLASSES * spec["slots"]
+    bank_bytes = torch.empty((), dtype=getattr(torch, spec["bank_dtype"])).element_size()
+    key_bytes = (memory_keys * bank_bytes + spec["anchors"] * 4) * DIM
+    return {"point": "memory", "variant": variant, "backend": backend, "key_bytes": key_bytes,
+            "peak_per_key_bytes": measured["peak_rss_growth_bytes"] / key_bytes, **measured}
 
 
 def floor_step(x: torch.Tensor, all_keys: torch.Tensor) -> None:
@@ -107,9 +125,9 @@ def time_point(spec: dict) -> dict:
     """Runs in a fresh process: the torch backend and the floor, alternated."""
     torch.set_num_threads(spec["threads"])
     variant, repeats = spec["variant"], spec["repeats"]
-    bank = full_bank(0, spec["slots"])
+    bank = full_bank(0, spec["slots"], getattr(torch, spec["bank_dtype"]))
     x, labels = anchors(1, spec["anchors"])
-    all_keys = torch.cat([x.detach(), bank.keys()[0]])
+    all_keys = torch.cat([x.detach(), bank.keys()[0].float()])
     times = time_alternating(
         {
             "fused": lambda: loss_step(bank, x, labels, variant, "torch"),
@@ -130,9 +148,10 @@ def child(spec: dict) -> dict:
 
 def measure(args: argparse.Namespace) -> dict:
     slots, n = (QUICK_SLOTS, QUICK_ANCHORS) if args.quick else (SLOTS, ANCHORS)
+    slots = args.slots or slots
     script = Path(__file__)
     base = {"threads": torch.get_num_threads(), "repeats": args.repeats, "slots": slots,
-            "anchors": n}
+            "anchors": n, "bank_dtype": args.bank_dtype}
     rows = []
     for variant in args.variants:
         rows.append(run_child(script, {**base, "point": "memory", "variant": variant,
@@ -148,7 +167,7 @@ def measure(args: argparse.Namespace) -> dict:
     config = {
         "num_classes": NUM_CLASSES, "dim": DIM, "pixels_per_class": slots,
         "regions_per_class": slots, "memory_keys": 2 * NUM_CLASSES * slots, "anchors": n,
-        "temperature": 0.1, "dtype": "float32",
+        "temperature": 0.1, "dtype": "float32", "bank_dtype": args.bank_dtype,
         "memory_target_bytes": MEMORY_TARGET_BYTES, "time_target": TIME_TARGET,
     }
     summary = {
@@ -162,6 +181,9 @@ def main(argv: Optional[list[str]] = None) -> Optional[dict]:
     flags = parser(__doc__, repeats=5, quick_repeats=1, threads=None)
     flags.add_argument("--variants", nargs="+", default=["paper", "supcon"])
     flags.add_argument("--skip-reference", action="store_true")
+    flags.add_argument("--slots", type=int, help=f"slots per class and kind (default: {SLOTS})")
+    flags.add_argument("--bank-dtype", default="float32", choices=["float32", "bfloat16"],
+                       help="dtype of the memory (the anchors stay float32)")
     return run(__file__, "memory", flags, measure, COLUMNS, child=child, argv=argv)
 
 

@@ -5,11 +5,11 @@ Batch of B = 8 embedding maps 128 x 256, D = 256, fp32, requiring gradients; the
 gradient is random. Two operations, each against a baseline written here:
 
 - ``gather``: the anchor rows of a ``HardAnchorSampler(1024, 100)`` draw.
-  :func:`~pixcontrast.samplers.gather_pixels` (one ``index_select`` per image, a backward that
+  :func:`~pixcontrast.functional.gather_pixels` (one ``index_select`` per image, a backward that
   fills one gradient map) against :func:`per_image_autograd`, the same reads left to autograd,
   whose backward gives every image's ``select`` a zero gradient of the whole batch's size.
 - ``regions, K classes`` (K = 19 and 150, the class counts of Cityscapes and ADE20K):
-  :func:`~pixcontrast.memory.region_embeddings` (on CPU, one scatter-add of the pixels) against
+  :func:`~pixcontrast.functional.region_embeddings` (on CPU, one scatter-add of the pixels) against
   :func:`one_hot_product`, a batched product with the ``[B, h * w, K]`` one-hot class map, whose
   cost grows with K.
 - ``regions of normalised pixels``, as the losses and the memory bank take them when they
@@ -43,8 +43,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 from _common import peak_growth_and_slack, run_child, time_alternating  # noqa: E402
 from _harness import Column, parser, run  # noqa: E402
 
-from pixcontrast.memory import region_embeddings  # noqa: E402
-from pixcontrast.samplers import HardAnchorSampler, gather_pixels  # noqa: E402
+from pixcontrast.functional import gather_pixels, region_embeddings  # noqa: E402
+from pixcontrast.samplers import HardAnchorSampler  # noqa: E402
 
 BATCH, DIM, HEIGHT, WIDTH, IGNORE = 8, 256, 128, 256, 255
 QUICK_SIZE, WARM_UP_SIZE = (32, 64), (32, 32)

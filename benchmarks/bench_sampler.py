@@ -6,7 +6,7 @@ that are wrong on about 30% of the pixels; ``HardAnchorSampler(1024, 100)``. The
 ``nonzero`` of hard and easy pixels, ``randperm``), minus its defects; the script checks that
 both sides draw the same number of anchors per (image, class, hard). Both sides return the same
 things (anchor embeddings, labels, flat indices) and share the embedding gather
-(:func:`~pixcontrast.samplers.gather_pixels` given the anchors per image), which is also timed
+(:func:`~pixcontrast.functional.gather_pixels` given the anchors per image), which is also timed
 alone, at the anchors of 16 draws in turn. Each side is also timed on D = 0 embeddings: the
 same selection with nothing to gather. A last row reads as many values at random addresses
 of the map (sorted, one ``index_select``): the memory system's floor for the gather. Sides
@@ -31,7 +31,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 from _common import time_wall_and_cpu  # noqa: E402
 from _harness import Column, parser, run  # noqa: E402
 
-from pixcontrast.samplers import HardAnchorSampler, gather_pixels  # noqa: E402
+from pixcontrast.functional import gather_pixels  # noqa: E402
+from pixcontrast.samplers import HardAnchorSampler  # noqa: E402
 
 BATCH, DIM, HEIGHT, WIDTH, CLASSES, IGNORE = 8, 256, 128, 256, 19, 255
 MAX_SAMPLES, MAX_VIEWS = 1024, 100

@@ -339,11 +339,11 @@ def preflight(device: str = "cuda", dtype: torch.dtype = torch.bfloat16) -> dict
 
     options = ContrastOptions(TEMPERATURE, 1.0, "supcon", "mean")
     inputs = check_contrast_inputs(anchors, labels, keys, key_labels, False)
-    sweep, key_dtype = triton_fused.sweep_for(inputs)
+    sweep = triton_fused.sweep_for(inputs).sweep
     try:
         with torch.no_grad():
             apply_contrast(
-                inputs, options, key_dtype=key_dtype,
+                inputs, options,
                 sweep=functools.partial(sweep, launch=first_launch, num_splits=1),
             )
     except _FirstLaunchDone as done:
@@ -398,12 +398,9 @@ def loss_step(point: Point, backend: str, inputs, launch: Optional[Callable] = N
         else:
             options = ContrastOptions(TEMPERATURE, 1.0, point.variant, "mean")
             checked = check_contrast_inputs(anchors, labels, keys, key_labels, True)
-            # the backend's own sweep and key dtype, its launches recorded
-            sweep, key_dtype = triton_fused.sweep_for(checked)
-            loss = apply_contrast(
-                checked, options, sweep=functools.partial(sweep, launch=launch),
-                key_dtype=key_dtype,
-            )
+            # the backend's own sweep, its launches recorded
+            sweep = triton_fused.sweep_for(checked).sweep
+            loss = apply_contrast(checked, options, sweep=functools.partial(sweep, launch=launch))
         loss.backward()
 
     return step

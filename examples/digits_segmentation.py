@@ -332,7 +332,7 @@ def pixel_features(model: SegNet, images: Tensor, labels: Tensor, per_class: int
     model.eval()
     features = torch.cat([model.backbone(images[i : i + 64]) for i in range(0, len(images), 64)])
     model.train(was_training)
-    small = pixcontrast.resize_labels(labels, tuple(features.shape[-2:])).reshape(-1)
+    small = pixcontrast.functional.resize_labels(labels, tuple(features.shape[-2:])).reshape(-1)
     flat = features.permute(0, 2, 3, 1).reshape(-1, features.shape[1])
     rng = np.random.default_rng(seed)
     chosen = [rng.permutation((small == c).nonzero().squeeze(1).numpy())[:per_class]

@@ -1,10 +1,14 @@
 """The digits example's recipe as a LightningModule, logging pixcontrast's diagnostics.
 
 The training step of ``digits_segmentation.py``'s ``ce+contrast`` mode: cross-entropy plus a
-scheduled ``PixelContrastLoss`` that leaves the background out, with the loss's ``last_stats``
-logged every step the term is on and :func:`pixcontrast.gradient_ratio` at the backbone features
-every ``grad_every`` steps. The weight schedule is saved in and restored from Lightning
-checkpoints, so a resumed run continues its warm-up where it stopped.
+:class:`pixcontrast.ContrastTerm` that leaves the background out, with the term's ``last_stats``
+logged every step it is on and :func:`pixcontrast.gradient_ratio` at the backbone features
+every ``grad_every`` steps. The term's weight schedule is part of its ``state_dict()``, so a run
+resumed from a Lightning checkpoint continues its warm-up where it stopped.
+
+The lines a LightningModule adds: ``self.term = pixcontrast.ContrastTerm(in_channels=...,
+num_classes=..., total_steps=...)`` in ``__init__`` and ``return ce + self.term(features,
+labels, logits)`` in ``training_step``.
 
 Usage (needs ``pip install lightning``)::
 
@@ -24,7 +28,7 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.loggers import CSVLogger
-from torch import Tensor
+from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -33,60 +37,65 @@ import digits_segmentation as digits  # noqa: E402
 import pixcontrast  # noqa: E402
 
 
+class Network(nn.Module):
+    """:class:`digits_segmentation.SegNet`'s backbone and classifier (the term brings the head)."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        segnet = digits.SegNet(width, proj_dim=1)
+        self.backbone, self.classifier = segnet.backbone, segnet.classifier
+
+    def forward(self, images: Tensor) -> tuple[Tensor, Tensor]:
+        """Features ``[B, 2w, H/2, W/2]`` and logits at the same size."""
+        features = self.backbone(images)
+        return features, self.classifier(features)
+
+
 class ContrastSegmenter(L.LightningModule):
-    """Segmentation network trained with cross-entropy + a scheduled pixel contrast term.
+    """Segmentation network trained with cross-entropy + a :class:`pixcontrast.ContrastTerm`.
+
+    The term steps its schedule in every training call and keeps it in ``state_dict()``, so
+    Lightning's checkpoints resume the warm-up and ramp with no hook of ours.
 
     Args:
-        width, proj_dim: of :class:`digits_segmentation.SegNet`.
+        width: of :class:`digits_segmentation.SegNet`.
+        proj_dim: of the term's projection head.
         lr: AdamW learning rate.
-        contrast_weight, warmup_steps, ramp_steps: of the
-            :class:`pixcontrast.ContrastWeightSchedule`.
+        total_steps, contrast_weight, warmup, ramp: of the term's schedule (fractions of
+            ``total_steps``).
         grad_every: steps between :func:`pixcontrast.gradient_ratio` measurements.
         max_samples, max_views: of the anchor sampler.
     """
 
     def __init__(self, width: int = 16, proj_dim: int = 32, lr: float = 1e-2,
-                 contrast_weight: float = 0.1, warmup_steps: int = 120, ramp_steps: int = 120,
-                 grad_every: int = 20, max_samples: int = 1024, max_views: int = 64) -> None:
+                 total_steps: int = 200, contrast_weight: float = 0.1, warmup: float = 0.2,
+                 ramp: float = 0.2, grad_every: int = 20, max_samples: int = 1024,
+                 max_views: int = 64) -> None:
         super().__init__()
         self.save_hyperparameters()
-        self.model = digits.SegNet(width, proj_dim)
-        self.criterion = pixcontrast.PixelContrastLoss(
-            temperature=0.1, max_samples=max_samples, max_views=max_views,
-            ignore_index=digits.IGNORE_INDEX, num_classes=digits.NUM_CLASSES, normalize=False,
+        self.model = Network(width)
+        self.term = pixcontrast.ContrastTerm(
+            in_channels=2 * width, num_classes=digits.NUM_CLASSES, total_steps=total_steps,
+            weight=contrast_weight, warmup=warmup, ramp=ramp, proj_dim=proj_dim,
+            ignore_index=digits.IGNORE_INDEX, max_samples=max_samples, max_views=max_views,
             exclude_classes=(digits.BACKGROUND,),  # the catch-all class stays in the CE only
         )
-        self.schedule = pixcontrast.ContrastWeightSchedule(contrast_weight, warmup_steps,
-                                                           ramp_steps)
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_index: int) -> Tensor:
         images, labels = batch
-        features, logits, embeddings = self.model(images)
+        features, logits = self.model(images)
         ce = F.cross_entropy(digits.upsample(logits, images.shape[-2:]), labels,
                              ignore_index=digits.IGNORE_INDEX)
-        weight = self.schedule.value
-        loss = ce
+        contrast = self.term(features, labels, logits)  # 0 during the warm-up, not computed
+        stats = dict(self.term.last_stats)  # detached tensors: logging them costs no graph
         self.log("train/ce", ce, prog_bar=True)
-        self.log("train/contrast_weight", weight)
-        if self.schedule.active:  # during the warm-up the term is skipped (and costs nothing)
-            contrast = self.criterion(embeddings, labels, predictions=logits)
-            loss = ce + weight * contrast
-            stats = self.criterion.last_stats  # detached tensors: logging them costs no graph
+        self.log("train/contrast_weight", stats.pop("weight"))
+        if stats:  # after the warm-up
             self.log_dict({f"contrast/{name}": value.float() for name, value in stats.items()
                            if value.dim() == 0})  # (Lightning averages floats)
             if self.global_step % self.hparams.grad_every == 0:
-                ratio = pixcontrast.gradient_ratio(weight * contrast, ce, features)
-                self.log_dict(ratio.as_dict("grad/"))
-        return loss
-
-    def on_train_batch_end(self, outputs: Any, batch: Any, batch_index: int) -> None:
-        self.schedule.step()  # once per optimiser step (no gradient accumulation here)
-
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint["contrast_schedule"] = self.schedule.state_dict()
-
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        self.schedule.load_state_dict(checkpoint["contrast_schedule"])
+                self.log_dict(pixcontrast.gradient_ratio(contrast, ce, features).as_dict("grad/"))
+        return ce + contrast
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.AdamW(self.parameters(), lr=self.hparams.lr, weight_decay=1e-4)
@@ -110,10 +119,9 @@ def main(argv: Optional[list[str]] = None) -> tuple[ContrastSegmenter, L.Trainer
     data = digits.build_data(config)
     loader = DataLoader(TensorDataset(data["train_images"], data["train_labels"]),
                         batch_size=config.batch_size, shuffle=True, drop_last=True)
-    warmup = int(round(config.warmup * args.steps))
     module = ContrastSegmenter(
-        config.width, config.proj_dim, config.lr, config.contrast_weight, warmup,
-        int(round(config.ramp * args.steps)), max(1, min(config.grad_every, args.steps // 2)),
+        config.width, config.proj_dim, config.lr, args.steps, config.contrast_weight,
+        config.warmup, config.ramp, max(1, min(config.grad_every, args.steps // 2)),
         config.max_samples, config.max_views,
     )
     trainer = make_trainer(args.steps, args.output)

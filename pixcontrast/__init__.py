@@ -1,54 +1,41 @@
-"""pixcontrast: supervised pixel-wise contrastive learning for semantic segmentation."""
+"""pixcontrast: supervised pixel-wise contrastive learning for semantic segmentation.
 
-from . import diagnostics, distributed
+The names here are what a training loop writes: the losses, the memory bank, the projection
+head, the samplers, the miner, the weight schedule, the one-object term and its feature capture,
+the gradient diagnostic and the functional loss. Building blocks stay in their modules:
+:mod:`pixcontrast.functional` (pixel-map functions, the loss on mined pairs),
+:mod:`pixcontrast.samplers` (``select_anchors``, the sampler protocol), :mod:`pixcontrast.mining`
+(``mine_keys``), :mod:`pixcontrast.diagnostics`, :mod:`pixcontrast.distributed` and
+:mod:`pixcontrast.backends` (which backend runs, and why).
+"""
+
 from .capture import FeatureCapture
-from .diagnostics import GradientRatio, contrast_stats, gradient_ratio
-from .functional import contrastive_loss, pair_contrastive_loss, resize_labels
+from .diagnostics import gradient_ratio
+from .functional import contrastive_loss
 from .heads import ProjectionHead
-from .losses import PixelContrastLoss, RegionContrastLoss, SampledContrastLoss
-from .memory import ClassMemoryBank, region_embeddings
-from .mining import MINERS, KeyMiner, MinedContrastLoss, MinedPairs, mine_keys
-from .samplers import (
-    AnchorSample,
-    AnchorSampler,
-    ConfidenceAnchorSampler,
-    HardAnchorSampler,
-    RandomAnchorSampler,
-    select_anchors,
-)
+from .losses import PixelContrastLoss, RegionContrastLoss
+from .memory import ClassMemoryBank
+from .mining import KeyMiner, MinedContrastLoss
+from .samplers import ConfidenceAnchorSampler, HardAnchorSampler, RandomAnchorSampler
 from .schedule import ContrastWeightSchedule
 from .term import ContrastTerm
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "MINERS",
-    "AnchorSample",
-    "AnchorSampler",
     "ClassMemoryBank",
     "ConfidenceAnchorSampler",
     "ContrastTerm",
     "ContrastWeightSchedule",
     "FeatureCapture",
-    "GradientRatio",
     "HardAnchorSampler",
     "KeyMiner",
     "MinedContrastLoss",
-    "MinedPairs",
     "PixelContrastLoss",
     "ProjectionHead",
     "RandomAnchorSampler",
     "RegionContrastLoss",
-    "SampledContrastLoss",
     "__version__",
-    "contrast_stats",
     "contrastive_loss",
-    "diagnostics",
-    "distributed",
     "gradient_ratio",
-    "mine_keys",
-    "pair_contrastive_loss",
-    "region_embeddings",
-    "resize_labels",
-    "select_anchors",
 ]

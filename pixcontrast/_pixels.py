@@ -26,10 +26,11 @@ __all__ = [
     "gather_pixels",
     "pixel_maps",
     "predicted_labels",
-    "prepare_pixel_inputs",
     "prepare_pixel_maps",
     "random_rank_in_group",
     "region_embeddings",
+    "region_means",
+    "resize_label_map",
     "resize_labels",
     "split_predictions",
 ]
@@ -70,7 +71,12 @@ def resize_labels(labels: Tensor, size: tuple[int, int]) -> Tensor:
             pixel (``H`` or ``W`` is 0) to resize from, as ``F.interpolate`` would.
     """
     _checks.check_labels(labels, "labels", 3)
-    h, w = _checks.check_size(size, "size")
+    return resize_label_map(labels, _checks.check_size(size, "size"))
+
+
+def resize_label_map(labels: Tensor, size: tuple[int, int]) -> Tensor:
+    """:func:`~pixcontrast.functional.resize_labels` of a validated label map and size."""
+    h, w = size
     height, width = labels.shape[-2:]
     if (h, w) == (height, width):
         return labels
@@ -341,6 +347,13 @@ def region_embeddings(
     """
     _checks.check_pixel_maps(embeddings, labels)
     ignore_index = _checks.check_ignore_index(ignore_index)
+    return region_means(embeddings, labels, ignore_index, normalize_pixels)
+
+
+def region_means(
+    embeddings: Tensor, labels: Tensor, ignore_index: int, normalize_pixels: bool
+) -> tuple[Tensor, Tensor]:
+    """:func:`region_embeddings` of validated maps (the losses' and the memory's)."""
     b, d, h, w = embeddings.shape
     flat = labels.reshape(b, h * w).long()
     valid = flat != ignore_index
@@ -400,8 +413,9 @@ def pixel_maps(
 ) -> PixelMaps:
     """Validate a batch and bring labels, predictions and logits to the embeddings' resolution.
 
-    Every map is nearest-resized by the rule of :func:`resize_labels` (logits pick the same
-    source pixels as labels), so a map already at ``(h, w)`` is returned as it is.
+    Every map is nearest-resized by the rule of :func:`~pixcontrast.functional.resize_labels`
+    (logits pick the same source pixels as labels), so a map already at ``(h, w)`` is returned as
+    it is.
 
     Args:
         embeddings: ``[B, D, h, w]`` float pixel embeddings.
@@ -453,14 +467,14 @@ def pixel_maps(
     if num_classes is not None:
         _checks.check_label_values(labels, num_classes, ignore_index, "labels")
     if predictions is not None:
-        predictions = resize_labels(predictions, (h, w))
+        predictions = resize_label_map(predictions, (h, w))
     if logits is not None and tuple(logits.shape[-2:]) != (h, w):
         # the source pixel of every target pixel, by the same rule as the labels' resize
         size = logits.shape[-2:]
         source = torch.arange(size[0] * size[1], device=logits.device).view(1, *size)
-        source = resize_labels(source, (h, w)).reshape(-1)
+        source = resize_label_map(source, (h, w)).reshape(-1)
         logits = logits.flatten(2)[:, :, source].view(b, -1, h, w)
-    return PixelMaps(resize_labels(labels, (h, w)), predictions, logits)
+    return PixelMaps(resize_label_map(labels, (h, w)), predictions, logits)
 
 
 def split_predictions(
@@ -520,35 +534,6 @@ def prepare_pixel_maps(
         embeddings, labels, predicted, logits, ignore_index=ignore_index, num_classes=num_classes,
         logits_name="predictions",
     )
-
-
-def prepare_pixel_inputs(
-    embeddings: Tensor,
-    labels: Tensor,
-    predictions: Optional[Tensor],
-    ignore_index: int,
-    num_classes: Optional[int] = None,
-) -> tuple[Tensor, Optional[Tensor]]:
-    """Validate a batch and bring labels and predictions to the embeddings' resolution.
-
-    Args:
-        embeddings: ``[B, D, h, w]``.
-        labels: ``[B, H, W]`` integer class ids (``ignore_index`` for unlabelled pixels).
-        predictions: logits ``[B, C, h', w']`` or a label map ``[B, h', w']``, or ``None``.
-        ignore_index: the label of unlabelled pixels.
-        num_classes: when known, labels must lie in ``[0, num_classes)`` or be ``ignore_index``.
-
-    Returns:
-        ``(labels [B, h, w], predicted labels [B, h, w] or None)``.
-
-    Example:
-        >>> labels, predicted = prepare_pixel_inputs(
-        ...     torch.randn(1, 4, 2, 2), torch.zeros(1, 8, 8, dtype=torch.long), None, 255)
-        >>> labels.shape, predicted
-        (torch.Size([1, 2, 2]), None)
-    """
-    maps = prepare_pixel_maps(embeddings, labels, predictions, ignore_index, num_classes)
-    return maps.labels, maps.predicted
 
 
 def exclude_labels(labels: Tensor, exclude_classes: tuple[int, ...], ignore_index: int) -> Tensor:

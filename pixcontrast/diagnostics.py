@@ -62,7 +62,7 @@ def contrast_stats(
     synchronisation each) only when logging.
 
     Args:
-        sample: the :class:`~pixcontrast.AnchorSample` of the call.
+        sample: the :class:`~pixcontrast.samplers.AnchorSample` of the call.
         key_labels: the labels of the keys besides the anchors (a sequence of ``[M_i]``; negative
             ids are invalid keys), or ``None``.
         in_batch: whether the anchors were keys of each other.
@@ -152,7 +152,7 @@ def gradient_ratio(contrast_loss: Tensor, other_loss: Tensor, tensor: Tensor) ->
             depend on it has gradient 0 there).
 
     Returns:
-        :class:`GradientRatio`.
+        :class:`~pixcontrast.diagnostics.GradientRatio`.
 
     Example:
         >>> import torch

@@ -1,4 +1,8 @@
-"""Stateless contrastive losses: over every key, and over selected pairs of keys."""
+"""Stateless contrastive losses (over every key, over selected pairs) and pixel-map functions.
+
+The pixel-map functions (``resize_labels``, ``gather_pixels``, ``region_embeddings``) are the
+ones the modules use to resize label maps, read rows of an embedding map and average regions.
+"""
 
 from __future__ import annotations
 
@@ -8,9 +12,10 @@ from typing import Optional, Sequence, Union
 from torch import Tensor
 
 from . import _checks
-from ._pixels import resize_labels
+from ._pixels import gather_pixels, region_embeddings, resize_labels
 from .ops import (
     BACKEND_NAMES,
+    ContrastInputs,
     ContrastOptions,
     check_contrast_inputs,
     check_contrast_values,
@@ -23,9 +28,13 @@ from .ops import (
 __all__ = [
     "REDUCTIONS",
     "VARIANTS",
+    "contrast_pairs_validated",
+    "contrast_validated",
     "contrastive_loss",
+    "gather_pixels",
     "loss_options",
     "pair_contrastive_loss",
+    "region_embeddings",
     "resize_labels",
 ]
 
@@ -84,7 +93,7 @@ def contrastive_loss(
             (``[N]``, zero where an anchor has no positive).
         backend: ``"auto"`` (``"torch"``, and ``"triton"`` for CUDA inputs only where
             committed GPU measurements show it faster, see
-            :func:`pixcontrast.ops.explain_auto`; the environment variable
+            :func:`pixcontrast.backends.explain_auto`; the environment variable
             ``PIXCONTRAST_BACKEND`` replaces it), ``"triton"`` (fused kernels on CUDA;
             fp16/bf16, fp32 when TF32 is allowed, D <= 256), ``"torch"`` (chunked, any device)
             or ``"reference"`` (dense).
@@ -107,6 +116,15 @@ def contrastive_loss(
     inputs = check_contrast_inputs(anchors, labels, keys, key_labels, in_batch)
     options = loss_options(temperature, base_temperature, variant, reduction)
     _checks.check_choice(backend, "backend", BACKEND_NAMES)
+    return contrast_validated(inputs, options, backend)
+
+
+def contrast_validated(inputs: ContrastInputs, options: ContrastOptions, backend: str) -> Tensor:
+    """:func:`contrastive_loss` of inputs and options validated already.
+
+    The entry of the loss modules, which validate their batch once and build the inputs from it;
+    the backend still checks the values (labels ``>= 0``, a finite loss), which only it reads.
+    """
     return select_backend(backend, inputs).loss(inputs, options)
 
 
@@ -190,8 +208,18 @@ def pair_contrastive_loss(
     """
     inputs = check_contrast_inputs(anchors, labels, keys, key_labels, in_batch)
     options = loss_options(temperature, base_temperature, variant, reduction)
+    return contrast_pairs_validated(inputs, positive_index, negative_index, options)
+
+
+def contrast_pairs_validated(
+    inputs: ContrastInputs, positive_index: Tensor, negative_index: Tensor, options: ContrastOptions
+) -> Tensor:
+    """:func:`pair_contrastive_loss` of inputs and options validated already.
+
+    Checks what only it sees: the values of the inputs and the pair indices.
+    """
     check_contrast_values(inputs, options.temperature, options.rho)
-    labels = inputs.labels.long()
+    anchors, labels = inputs.anchors, inputs.labels.long()
     space = inputs.key_space(compute_dtype(anchors.dtype))
     positive_index = check_pair_index(
         positive_index, "positive_index", labels, space.labels, inputs.in_batch, positive=True

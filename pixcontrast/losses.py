@@ -9,105 +9,24 @@ from __future__ import annotations
 
 import abc
 import dataclasses
-import functools
-import sys
-import warnings
-from types import FrameType
-from typing import Any, Callable, Optional, Sequence, Union
+from typing import Callable, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import _checks, diagnostics, distributed
-from ._pixels import (
-    PixelMaps,
-    exclude_labels,
-    prepare_pixel_inputs,
-    prepare_pixel_maps,
-    region_embeddings,
-)
-from .functional import contrastive_loss, loss_options, pair_contrastive_loss
+from ._pixels import PixelMaps, exclude_labels, prepare_pixel_maps, region_means
+from .functional import contrast_pairs_validated, contrast_validated, loss_options
 from .memory import ClassMemoryBank
 from .mining import MinedPairs
-from .ops import BACKEND_NAMES
-from .samplers import AnchorSample, AnchorSampler, HardAnchorSampler, _MapSampler
+from .ops import BACKEND_NAMES, ContrastInputs, ContrastOptions
+from .samplers import AnchorSample, AnchorSampler, HardAnchorSampler
 
-__all__ = [
-    "GATHER_MODES",
-    "PixelContrastLoss",
-    "RegionContrastLoss",
-    "SampledContrastLoss",
-    "prepare_pixel_inputs",
-]
-
-# The string spellings ``gather`` took before it became a bool like the memory bank's
-# (``"none"``: False, ``"keys"``: True); still accepted, with a FutureWarning.
-GATHER_MODES = ("none", "keys")
+__all__ = ["PixelContrastLoss", "RegionContrastLoss", "SampledContrastLoss"]
 
 KeyParts = tuple[Optional[list[Tensor]], Optional[list[Tensor]], bool]
 Miner = Callable[..., MinedPairs]
-
-
-def _caller_stacklevel() -> int:
-    """The ``stacklevel`` that points a warning issued here at the first frame outside losses.
-
-    That is the user's call, through the constructors and their decorator.
-    """
-    frame: Optional[FrameType] = sys._getframe(1)
-    level = 1
-    while frame is not None and frame.f_globals.get("__name__") == __name__:
-        frame, level = frame.f_back, level + 1
-    return level
-
-
-def _check_gather(gather: Union[bool, str]) -> bool:
-    if isinstance(gather, str):
-        _checks.check_choice(gather, "gather", GATHER_MODES)
-        warnings.warn(
-            f"gather={gather!r} is deprecated: use gather={gather == 'keys'} (one spelling with "
-            "ClassMemoryBank(gather=...))",
-            FutureWarning,
-            stacklevel=_caller_stacklevel(),
-        )
-        return gather == "keys"
-    if not isinstance(gather, bool):
-        raise TypeError(f"gather must be a bool, got {type(gather).__name__}")
-    return gather
-
-
-def _keyword_options(*positional: str) -> Callable[[Callable], Callable]:
-    """Decorator of an ``__init__(self, temperature, *, ...)`` whose options became keyword-only.
-
-    The options it took by position before (``positional``: their former order after
-    ``temperature``) are still accepted that way, with a FutureWarning.
-    """
-
-    def decorate(init: Callable) -> Callable:
-        @functools.wraps(init)
-        def wrapper(self, *args: Any, **kwargs: Any) -> None:
-            if len(args) > 1 + len(positional):
-                raise TypeError(
-                    f"{type(self).__name__}() takes at most {1 + len(positional)} positional "
-                    f"arguments, got {len(args)}"
-                )
-            names = positional[: max(len(args) - 1, 0)]
-            if names:
-                warnings.warn(
-                    f"passing {', '.join(names)} by position is deprecated: they are "
-                    f"keyword-only (e.g. {names[0]}=...)",
-                    FutureWarning,
-                    stacklevel=_caller_stacklevel(),
-                )
-                for name, value in zip(names, args[1:]):
-                    if name in kwargs:
-                        raise TypeError(f"{type(self).__name__}() got {name} twice")
-                    kwargs[name] = value
-            init(self, *args[:1], **kwargs)
-
-        return wrapper
-
-    return decorate
 
 
 def _join(
@@ -142,7 +61,7 @@ class SampledContrastLoss(nn.Module, abc.ABC):
     sampled per image and class by ``sampler``, and :func:`~pixcontrast.contrastive_loss` contrasts
     them with the keys of :meth:`contrast_keys`, the one method a subclass provides (see that
     function for the math of the ``"paper"`` and ``"supcon"`` variants). With a ``miner``, each
-    anchor meets only its mined keys (:func:`~pixcontrast.pair_contrastive_loss`).
+    anchor meets only its mined keys (:func:`~pixcontrast.functional.pair_contrastive_loss`).
 
     With a :class:`~pixcontrast.ClassMemoryBank`, one call does, in this order:
 
@@ -182,8 +101,9 @@ class SampledContrastLoss(nn.Module, abc.ABC):
         normalize: L2-normalise the embeddings over channels first.
         backend: ``"auto"``, ``"triton"``, ``"torch"`` or ``"reference"``; see
             ``contrastive_loss`` (unused with a ``miner``).
-        sampler: an :class:`~pixcontrast.samplers.AnchorSampler`; it gets the predicted
-            label map and, when ``predictions`` are logits, the logits. Defaults
+        sampler: an :class:`~pixcontrast.samplers.AnchorSampler`; it gets the batch's
+            validated maps: labels, the predicted label map and, when ``predictions`` are
+            logits, the logits. Defaults
             to ``HardAnchorSampler(max_samples, max_views, num_classes=num_classes)``: half of
             each class's anchors mispredicted ("hard") pixels when predictions are given.
         max_samples: anchor budget per batch of the default sampler (``None``: 1024). Only
@@ -196,13 +116,12 @@ class SampledContrastLoss(nn.Module, abc.ABC):
         miner: a :class:`~pixcontrast.mining.KeyMiner` (or a callable with its signature,
             returning :class:`~pixcontrast.mining.MinedPairs`): each anchor is then contrasted
             with its mined positives and negatives among the keys of :meth:`contrast_keys` only,
-            by :func:`~pixcontrast.pair_contrastive_loss`; ``generator`` drives its draws too.
-            ``None``: every key.
+            by :func:`~pixcontrast.functional.pair_contrastive_loss`; ``generator`` drives its
+            draws too. ``None``: every key.
         enqueue: enqueue each training batch into ``memory`` after computing the loss (see
             step 4 above).
         gather: ``False`` (contrast within this process's batch) or ``True`` (with the anchors
-            or batch regions of every rank of the default process group, see above). The
-            former spellings ``"none"`` and ``"keys"`` still work, with a FutureWarning.
+            or batch regions of every rank of the default process group, see above).
         exclude_classes: classes left out of the contrast only: their pixels are never anchors
             nor keys, they are never enqueued into ``memory``, and memory keys of these classes
             are not used. Unlike ``ignore_index`` ("unlabelled everywhere") the pixels stay
@@ -221,7 +140,7 @@ class SampledContrastLoss(nn.Module, abc.ABC):
 
     A batch with no valid pixel, or where no anchor has a positive, gives an exact zero that is
     connected to ``embeddings``. The anchors of the last call are kept, detached, in
-    ``last_sample``, and its statistics in ``last_stats`` (see
+    ``last_sample``, and its statistics in ``last_stats`` (both raise before the first call; see
     :func:`pixcontrast.diagnostics.contrast_stats`; they count every key, mined or not):
     detached tensors, computed without a host synchronisation, to ``.item()`` when logging.
     ``generator`` (a CPU ``torch.Generator``) drives the anchor sampling, the memory's pixel
@@ -244,7 +163,7 @@ class SampledContrastLoss(nn.Module, abc.ABC):
         memory: Optional[ClassMemoryBank] = None,
         miner: Optional[Miner] = None,
         enqueue: bool = True,
-        gather: Union[bool, str] = False,
+        gather: bool = False,
         exclude_classes: Sequence[int] = (),
     ) -> None:
         super().__init__()
@@ -271,18 +190,42 @@ class SampledContrastLoss(nn.Module, abc.ABC):
                 "max_samples and max_views configure the default sampler: with sampler=..., "
                 "give them to the sampler instead"
             )
+        if not isinstance(sampler, AnchorSampler):
+            raise TypeError(
+                "sampler must be an AnchorSampler (with a sample_maps method), e.g. "
+                f"HardAnchorSampler(), got {type(sampler).__name__}"
+            )
         self.sampler = sampler
         if miner is not None and not callable(miner):
             raise TypeError(f"miner must be a KeyMiner or None, got {type(miner).__name__}")
         self.miner = miner
         self.memory = memory
         self.enqueue = bool(enqueue)
-        self.gather = _check_gather(gather)
+        if not isinstance(gather, bool):
+            raise TypeError(f"gather must be a bool, got {type(gather).__name__}")
+        self.gather = gather
         self.exclude_classes = _checks.check_exclude_classes(
             exclude_classes, self.ignore_index, num_classes
         )
-        self.last_sample: Optional[AnchorSample] = None
-        self.last_stats: Optional[dict[str, Tensor]] = None
+        self._last_sample: Optional[AnchorSample] = None
+        self._last_stats: Optional[dict[str, Tensor]] = None
+
+    @property
+    def last_sample(self) -> AnchorSample:
+        """The anchors of the last call, detached (raises before the first call)."""
+        if self._last_sample is None:
+            raise RuntimeError(f"{type(self).__name__}.last_sample is set by the first call")
+        return self._last_sample
+
+    @property
+    def last_stats(self) -> dict[str, Tensor]:
+        """The statistics of the last call (:func:`~pixcontrast.diagnostics.contrast_stats`).
+
+        Raises before the first call.
+        """
+        if self._last_stats is None:
+            raise RuntimeError(f"{type(self).__name__}.last_stats is set by the first call")
+        return self._last_stats
 
     def _check_memory(self, memory: object, num_classes: Optional[int]) -> int:
         """The memory's number of classes, once it is known to agree with the loss."""
@@ -317,13 +260,6 @@ class SampledContrastLoss(nn.Module, abc.ABC):
             of each other, as ``contrastive_loss`` takes them.
         """
 
-    def prepare(
-        self, embeddings: Tensor, labels: Tensor, predictions: Optional[Tensor] = None
-    ) -> tuple[Tensor, Optional[Tensor]]:
-        """Validate a batch; ``(labels, predicted labels)`` at the embeddings' resolution."""
-        maps = self._prepare(embeddings, labels, predictions)
-        return maps.labels, maps.predicted
-
     def _prepare(
         self, embeddings: Tensor, labels: Tensor, predictions: Optional[Tensor]
     ) -> PixelMaps:
@@ -331,11 +267,11 @@ class SampledContrastLoss(nn.Module, abc.ABC):
 
         Returns its maps at the embeddings' resolution.
         """
-        if self.memory is not None:
-            self.memory._check_embeddings(embeddings)
         maps = prepare_pixel_maps(
             embeddings, labels, predictions, self.ignore_index, self.num_classes
         )
+        if self.memory is not None:
+            self.memory.check_embeddings(embeddings)
         _checks.check_finite(embeddings, "embeddings")
         return dataclasses.replace(
             maps, labels=exclude_labels(maps.labels, self.exclude_classes, self.ignore_index)
@@ -363,25 +299,15 @@ class SampledContrastLoss(nn.Module, abc.ABC):
     ) -> AnchorSample:
         """The anchors ``forward`` would contrast (after resizing, with normalised embeddings)."""
         maps = self._prepare(embeddings, labels, predictions)
-        return self._draw(embeddings, maps, predictions, generator)
+        return self._draw(embeddings, maps, generator)
 
     def _draw(
         self,
         embeddings: Tensor,
         maps: PixelMaps,
-        predictions: Optional[Tensor],
         generator: Optional[torch.Generator],
     ) -> AnchorSample:
-        if isinstance(self.sampler, _MapSampler):
-            sample = self.sampler.sample_maps(embeddings, maps, self.ignore_index, generator)
-        else:
-            logits = None
-            if predictions is not None and predictions.dim() == 4:
-                logits = predictions.detach()
-            sample = self.sampler(
-                embeddings, maps.labels, maps.predicted, self.ignore_index, generator,
-                logits=logits,
-            )
+        sample = self.sampler.sample_maps(embeddings, maps, self.ignore_index, generator)
         # Normalising the N sampled rows instead of the whole map gives the same anchors.
         return dataclasses.replace(sample, embeddings=self.unit(sample.embeddings))
 
@@ -397,25 +323,25 @@ class SampledContrastLoss(nn.Module, abc.ABC):
 
         Scaled for DDP when gathering.
         """
-        reduction = "sum" if self.gather else "mean"
-        options: dict[str, Any] = dict(
-            in_batch=in_batch, temperature=self.temperature,
-            base_temperature=self.base_temperature, variant=self.variant, reduction=reduction,
+        # The batch is validated (see _prepare), and so are the keys built from it and the
+        # memory's: the contrast takes them as they are.
+        inputs = ContrastInputs(
+            sample.embeddings, sample.labels, tuple(keys or ()),
+            torch.cat(key_labels) if key_labels else None, in_batch,
         )
+        rho = 1.0 if self.base_temperature is None else self.temperature / self.base_temperature
+        reduction = "sum" if self.gather else "mean"
+        options = ContrastOptions(self.temperature, rho, self.variant, reduction)
         if self.miner is None:
-            loss = contrastive_loss(
-                sample.embeddings, sample.labels, keys, key_labels, backend=self.backend,
-                **options,
-            )
+            loss = contrast_validated(inputs, options, self.backend)
             counted: Optional[Tensor] = None  # (counted below, only when gathering)
         else:
             pairs = self.miner(
                 sample.embeddings, sample.labels, keys, key_labels, in_batch=in_batch,
                 generator=generator,
             )
-            loss = pair_contrastive_loss(
-                sample.embeddings, sample.labels, keys, key_labels, pairs.positive_index,
-                pairs.negative_index, **options,
+            loss = contrast_pairs_validated(
+                inputs, pairs.positive_index, pairs.negative_index, options
             )
             counted = (pairs.positive_index >= 0).any(dim=1)
         if self.gather:
@@ -448,18 +374,18 @@ class SampledContrastLoss(nn.Module, abc.ABC):
         """
         maps = self._prepare(embeddings, labels, predictions)
         labels = maps.labels
-        sample = self._draw(embeddings, maps, predictions, generator)
+        sample = self._draw(embeddings, maps, generator)
         # Detached: holding the graph would keep it alive and make the module impossible to
         # deepcopy (EMA and teacher copies) after a training step.
-        self.last_sample = dataclasses.replace(sample, embeddings=sample.embeddings.detach())
+        self._last_sample = dataclasses.replace(sample, embeddings=sample.embeddings.detach())
         keys, key_labels, in_batch = self.contrast_keys(embeddings, labels, sample)
         loss = self._contrast(sample, keys, key_labels, in_batch, generator)
         if enqueue is None:
             enqueue = self.enqueue and self.training and torch.is_grad_enabled()
         if self.memory is not None and enqueue:
-            self.memory._enqueue_prepared(embeddings, labels, generator, normalize=self.normalize)
-        self.last_stats = diagnostics.contrast_stats(sample, key_labels, in_batch, loss,
-                                                     self.memory)
+            self.memory.enqueue_maps(embeddings, labels, generator, normalize=self.normalize)
+        self._last_stats = diagnostics.contrast_stats(sample, key_labels, in_batch, loss,
+                                                      self.memory)
         return loss
 
     def extra_repr(self) -> str:
@@ -493,7 +419,8 @@ class PixelContrastLoss(SampledContrastLoss):
         temperature: :math:`\tau`.
         use_pixel_memory: contrast with the memory's pixel keys.
         use_region_memory: contrast with the memory's region keys.
-        **options: the keyword-only options of :class:`SampledContrastLoss`.
+
+    The other keyword-only arguments are those of :class:`SampledContrastLoss`.
 
     Shape:
         - embeddings: ``[B, D, h, w]``
@@ -528,20 +455,33 @@ class PixelContrastLoss(SampledContrastLoss):
         >>> criterion(embeddings, labels).backward()
     """
 
-    @_keyword_options(
-        "base_temperature", "variant", "max_samples", "max_views", "ignore_index", "normalize",
-        "backend", "sampler", "num_classes", "memory", "use_pixel_memory", "use_region_memory",
-        "enqueue", "gather", "exclude_classes",
-    )
     def __init__(
         self,
         temperature: float = 0.1,
         *,
         use_pixel_memory: bool = True,
         use_region_memory: bool = True,
-        **options: Any,
+        base_temperature: Optional[float] = None,
+        variant: str = "paper",
+        ignore_index: int = 255,
+        normalize: bool = True,
+        backend: str = "auto",
+        sampler: Optional[AnchorSampler] = None,
+        max_samples: Optional[int] = None,
+        max_views: Optional[int] = None,
+        num_classes: Optional[int] = None,
+        memory: Optional[ClassMemoryBank] = None,
+        miner: Optional[Miner] = None,
+        enqueue: bool = True,
+        gather: bool = False,
+        exclude_classes: Sequence[int] = (),
     ) -> None:
-        super().__init__(temperature, **options)
+        super().__init__(
+            temperature, base_temperature=base_temperature, variant=variant,
+            ignore_index=ignore_index, normalize=normalize, backend=backend, sampler=sampler,
+            max_samples=max_samples, max_views=max_views, num_classes=num_classes, memory=memory,
+            miner=miner, enqueue=enqueue, gather=gather, exclude_classes=exclude_classes,
+        )
         self.use_pixel_memory = bool(use_pixel_memory)
         self.use_region_memory = bool(use_region_memory)
 
@@ -572,7 +512,7 @@ class RegionContrastLoss(SampledContrastLoss):
     r"""Pixel-to-region contrastive loss: sampled pixel anchors against region embeddings.
 
     A region is one class in one image; its embedding is the re-normalised mean of its pixel
-    embeddings (:func:`~pixcontrast.memory.region_embeddings`). The keys are the regions of the
+    embeddings (:func:`~pixcontrast.functional.region_embeddings`). The keys are the regions of the
     current batch (with gradient: they are differentiated like the anchors) and/or the region
     keys of ``memory`` (previous steps, no gradient). An anchor's positives are the regions of its
     class, its own image's included; anchors are not keys of each other (``in_batch=False``).
@@ -585,8 +525,9 @@ class RegionContrastLoss(SampledContrastLoss):
     Args:
         temperature: :math:`\tau`.
         use_batch_regions: contrast with the regions of the current batch.
-        **options: the keyword-only options of :class:`SampledContrastLoss`; a ``memory``
-            contributes its region keys.
+
+    The other keyword-only arguments are those of :class:`SampledContrastLoss`; a ``memory``
+    contributes its region keys.
 
     Shape:
         - embeddings: ``[B, D, h, w]``
@@ -601,17 +542,34 @@ class RegionContrastLoss(SampledContrastLoss):
         >>> criterion(embeddings, labels).backward()
     """
 
-    @_keyword_options(
-        "base_temperature", "variant", "max_samples", "max_views", "ignore_index", "normalize",
-        "backend", "sampler", "num_classes", "memory", "use_batch_regions", "enqueue", "gather",
-        "exclude_classes",
-    )
     def __init__(
-        self, temperature: float = 0.1, *, use_batch_regions: bool = True, **options: Any
+        self,
+        temperature: float = 0.1,
+        *,
+        use_batch_regions: bool = True,
+        base_temperature: Optional[float] = None,
+        variant: str = "paper",
+        ignore_index: int = 255,
+        normalize: bool = True,
+        backend: str = "auto",
+        sampler: Optional[AnchorSampler] = None,
+        max_samples: Optional[int] = None,
+        max_views: Optional[int] = None,
+        num_classes: Optional[int] = None,
+        memory: Optional[ClassMemoryBank] = None,
+        miner: Optional[Miner] = None,
+        enqueue: bool = True,
+        gather: bool = False,
+        exclude_classes: Sequence[int] = (),
     ) -> None:
-        if not use_batch_regions and options.get("memory") is None:
+        if not use_batch_regions and memory is None:
             raise ValueError("use_batch_regions=False needs a memory to take region keys from")
-        super().__init__(temperature, **options)
+        super().__init__(
+            temperature, base_temperature=base_temperature, variant=variant,
+            ignore_index=ignore_index, normalize=normalize, backend=backend, sampler=sampler,
+            max_samples=max_samples, max_views=max_views, num_classes=num_classes, memory=memory,
+            miner=miner, enqueue=enqueue, gather=gather, exclude_classes=exclude_classes,
+        )
         self.use_batch_regions = bool(use_batch_regions)
 
     def contrast_keys(self, embeddings: Tensor, labels: Tensor, sample: AnchorSample) -> KeyParts:
@@ -621,9 +579,7 @@ class RegionContrastLoss(SampledContrastLoss):
         """
         parts = []
         if self.use_batch_regions:
-            regions = region_embeddings(
-                embeddings, labels, self.ignore_index, normalize_pixels=self.normalize
-            )
+            regions = region_means(embeddings, labels, self.ignore_index, self.normalize)
             parts += _rank_keys(*regions, own=True) if self.gather else [regions]
         if self.memory is not None:
             parts.append(self._memory_keys(pixels=False, regions=True))

@@ -38,7 +38,6 @@ __all__ = [
     "MinedContrastLoss",
     "MinedPairs",
     "mine_keys",
-    "pair_contrastive_loss",
 ]
 
 MINERS = ("hardest", "semi-hard", "class-relation")
@@ -348,8 +347,8 @@ class KeyMiner:
 
     Give one to :class:`~pixcontrast.PixelContrastLoss` or
     :class:`~pixcontrast.RegionContrastLoss` (``miner=KeyMiner(...)``) to contrast each sampled
-    anchor with its mined keys only (:func:`~pixcontrast.pair_contrastive_loss`) instead of
-    every key, or call it on anchors and keys of your own.
+    anchor with its mined keys only (:func:`~pixcontrast.functional.pair_contrastive_loss`)
+    instead of every key, or call it on anchors and keys of your own.
 
     Args:
         miner: one of :data:`MINERS`: ``"hardest"``, ``"semi-hard"`` or ``"class-relation"``.

@@ -5,7 +5,9 @@ gather the selected embeddings (with gradient). All of them are configurations o
 selection, :func:`select_anchors`: per image and per ground-truth class, a quota of random pixels,
 split between "hard" and "easy" pixels.
 
-A sampler is a callable (typed as :class:`AnchorSampler`)::
+A sampler has ``sample_maps(embeddings, maps, ignore_index, generator) -> AnchorSample`` (typed as
+:class:`AnchorSampler`), which the losses call on the maps they validated; the samplers here are
+also callable on a raw batch::
 
     sampler(embeddings, labels, predictions=None, ignore_index=255, generator=None, *, logits=None)
         -> AnchorSample
@@ -27,7 +29,7 @@ from torch import Tensor
 
 from . import _checks
 from ._compile import eager_under_compile
-from ._pixels import PixelMaps, _true_positions, gather_pixels, pixel_maps, random_rank_in_group
+from ._pixels import PixelMaps, _true_positions, gather_pixels, pixel_maps
 
 __all__ = [
     "DEFAULT_NUM_CLASSES",
@@ -35,10 +37,10 @@ __all__ = [
     "AnchorSampler",
     "ConfidenceAnchorSampler",
     "HardAnchorSampler",
+    "PixelMaps",
     "RandomAnchorSampler",
     "anchor_quotas",
-    "gather_pixels",
-    "random_rank_in_group",
+    "pixel_maps",
     "select_anchors",
 ]
 
@@ -80,32 +82,25 @@ class AnchorSample:
 class AnchorSampler(Protocol):
     """What :class:`~pixcontrast.PixelContrastLoss` takes as its ``sampler``.
 
-    A callable with the signature of the module docstring (the three samplers here satisfy it).
+    An object with :meth:`sample_maps`, which the loss calls with the batch it has validated
+    (the three samplers here satisfy it, and are also callable on a raw batch, see the module
+    docstring).
 
     Example:
         >>> isinstance(HardAnchorSampler(), AnchorSampler)
         True
     """
 
-    def __call__(
-        self,
-        embeddings: Tensor,
-        labels: Tensor,
-        predictions: Optional[Tensor] = None,
-        ignore_index: int = 255,
-        generator: Optional[torch.Generator] = None,
-        *,
-        logits: Optional[Tensor] = None,
-    ) -> AnchorSample:
-        """Anchors of a batch.
+    def sample_maps(self, embeddings: Tensor, maps: PixelMaps, ignore_index: int,
+                    generator: Optional[torch.Generator]) -> AnchorSample:
+        """Anchors of a batch whose maps are validated.
 
         Args:
             embeddings: ``[B, D, h, w]``.
-            labels: ``[B, h, w]`` class ids at the embedding resolution.
-            predictions: ``[B, h', w']`` predicted class ids, or ``None``.
+            maps: the batch's :class:`PixelMaps` at ``(h, w)``, as :func:`pixel_maps` returns
+                them: labels, and the predicted label map and logits when given.
             ignore_index: label of pixels never sampled.
             generator: random source, for reproducible sampling.
-            logits: ``[B, C, h', w']`` class scores, or ``None``.
 
         Returns:
             The :class:`AnchorSample`.
@@ -114,17 +109,15 @@ class AnchorSampler(Protocol):
 
 
 class _MapSampler(abc.ABC):
-    """The common base of the samplers of this module.
+    """The common base of the samplers of this module: :meth:`sample_maps` on validated maps.
 
-    One validating call that prepares the maps with :func:`~pixcontrast._pixels.pixel_maps`, and
-    :meth:`sample_maps` on prepared maps (which the losses call directly, having validated the
-    batch once).
+    Calling one validates a raw batch first (the signature of the module docstring).
     """
 
     def __call__(self, embeddings: Tensor, labels: Tensor, predictions: Optional[Tensor] = None,
                  ignore_index: int = 255, generator: Optional[torch.Generator] = None, *,
                  logits: Optional[Tensor] = None) -> AnchorSample:
-        """Sample anchors; the arguments and the result are those of :class:`AnchorSampler`.
+        """Sample anchors of a raw batch (see the module docstring for the arguments).
 
         Raises:
             TypeError, ValueError: invalid maps (see :func:`select_anchors`).
@@ -316,10 +309,6 @@ def _draw_candidates(
     return chosen[_true_positions(keep, num_anchors)]
 
 
-# The selection needs one host synchronisation (the anchor count) and draws tensors of that
-# data-dependent size, which fake-tensor tracing cannot: under torch.compile it runs eagerly, with
-# a graph break before and after it.
-@eager_under_compile
 def select_anchors(
     embeddings: Tensor,
     labels: Tensor,
@@ -408,6 +397,30 @@ def select_anchors(
         num_classes = _checks.check_count(num_classes, "num_classes")
     if generator is not None and not isinstance(generator, torch.Generator):
         raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
+    return _select_anchors(
+        embeddings, labels, hard, eligible, max_samples, max_views, min_pixels, hard_fraction,
+        ignore_index, num_classes, generator,
+    )
+
+
+# The selection needs one host synchronisation (the anchor count) and draws tensors of that
+# data-dependent size, which fake-tensor tracing cannot: under torch.compile it runs eagerly, with
+# a graph break before and after it.
+@eager_under_compile
+def _select_anchors(
+    embeddings: Tensor,
+    labels: Tensor,
+    hard: Optional[Tensor],
+    eligible: Optional[Tensor],
+    max_samples: Optional[int],
+    max_views: int,
+    min_pixels: int,
+    hard_fraction: float,
+    ignore_index: int,
+    num_classes: Optional[int],
+    generator: Optional[torch.Generator],
+) -> AnchorSample:
+    """:func:`select_anchors` of validated arguments (the samplers' maps and options)."""
     width = DEFAULT_NUM_CLASSES if num_classes is None else num_classes
     with torch.no_grad():
         table = _level_histogram(labels, hard, eligible, ignore_index, width, generator)
@@ -501,11 +514,9 @@ class HardAnchorSampler(_MapSampler):
         """Anchors of prepared maps: hard where the predicted labels differ from the labels."""
         labels, predictions = maps.labels, maps.predicted
         hard = None if predictions is None else predictions != labels
-        return select_anchors(
-            embeddings, labels, hard=hard, max_samples=self.max_samples,
-            max_views=self.max_views, min_pixels=self.min_pixels,
-            hard_fraction=self.hard_fraction, ignore_index=ignore_index,
-            num_classes=self.num_classes, generator=generator,
+        return _select_anchors(
+            embeddings, labels, hard, None, self.max_samples, self.max_views, self.min_pixels,
+            self.hard_fraction, ignore_index, self.num_classes, generator,
         )
 
     def __repr__(self) -> str:
@@ -544,10 +555,9 @@ class RandomAnchorSampler(HardAnchorSampler):
     def sample_maps(self, embeddings: Tensor, maps: PixelMaps, ignore_index: int,
                     generator: Optional[torch.Generator]) -> AnchorSample:
         """Anchors of prepared maps; their predictions and logits are not used."""
-        labels = maps.labels
-        return select_anchors(
-            embeddings, labels, max_samples=self.max_samples, max_views=self.max_views,
-            ignore_index=ignore_index, num_classes=self.num_classes, generator=generator,
+        return _select_anchors(
+            embeddings, maps.labels, None, None, self.max_samples, self.max_views,
+            self.min_pixels, self.hard_fraction, ignore_index, self.num_classes, generator,
         )
 
     def __repr__(self) -> str:
@@ -600,10 +610,9 @@ class ConfidenceAnchorSampler(_MapSampler):
             log_probs = torch.log_softmax(logits.detach().float(), dim=1)
             confidence = log_probs.gather(1, target.unsqueeze(1)).squeeze(1).exp()
             low_confidence = confidence < self.threshold
-        return select_anchors(
-            embeddings, labels, hard=low_confidence, eligible=low_confidence, max_samples=None,
-            max_views=self.max_views, hard_fraction=1.0, ignore_index=ignore_index,
-            num_classes=num_classes, generator=generator,
+        return _select_anchors(
+            embeddings, labels, low_confidence, low_confidence, None, self.max_views, 1, 1.0,
+            ignore_index, num_classes, generator,
         )
 
     def __repr__(self) -> str:

@@ -199,7 +199,6 @@ class ContrastTerm(nn.Module):
         else:
             term = weight * self.loss(self.head(features), labels, predictions=logits,
                                       generator=generator)
-            assert self.loss.last_stats is not None  # (set by every call)
             self.last_stats = {**self.loss.last_stats, "weight": torch.tensor(weight)}
         if self.training and torch.is_grad_enabled():
             self.schedule.step()

@@ -30,7 +30,11 @@ anchors, whose signs are independent, are added in absolute value, a safe over-e
 
 from __future__ import annotations
 
+import importlib.util
 import math
+import sys
+from pathlib import Path
+from types import ModuleType
 from typing import NamedTuple, Optional, Sequence, Union
 
 import torch
@@ -386,3 +390,17 @@ def as_double(tensors: Sequence[Optional[Tensor]]) -> list[Optional[Tensor]]:
     """fp64 copies of the floating-point tensors (the oracle's inputs), others as they are."""
     return [t.detach().double() if t is not None and t.is_floating_point() else t
             for t in tensors]
+
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+
+
+def load_example(name: str) -> ModuleType:
+    """The script ``examples/<name>.py`` as a module (registered in ``sys.modules``, which
+    dataclasses look their module up in while a class is built)."""
+    spec = importlib.util.spec_from_file_location(name, EXAMPLES / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module

@@ -394,20 +394,18 @@ def test_gather_is_no_gather_in_one_process(loss_class, variant) -> None:
     assert float(results[0][-1][0]) > 0
 
 
-def test_gather_is_one_bool_and_the_former_strings_warn() -> None:
-    for former, meaning in (("none", False), ("keys", True)):
-        with pytest.warns(FutureWarning, match=f"gather={meaning}") as record:
-            assert PixelContrastLoss(gather=former).gather is meaning
-        assert record[0].filename == __file__
-        with pytest.warns(FutureWarning, match="gather"):
-            assert RegionContrastLoss(gather=former).gather is meaning
+def test_gather_is_one_bool() -> None:
+    for spelling in ("none", "keys"):
+        for loss_class in (PixelContrastLoss, RegionContrastLoss):
+            with pytest.raises(TypeError, match="gather must be a bool"):
+                loss_class(gather=spelling)
     assert "gather=True" in repr(PixelContrastLoss(gather=True))
 
 
 def test_errors_name_the_argument() -> None:
-    with pytest.raises(ValueError, match="gather"):
+    with pytest.raises(TypeError, match="gather"):
         PixelContrastLoss(gather="all")
-    with pytest.raises(ValueError, match="gather"):
+    with pytest.raises(TypeError, match="gather"):
         RegionContrastLoss(gather="anchors")
     with pytest.raises(TypeError, match="gather must be a bool"):
         PixelContrastLoss(gather=1)

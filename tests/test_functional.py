@@ -391,13 +391,10 @@ def test_errors_name_the_argument():
             contrastive_loss(**args)
 
 
-@pytest.mark.parametrize("backend", ["torch", "torch-function", "reference"])
-def test_every_backend_checks_the_values(backend, monkeypatch):
-    # The data-dependent checks run in the backend's loss: the fused operator's kernel, the
-    # autograd-Function path of torch < 2.4 ("torch-function") and the reference, alike.
-    if backend == "torch-function":
-        monkeypatch.setattr(pixcontrast.ops._operator, "FUSED_OPERATOR", False)
-        backend = "torch"
+@pytest.mark.parametrize("backend", ["torch", "reference"])
+def test_every_backend_checks_the_values(backend):
+    # The data-dependent checks run in the backend's loss: the fused operator's kernel and the
+    # reference alike.
     x, y = F.normalize(torch.randn(4, 3), dim=1), torch.tensor([0, 0, 1, 1])
     k, c = F.normalize(torch.randn(5, 3), dim=1), torch.tensor([0, 1, 0, 1, -1])
     for anchors, labels, keys, message in [
@@ -480,24 +477,63 @@ def test_key_parts_get_gradients_only_where_required(backend, variant, in_batch,
     torch.testing.assert_close(first.grad, k_ref.grad[:20], **tol)
 
 
-def test_mixed_key_parts_visit_only_the_columns_that_need_a_gradient():
-    from pixcontrast.ops._autograd import key_grad_columns
+def test_key_gradients_only_for_the_key_segments_that_need_one():
+    # Each key part is a segment of the layout read in place; a part that needs no gradient (a
+    # memory bank) gets no gradient buffer at all.
+    from pixcontrast.ops._autograd import segment_key_grads
     from pixcontrast.ops._layout import build_layout
+    from pixcontrast.ops._options import ContrastOptions
 
     anchors, labels, keys, key_labels = make_inputs(17, 40, 5, 3, seed=21)
     parts = (keys[:15], keys[15:])
     layout = build_layout(anchors, labels, parts, key_labels, in_batch=True)
-    for need_anchor, need_parts, wanted_sources in [
-        (True, (True, False), lambda s: s < 17 + 15),
-        (False, (True, False), lambda s: (s >= 17) & (s < 17 + 15)),
-        (True, (False, True), lambda s: (s < 17) | (s >= 17 + 15)),
-        (False, (False, True), lambda s: s >= 17 + 15),
-    ]:
-        columns = key_grad_columns(layout, need_anchor, need_parts)
-        visited = torch.zeros(layout.keys.shape[0], dtype=torch.bool)
-        for lo, hi in columns:
-            visited[lo:hi] = True
-        assert torch.equal(visited, wanted_sources(layout.key_source))
+    assert [segment.part for segment in layout.segments] == [None, 0, 1]
+    options = ContrastOptions(0.5, 1.0, "paper", "mean")
+    weight = torch.ones(17, dtype=anchors.dtype)
+    for need_anchor in (False, True):
+        for need_parts in [(True, False), (False, True), (False, False)]:
+            key_grads = segment_key_grads(layout, need_anchor, need_parts)
+            assert key_grads == (need_anchor, *need_parts)
+            _, _, _, grads = torch_fused.sweep(layout, options, weight, need_anchor, key_grads)
+            assert [grad is not None for grad in grads] == list(key_grads)
+
+
+def test_product_kind_by_device_and_dtypes(monkeypatch):
+    # Tensor cores on CUDA for half-precision anchors and keys of that dtype, where torch has the
+    # fp32-output product; keys in another dtype are widened a block at a time, never in full.
+    kind = torch_fused.product_kind
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    bf16, fp16, fp32, fp64 = torch.bfloat16, torch.float16, torch.float32, torch.float64
+    monkeypatch.setattr(torch_fused, "_MM_OUT_DTYPE", True)
+    assert kind(cpu, fp32, fp32) == kind(cuda, fp64, fp64) == kind(cuda, bf16, fp32) == "native"
+    assert kind(cuda, bf16, bf16) == kind(cuda, fp16, fp16) == "half"
+    assert kind(cpu, bf16, bf16) == kind(cuda, fp32, bf16) == kind(cuda, bf16, fp16) == "widen"
+    monkeypatch.setattr(torch_fused, "_MM_OUT_DTYPE", False)
+    assert kind(cuda, bf16, bf16) == "widen"
+
+
+@pytest.mark.parametrize("kind", ["widen", "half"])
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_half_precision_keys_read_in_their_dtype(kind, variant, monkeypatch):
+    # bf16 anchors and keys through each product kind; "half" runs on CPU with a product that
+    # does what the CUDA one does (exact products of the operands, fp32 sums). Small blocks of
+    # widened keys, and several chunks of rows.
+    monkeypatch.setattr(torch_fused, "_WIDEN_ROWS", 7)
+    monkeypatch.setattr(torch_fused, "_MIN_CHUNK_ROWS", 8)
+    monkeypatch.setattr(torch_fused, "_CHUNK_ELEMENTS", 8 * 90)
+    if kind == "half":
+        monkeypatch.setattr(torch_fused, "product_kind", lambda device, a, k: (
+            "native" if k == torch.float32 else "half"
+        ))
+        monkeypatch.setattr(torch_fused, "_half_mm", lambda a, b: torch.mm(a.float(), b.float()))
+    anchors, labels, keys, key_labels = make_inputs(
+        30, 50, 6, 4, dtype=torch.bfloat16, seed=5
+    )
+    up = torch.rand(30, dtype=torch.bfloat16) + 0.5
+    kw = dict(temperature=0.5, variant=variant, reduction="none")
+    got = grads_of("torch", anchors, labels, keys, key_labels, "in_batch+keys", up, **kw)
+    assert_matches_oracle(got, anchors, labels, keys, key_labels, "in_batch+keys", up,
+                          operand_dtype=torch.bfloat16 if kind == "half" else None, **kw)
 
 
 def test_key_parts_errors_name_the_argument():

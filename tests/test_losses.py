@@ -11,8 +11,8 @@ from pixcontrast import (
     ProjectionHead,
     RandomAnchorSampler,
     contrastive_loss,
-    resize_labels,
 )
+from pixcontrast.functional import resize_labels
 
 from _helpers import make_maps
 

@@ -8,9 +8,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pixcontrast.functional import contrastive_loss, resize_labels
+from pixcontrast.functional import contrastive_loss, region_embeddings, resize_labels
 from pixcontrast.losses import PixelContrastLoss, RegionContrastLoss
-from pixcontrast.memory import ClassMemoryBank, region_embeddings
+from pixcontrast.memory import ClassMemoryBank
 
 from _helpers import assert_close_to_oracle, gamma, unit_roundoff
 
@@ -476,7 +476,10 @@ def test_enqueue_normalize_equals_enqueueing_the_normalised_map() -> None:
     x = 3 * torch.randn(2, 5, 6, 7, dtype=torch.float64, generator=generator)
     labels = torch.randint(0, 3, (2, 12, 14), generator=generator)
     labels[1, :4] = IGNORE
-    banks = [ClassMemoryBank(3, 5, 40, 8, pixels_per_image=4).double() for _ in range(2)]
+    banks = [
+        ClassMemoryBank(3, 5, pixels_per_class=40, regions_per_class=8, pixels_per_image=4).double()
+        for _ in range(2)
+    ]
     banks[0].enqueue(F.normalize(x, dim=1), labels, torch.Generator().manual_seed(0))
     banks[1].enqueue(x, labels, torch.Generator().manual_seed(0), normalize=True)
     torch.testing.assert_close(banks[1].queue, banks[0].queue)

@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 
 from pixcontrast import mining
-from pixcontrast.functional import contrastive_loss
-from pixcontrast.mining import MinedContrastLoss, mine_keys, pair_contrastive_loss
+from pixcontrast.functional import contrastive_loss, pair_contrastive_loss
+from pixcontrast.mining import MinedContrastLoss, mine_keys
 
 from _helpers import as_double, assert_close_to_oracle, contrast_floors, key_space, loop_loss
 

@@ -11,12 +11,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pixcontrast import contrastive_loss
+from pixcontrast.functional import gather_pixels
 from pixcontrast.samplers import (
     ConfidenceAnchorSampler,
     HardAnchorSampler,
     RandomAnchorSampler,
     anchor_quotas,
-    gather_pixels,
     select_anchors,
 )
 
@@ -440,11 +440,15 @@ def test_narrow_label_dtypes(dtype):
 
 
 def test_the_samplers_satisfy_the_sampler_protocol():
-    from pixcontrast import AnchorSampler
+    from pixcontrast import PixelContrastLoss
+    from pixcontrast.samplers import AnchorSampler
 
     for sampler in (HardAnchorSampler(), RandomAnchorSampler(), ConfidenceAnchorSampler()):
         assert isinstance(sampler, AnchorSampler)
     assert not isinstance(object(), AnchorSampler)
+    # the loss hands a sampler validated maps: a bare callable has no sample_maps to take them
+    with pytest.raises(TypeError, match="sampler must be an AnchorSampler"):
+        PixelContrastLoss(sampler=lambda *args, **kwargs: None)
 
 
 @settings(max_examples=200, deadline=None)

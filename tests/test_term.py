@@ -41,7 +41,8 @@ def test_warmup_is_an_exact_zero_connected_to_features_and_head_and_skips_the_lo
         assert features.grad is not None and not features.grad.any()
         assert all(p.grad is not None and not p.grad.any() for p in term.head.parameters())
         assert set(term.last_stats) == {"weight"} and term.last_stats["weight"] == 0
-    assert term.loss.last_stats is None  # the loss never ran
+    with pytest.raises(RuntimeError, match="set by the first call"):
+        _ = term.loss.last_stats  # the loss never ran
     assert int(bank.pixel_count.sum()) == int(bank.region_count.sum()) == 0
     assert term.weight == pytest.approx(0.05)  # the ramp's first step comes next
 

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 from pixcontrast.ops import triton_fused
-from pixcontrast.ops._layout import ContrastLayout
+from pixcontrast.ops._layout import ContrastLayout, KeySegment
 from pixcontrast.ops._options import ContrastOptions
 
 __all__ = ["CompileReport", "Launch", "compile_launch", "meta_layout", "record_launches"]
@@ -81,7 +81,6 @@ def meta_layout(n: int, m: int, dim: int, in_batch: bool, num_classes: int = 19)
 
     The host offsets are an even split into ``num_classes`` classes.
     """
-    total = m + (n if in_batch else 0)
 
     def floats(*shape: int) -> torch.Tensor:
         return torch.empty(shape, device="meta")
@@ -92,18 +91,18 @@ def meta_layout(n: int, m: int, dim: int, in_batch: bool, num_classes: int = 19)
     def offsets(count: int) -> list[int]:
         return [count * c // num_classes for c in range(num_classes + 1)]
 
+    anchors, anchor_class = floats(n, dim), index(n)
+    segments = [KeySegment(anchors, anchor_class, offsets(n), index(n), None)] if in_batch else []
+    segments.append(KeySegment(floats(m, dim), index(m), offsets(m), None, 0))
     return ContrastLayout(
-        anchors=floats(n, dim),
+        anchors=anchors,
         anchor_order=index(n),
-        anchor_class=index(n),
-        keys=floats(total, dim),
-        key_source=index(total),
-        key_class=index(total),
-        self_column=index(n) if in_batch else None,
+        anchor_class=anchor_class,
         positives=floats(n),
         anchor_offsets=offsets(n),
-        key_offsets=offsets(total),
+        segments=tuple(segments),
         key_part_sizes=(m,),
+        anchor_dtype=torch.float32,
     )
 
 
@@ -113,12 +112,13 @@ def record_launches(
     reduction: str,
     operand_dtype: torch.dtype,
     target: triton_fused.Target,
-    key_grad_columns: list[tuple[int, int]] | None = None,
+    key_grads: tuple[bool, ...] | None = None,
 ) -> list[Launch]:
     """The launches of one training step on meta tensors.
 
-    Forward and backward, anchor and key gradients: a scalar reduction does everything in
-    forward, ``"none"`` recomputes.
+    Forward and backward, anchor and key gradients (of the key segments flagged in
+    ``key_grads``, default all): a scalar reduction does everything in forward, ``"none"``
+    recomputes.
     """
     launches: list[Launch] = []
 
@@ -126,17 +126,17 @@ def record_launches(
         launches.append(Launch(kernel, tuple(grid), args, meta))
 
     n = layout.anchors.shape[0]
-    columns = key_grad_columns or [(0, layout.keys.shape[0])]
+    wanted = key_grads or (True,) * len(layout.segments)
     weight = torch.empty(n, device="meta")
     sweep = functools.partial(
         triton_fused.sweep, operand_dtype=operand_dtype, target=target, launch=record
     )
     options = ContrastOptions(0.1, 1.0, variant, reduction)
     if reduction == "none":
-        _, stats, _, _ = sweep(layout, options, None, False, None)
-        sweep(layout, options, weight, True, columns, saved=stats)
+        _, stats, _, _ = sweep(layout, options, None, False, ())
+        sweep(layout, options, weight, True, wanted, saved=stats)
     else:
-        sweep(layout, options, weight, True, columns)
+        sweep(layout, options, weight, True, wanted)
     return launches
 
 
@@ -216,12 +216,12 @@ def step_launches(
     """Every launch of a step at the paper's shape.
 
     For both ways of choosing key-gradient columns: all of them, and a table of ranges (here the
-    in-batch anchors' own columns).
+    in-batch anchors' own columns among memory keys that need none).
     """
     launches = []
-    for in_batch, columns in [(False, None), (True, [(0, n)])]:
+    for in_batch, key_grads in [(False, None), (True, (True, False))]:
         layout = meta_layout(n, m, dim, in_batch)
-        launches += record_launches(layout, variant, reduction, operand_dtype, target, columns)
+        launches += record_launches(layout, variant, reduction, operand_dtype, target, key_grads)
     return launches
 
 

@@ -48,7 +48,13 @@ at once; backward then only rescales by the upstream scalar.
 """
 
 from ._autograd import first_derivatives_only
-from ._dispatch import BACKEND_NAMES, TRITON_MEASURED_WINS, explain_auto, select_backend
+from ._dispatch import (
+    BACKEND_NAMES,
+    ENV_VAR,
+    TRITON_MEASURED_WINS,
+    explain_auto,
+    select_backend,
+)
 from ._inputs import check_contrast_inputs, check_contrast_values, check_pair_index
 from ._layout import compute_dtype
 from ._options import ContrastInputs, ContrastOptions, KeySpace
@@ -56,6 +62,7 @@ from .pairs import pair_loss
 
 __all__ = [
     "BACKEND_NAMES",
+    "ENV_VAR",
     "TRITON_MEASURED_WINS",
     "ContrastInputs",
     "ContrastOptions",

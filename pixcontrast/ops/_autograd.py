@@ -2,16 +2,19 @@
 
 A fused backend provides one function, its ``sweep``, with this contract::
 
-    sweep(layout, options, weight, need_anchor_grad, key_grad_columns, saved=None)
-        -> (loss [N], AnchorStatistics, grad_x [N, D] or None, grad_k [M, D] or None)
+    sweep(layout, options, weight, need_anchor_grad, key_grads, saved=None)
+        -> (loss [N], AnchorStatistics, grad_x [N, D] or None, grad_keys)
 
 over the class-sorted :class:`~pixcontrast.ops._layout.ContrastLayout`: ``options`` is the
 frozen :class:`~pixcontrast.ops._options.ContrastOptions` (the sweep reads its temperature,
 ``rho`` and variant; the reduction is the glue's business), ``weight`` is the upstream
 gradient ``g_a`` per sorted anchor (``None``: statistics only, no gradient work),
-``key_grad_columns`` the sorted key column ranges whose gradient is wanted, and ``saved`` the
-statistics of an earlier call, reused instead of being recomputed. Gradients are with respect to
-the sorted anchors and keys; :func:`scatter_to_inputs` maps them back to the caller's tensors.
+``key_grads`` says per key segment of the layout whether its gradient is wanted
+(:func:`segment_key_grads`), and ``saved`` holds the statistics of an earlier call, reused
+instead of being recomputed. ``grad_keys`` has one entry per segment: its ``[m, D]`` gradient,
+or ``None`` where none is wanted (nothing is allocated for it). Gradients are with respect to the
+sorted anchors and each segment's keys; :func:`scatter_to_inputs` maps them back to the caller's
+tensors.
 
 Both sweeps take supcon's positive terms from the class sums here
 (:func:`supcon_positive_sums`, :func:`add_supcon_positive_gradient`), so neither backend imports
@@ -19,8 +22,8 @@ the other.
 
 :class:`FusedEvaluation` drives a sweep for one loss evaluation, forward and backward. Two
 autograd entries run it: the registered operator ``pixcontrast::contrastive_loss`` of
-:mod:`pixcontrast.ops._operator` (torch 2.4 and later, opaque to ``torch.compile``), and
-:class:`ContrastFunction` (older torch, and any sweep that is not a registered backend's, such
+:mod:`pixcontrast.ops._operator` (opaque to ``torch.compile``), and
+:class:`ContrastFunction` (any sweep that is not a registered backend's, such
 as a test's with fixed key splits).
 """
 
@@ -47,7 +50,7 @@ __all__ = [
     "InputSpec",
     "Sweep",
     "add_supcon_positive_gradient",
-    "key_grad_columns",
+    "segment_key_grads",
     "reduction_weights",
     "scale_gradients",
     "scatter_to_inputs",
@@ -73,72 +76,52 @@ class AnchorStatistics:
 # Rows of half-precision keys converted at a time by supcon_positive_sums (16 MiB at D = 256).
 _SUM_ROWS = 1 << 14
 
-Sweep = Callable[..., tuple[Tensor, AnchorStatistics, Optional[Tensor], Optional[Tensor]]]
+Sweep = Callable[
+    ..., tuple[Tensor, AnchorStatistics, Optional[Tensor], tuple[Optional[Tensor], ...]]
+]
 
 
 class FusedSweep(NamedTuple):
-    """A fused backend for given inputs: its ``sweep``, and the dtype its layout keeps keys in.
-
-    ``key_dtype`` ``None`` is the compute dtype; the Triton backend asks for its half-precision
-    operand dtype, so that the layout makes no fp32 copy of the keys for it to convert back.
-    """
+    """A fused backend for given inputs: its ``sweep``."""
 
     sweep: Sweep
-    key_dtype: Optional[torch.dtype] = None
 
 
-def key_grad_columns(
-    layout: ContrastLayout, need_anchor_grad: bool, need_part_grad: tuple[bool, ...]
-) -> Optional[list[tuple[int, int]]]:
-    """Ranges of sorted key columns that need a gradient (``None``: none).
+def segment_key_grads(
+    layout: ContrastLayout, need_anchor_grad: bool, need_part_grad: Sequence[bool]
+) -> tuple[bool, ...]:
+    """Which key segments of ``layout`` need a key gradient.
 
-    All columns when every caller key part needs one (or every key is an anchor). When only the
-    anchors do, just their own columns: the stable sort puts them first in each class block, so
-    the product ``G^T x`` skips the (possibly huge) memory keys. When some key parts need a
-    gradient and others do not, the runs of columns that come from the former (one host
-    synchronisation).
+    The in-batch anchors' segment when the anchors need a gradient, a key part's segment when
+    that part does: a memory bank's keys, which need none, get no gradient buffer at all.
     """
-    num_keys = layout.keys.shape[0]
-    n = layout.anchors.shape[0]
-    in_batch_grad = layout.in_batch and need_anchor_grad
-    if need_part_grad and all(need_part_grad) or (n == num_keys and in_batch_grad):
-        return [(0, num_keys)]
-    if not any(need_part_grad):
-        if not in_batch_grad:
-            return None
-        a, kk = layout.anchor_offsets, layout.key_offsets
-        return [
-            (kk[c], kk[c] + a[c + 1] - a[c]) for c in range(layout.num_classes) if a[c + 1] > a[c]
-        ]
-    device = layout.key_source.device
-    flags = [torch.full((n,), in_batch_grad, device=device)] if layout.in_batch else []
-    flags += [
-        torch.full((size,), need, device=device)
-        for size, need in zip(layout.key_part_sizes, need_part_grad)
-    ]
-    wanted = torch.cat(flags)[layout.key_source]
-    edges = torch.diff(wanted.to(torch.int8), prepend=wanted.new_zeros(1, dtype=torch.int8),
-                       append=wanted.new_zeros(1, dtype=torch.int8))
-    bounds = edges.nonzero().squeeze(1).tolist()  # alternating run starts and stops
-    return list(zip(bounds[::2], bounds[1::2]))
+    return tuple(
+        need_anchor_grad if segment.part is None else need_part_grad[segment.part]
+        for segment in layout.segments
+    )
 
 
 def supcon_positive_sums(layout: ContrastLayout) -> Tensor:
     """``[N, D]`` sum of the positive keys of each sorted anchor.
 
     That is ``S_{y_a} - [in-batch] x_a`` with the class sums ``S_c`` (:mod:`pixcontrast.ops`):
-    supcon's positive term is linear in the keys.
+    supcon's positive term is linear in the keys. Each segment is read once.
     """
-    k, x = layout.keys, layout.anchors
-    class_sums = x.new_zeros((layout.num_classes, k.shape[1]))
-    # Keys kept in a half-precision operand dtype are summed in the compute dtype, a bounded
-    # block of rows at a time (no full-size copy; the conversion is free in that dtype).
-    for start in range(0, k.shape[0], _SUM_ROWS):
-        block = slice(start, start + _SUM_ROWS)
-        class_sums.index_add_(0, layout.key_class[block], k[block].to(x.dtype))
+    x = layout.anchors
+    class_sums = x.new_zeros((layout.num_classes, x.shape[1]))
+    for segment in layout.segments:
+        k = segment.keys
+        if k.dtype == x.dtype:
+            class_sums.index_add_(0, segment.key_class, k)
+            continue
+        # Keys in another dtype (a half-precision memory) are summed in the compute dtype, a
+        # bounded block of rows at a time: no full-size copy.
+        for start in range(0, k.shape[0], _SUM_ROWS):
+            block = slice(start, start + _SUM_ROWS)
+            class_sums.index_add_(0, segment.key_class[block], k[block].to(x.dtype))
     positive_sums = class_sums.index_select(0, layout.anchor_class)
-    if layout.self_column is not None:
-        positive_sums -= k.index_select(0, layout.self_column).to(x.dtype)
+    if layout.in_batch:
+        positive_sums -= x
     return positive_sums
 
 
@@ -148,7 +131,7 @@ def add_supcon_positive_gradient(
     options: ContrastOptions,
     weight: Tensor,
     grad_x: Optional[Tensor],
-    grad_k: Optional[Tensor],
+    grad_keys: Sequence[Optional[Tensor]],
 ) -> None:
     """Add supcon's positive part of ``G`` to the input gradients, in place.
 
@@ -156,7 +139,8 @@ def add_supcon_positive_gradient(
     (``1/tau`` included). Class sums replace a pass over the pairs: ``dx_a -= beta_a S'_a``,
     ``dk_j -= sum_{a: y_a = c_j, a != j} beta_a x_a`` with ``beta_a = rho * g_a / (|P(a)| tau)``
     and ``S'_a`` = :func:`supcon_positive_sums` (``positive_sums``); ``weight`` is ``g_a`` per
-    sorted anchor, and ``grad_x`` or ``grad_k`` ``None`` is left alone.
+    sorted anchor, ``grad_keys`` the key gradient of each segment, and a ``None`` gradient is
+    left alone.
     """
     beta = (
         options.rho * weight * (layout.positives > 0)
@@ -164,13 +148,16 @@ def add_supcon_positive_gradient(
     )
     if grad_x is not None:
         grad_x -= beta[:, None] * positive_sums
-    if grad_k is not None:
-        weighted = beta[:, None] * layout.anchors
-        per_class = weighted.new_zeros((layout.num_classes, weighted.shape[1]))
-        per_class.index_add_(0, layout.anchor_class, weighted)
-        grad_k -= per_class.index_select(0, layout.key_class)
-        if layout.self_column is not None:
-            grad_k.index_add_(0, layout.self_column, weighted)
+    if not any(grad is not None for grad in grad_keys):
+        return
+    weighted = beta[:, None] * layout.anchors
+    per_class = weighted.new_zeros((layout.num_classes, weighted.shape[1]))
+    per_class.index_add_(0, layout.anchor_class, weighted)
+    for segment, grad in zip(layout.segments, grad_keys):
+        if grad is not None:
+            grad -= per_class.index_select(0, segment.key_class)
+            if segment.is_anchors:
+                grad += weighted  # (the self pair is not a positive)
 
 
 def reduction_weights(layout: ContrastLayout, reduction: str) -> Tensor:
@@ -192,35 +179,47 @@ class InputSpec:
 
 
 def scatter_to_inputs(
-    layout: ContrastLayout, spec: InputSpec, grad_x: Optional[Tensor], grad_k: Optional[Tensor]
+    layout: ContrastLayout,
+    spec: InputSpec,
+    grad_x: Optional[Tensor],
+    grad_keys: Sequence[Optional[Tensor]],
 ) -> tuple[Optional[Tensor], tuple[Optional[Tensor], ...]]:
-    """Map sorted-space gradients back to the caller's anchors and key parts, dtypes included."""
-    n = layout.anchors.shape[0]
-    offset = n if layout.in_batch else 0
+    """Map sorted-space gradients back to the caller's anchors and key parts, dtypes included.
+
+    ``grad_keys`` holds the gradient of each key segment (``None`` where none was wanted).
+    """
+    by_part = {
+        segment.part: (segment, grad) for segment, grad in zip(layout.segments, grad_keys)
+    }
     grad_anchors = None
-    grad_parts: tuple[Optional[Tensor], ...] = (None,) * len(spec.need_part_grad)
     if spec.need_anchor_grad:
-        grad_anchors = layout.anchors.new_zeros(layout.anchors.shape)
-        if grad_x is not None:
-            grad_anchors[layout.anchor_order] = grad_x
-    if grad_k is not None and layout.self_column is not None and grad_anchors is not None:
-        # An anchor's role as a key: its own column, in sorted-anchor order.
-        grad_anchors[layout.anchor_order] += grad_k.index_select(0, layout.self_column)
-    if any(spec.need_part_grad):
-        # (zeros for a part none of whose keys is a wanted column: only invalid keys, say)
-        rows = offset + sum(layout.key_part_sizes)
-        combined = layout.anchors.new_zeros((rows, layout.keys.shape[1]))
-        if grad_k is not None:
-            combined[layout.key_source] = grad_k
-        parts = combined[offset:].split(list(layout.key_part_sizes))
-        # (copies, not views of ``combined``: the registered operator returns fresh tensors)
-        grad_parts = tuple(
-            part.to(dtype, copy=True) if need else None
-            for part, dtype, need in zip(parts, spec.key_dtypes, spec.need_part_grad)
-        )
-    if grad_anchors is not None:
+        total = grad_x if grad_x is not None else torch.zeros_like(layout.anchors)
+        _, anchor_key_grad = by_part.get(None, (None, None))
+        if anchor_key_grad is not None:  # an anchor's role as a key, in sorted-anchor order
+            total = total + anchor_key_grad
+        grad_anchors = torch.empty_like(total).index_copy_(0, layout.anchor_order, total)
         grad_anchors = grad_anchors.to(spec.anchor_dtype)
-    return grad_anchors, grad_parts
+    grad_parts: list[Optional[Tensor]] = []
+    for p, (need, size, dtype) in enumerate(
+        zip(spec.need_part_grad, layout.key_part_sizes, spec.key_dtypes)
+    ):
+        segment, grad = by_part.get(p, (None, None))
+        if not need:
+            grad_parts.append(None)
+        elif segment is not None and grad is not None and segment.source is None and (
+            grad.shape[0] == size
+        ):
+            grad_parts.append(grad.to(dtype))
+        else:
+            # (zeros for the part's invalid keys, or all of them)
+            full = layout.anchors.new_zeros((size, layout.anchors.shape[1]))
+            if segment is not None and grad is not None:
+                if segment.source is None:
+                    full[: grad.shape[0]] = grad
+                else:
+                    full.index_copy_(0, segment.source, grad)
+            grad_parts.append(full.to(dtype))
+    return grad_anchors, tuple(grad_parts)
 
 
 def unsort(layout: ContrastLayout, per_anchor: Tensor) -> Tensor:
@@ -270,14 +269,14 @@ class FusedEvaluation:
     Attributes:
         layout: the class-sorted inputs.
         spec: the caller's dtypes and which of its tensors need a gradient.
-        columns: the sorted key columns whose gradient is wanted (:func:`key_grad_columns`).
+        key_grads: which key segments need a gradient (:func:`segment_key_grads`).
         options: the loss options.
         sweep: the backend's sweep.
     """
 
     layout: ContrastLayout
     spec: InputSpec
-    columns: Optional[list[tuple[int, int]]]
+    key_grads: tuple[bool, ...]
     options: ContrastOptions
     sweep: Sweep
 
@@ -291,8 +290,7 @@ class FusedEvaluation:
     ) -> FusedEvaluation:
         """Lay ``inputs`` out by class; ``need_grad``: the anchors', then each key part's."""
         layout = build_layout(
-            inputs.anchors, inputs.labels, inputs.keys, inputs.key_labels, inputs.in_batch,
-            fused.key_dtype,
+            inputs.anchors, inputs.labels, inputs.keys, inputs.key_labels, inputs.in_batch
         )
         spec = InputSpec(
             anchor_dtype=inputs.anchors.dtype,
@@ -300,8 +298,8 @@ class FusedEvaluation:
             need_anchor_grad=need_grad[0],
             need_part_grad=tuple(need_grad[1:]),
         )
-        columns = key_grad_columns(layout, spec.need_anchor_grad, spec.need_part_grad)
-        return cls(layout, spec, columns, options, fused.sweep)
+        key_grads = segment_key_grads(layout, spec.need_anchor_grad, spec.need_part_grad)
+        return cls(layout, spec, key_grads, options, fused.sweep)
 
     def reduced(self) -> tuple[Tensor, Gradients]:
         """A scalar reduction's loss and the input gradients for an upstream gradient of 1.
@@ -313,7 +311,7 @@ class FusedEvaluation:
         any_grad = spec.need_anchor_grad or any(spec.need_part_grad)
         loss, _, grad_x, grad_k = self.sweep(
             layout, self.options, weight if any_grad else None, spec.need_anchor_grad,
-            self.columns,
+            self.key_grads,
         )
         return (loss * weight).sum(), scatter_to_inputs(layout, spec, grad_x, grad_k)
 
@@ -322,7 +320,7 @@ class FusedEvaluation:
 
         Both are in the caller's anchor order.
         """
-        loss, stats, _, _ = self.sweep(self.layout, self.options, None, False, None)
+        loss, stats, _, _ = self.sweep(self.layout, self.options, None, False, ())
         return unsort(self.layout, loss), AnchorStatistics(
             unsort(self.layout, stats.log_normalizer), unsort(self.layout, stats.positive_weight)
         )
@@ -341,7 +339,7 @@ class FusedEvaluation:
         weight = grad_output.to(layout.anchors.dtype).index_select(0, order)
         weight = weight * (layout.positives > 0)
         _, _, grad_x, grad_k = self.sweep(
-            layout, self.options, weight, self.spec.need_anchor_grad, self.columns, saved=saved
+            layout, self.options, weight, self.spec.need_anchor_grad, self.key_grads, saved=saved
         )
         return scatter_to_inputs(layout, self.spec, grad_x, grad_k)
 
@@ -415,14 +413,10 @@ def apply_contrast(
     options: ContrastOptions,
     *,
     sweep: Sweep,
-    key_dtype: Optional[torch.dtype] = None,
 ) -> Tensor:
-    """``contrastive_loss`` through :class:`ContrastFunction` with a backend's ``sweep``.
-
-    ``key_dtype`` is the dtype of the layout's keys (see :class:`FusedSweep`).
-    """
+    """``contrastive_loss`` through :class:`ContrastFunction` with a backend's ``sweep``."""
     call = ContrastCall(
         inputs.labels, inputs.key_labels, inputs.in_batch, options,
-        FusedSweep(sweep, key_dtype), torch.is_grad_enabled(),
+        FusedSweep(sweep), torch.is_grad_enabled(),
     )
     return ContrastFunction.apply(call, inputs.anchors, *inputs.keys)

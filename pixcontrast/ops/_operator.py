@@ -1,16 +1,14 @@
 """The fused backends as the registered operator ``pixcontrast::contrastive_loss``.
 
-With ``torch.library`` (from torch 2.4 on; :data:`FUSED_OPERATOR` is the one switch) the loss
-of the ``"torch"`` and ``"triton"`` backends is one operator to ``torch.compile``: one node with
-static output shapes, whose host synchronisations (the value checks, the class layout, the
-key-gradient columns) happen inside it, eagerly, so a compiled step has no graph break in the
-loss. Without it the backends run through :class:`~pixcontrast.ops._autograd.ContrastFunction`,
-which dynamo traces around.
+Through ``torch.library`` the loss of the ``"torch"`` and ``"triton"`` backends is one operator
+to ``torch.compile``: one node with static output shapes, whose host synchronisations (the value
+checks, the class layout, the key-gradient columns) happen inside it, eagerly, so a compiled step
+has no graph break in the loss.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, NamedTuple, Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -21,42 +19,83 @@ from ._autograd import (
     FusedEvaluation,
     FusedSweep,
     Gradients,
-    apply_contrast,
     first_derivatives_only,
 )
 from ._layout import compute_dtype
 from ._options import ContrastInputs, ContrastOptions
 
-__all__ = ["FUSED_OPERATOR", "fused_loss"]
+__all__ = ["fused_loss"]
 
-# Whether the fused backends run as the registered operator: torch.library registers a Python
-# operator's fake (shape) function and autograd formula from torch 2.4 on. Before that they run
-# through ContrastFunction, which dynamo traces around (graph breaks at the host syncs).
-FUSED_OPERATOR = hasattr(torch.library, "register_fake") and hasattr(
-    torch.library, "register_autograd"
-)
-
-# Each fused backend for given inputs (Triton's products take their dtype, and so do its keys).
+# Each fused backend for given inputs (Triton's products take their dtype).
 _SWEEPS: dict[str, Callable[[ContrastInputs], FusedSweep]] = {
     "torch": lambda inputs: FusedSweep(torch_fused.sweep),
     "triton": triton_fused.sweep_for,
 }
 
 
+class ForwardArguments(NamedTuple):
+    """The arguments of ``pixcontrast::contrastive_loss``: its schema is written from these."""
+
+    anchors: Tensor
+    labels: Tensor
+    keys: list[Tensor]
+    key_labels: Optional[Tensor]
+    in_batch: bool
+    temperature: float
+    rho: float
+    variant: str
+    reduction: str
+    backend: str
+    need_grad: list[bool]  # which of anchors, key parts get a gradient
+
+
+class BackwardArguments(NamedTuple):
+    """The arguments of ``pixcontrast::contrastive_loss_backward`` (``reduction="none"``)."""
+
+    grad: Tensor
+    anchors: Tensor
+    labels: Tensor
+    keys: list[Tensor]
+    key_labels: Optional[Tensor]
+    log_normalizer: Tensor
+    positive_weight: Tensor
+    in_batch: bool
+    temperature: float
+    rho: float
+    variant: str
+    backend: str
+    need_grad: list[bool]
+
+
+# (the annotations are strings, or forward references to them: ``from __future__ import
+# annotations``)
+_SCHEMA_TYPES = {
+    "Tensor": "Tensor", "list[Tensor]": "Tensor[]", "Optional[Tensor]": "Tensor?",
+    "bool": "bool", "float": "float", "str": "str", "list[bool]": "bool[]",
+}
+
+
+def _schema(arguments: type, returns: str) -> str:
+    """The ``torch.library`` schema of a function taking ``arguments`` (a NamedTuple)."""
+    types = {
+        name: str(getattr(hint, "__forward_arg__", hint))
+        for name, hint in arguments.__annotations__.items()
+    }
+    listed = ", ".join(f"{_SCHEMA_TYPES[types[name]]} {name}" for name in types)
+    return f"({listed}) -> {returns}"
+
+
 def fused_loss(name: str, inputs: ContrastInputs, options: ContrastOptions) -> Tensor:
-    """The loss of the fused backend ``name``: the registered operator where torch has one."""
-    if not FUSED_OPERATOR:
-        _inputs.check_contrast_values(inputs, options.temperature, options.rho)
-        sweep, key_dtype = _SWEEPS[name](inputs)
-        return apply_contrast(inputs, options, sweep=sweep, key_dtype=key_dtype)
+    """The loss of the fused backend ``name``, through the registered operator."""
     need_grad = [
         torch.is_grad_enabled() and tensor.requires_grad
         for tensor in (inputs.anchors, *inputs.keys)
     ]
-    loss, _ = torch.ops.pixcontrast.contrastive_loss(
+    arguments = ForwardArguments(
         inputs.anchors, inputs.labels, list(inputs.keys), inputs.key_labels, inputs.in_batch,
         options.temperature, options.rho, options.variant, options.reduction, name, need_grad,
     )
+    loss, _ = torch.ops.pixcontrast.contrastive_loss(*arguments)
     return loss
 
 
@@ -69,16 +108,8 @@ def fused_loss(name: str, inputs: ContrastInputs, options: ContrastOptions) -> T
 # operator, which lays the inputs out again and recomputes the scores with them. Gradients come
 # only for the tensors flagged in need_grad, in the order anchors, key parts.
 
-_FORWARD_SCHEMA = (
-    "(Tensor anchors, Tensor labels, Tensor[] keys, Tensor? key_labels, bool in_batch, "
-    "float temperature, float rho, str variant, str reduction, str backend, bool[] need_grad) "
-    "-> (Tensor, Tensor[])"
-)
-_BACKWARD_SCHEMA = (
-    "(Tensor grad, Tensor anchors, Tensor labels, Tensor[] keys, Tensor? key_labels, "
-    "Tensor log_normalizer, Tensor positive_weight, bool in_batch, float temperature, float rho, "
-    "str variant, str backend, bool[] need_grad) -> Tensor[]"
-)
+_FORWARD_SCHEMA = _schema(ForwardArguments, "(Tensor, Tensor[])")
+_BACKWARD_SCHEMA = _schema(BackwardArguments, "Tensor[]")
 
 
 def _evaluation(
@@ -100,26 +131,15 @@ def _wanted_like(
     return [t.new_empty(t.shape) for t, need in zip((anchors, *keys), need_grad) if need]
 
 
-def _operator_forward(
-    anchors: Tensor,
-    labels: Tensor,
-    keys: list[Tensor],
-    key_labels: Optional[Tensor],
-    in_batch: bool,
-    temperature: float,
-    rho: float,
-    variant: str,
-    reduction: str,
-    backend: str,
-    need_grad: list[bool],
-) -> tuple[Tensor, list[Tensor]]:
+def _operator_forward(*arguments: Any) -> tuple[Tensor, list[Tensor]]:
     """The forward kernel: the loss and what backward needs (see above)."""
-    inputs = ContrastInputs(anchors, labels, tuple(keys), key_labels, in_batch)
+    a = ForwardArguments(*arguments)
+    inputs = ContrastInputs(a.anchors, a.labels, tuple(a.keys), a.key_labels, a.in_batch)
     # (the kernel always sees real values: while torch.compile traces, the fake stands in)
-    _inputs.check_contrast_values(inputs, temperature, rho)
-    options = ContrastOptions(temperature, rho, variant, reduction)
-    evaluation = _evaluation(inputs, options, backend, need_grad)
-    if reduction == "none":
+    _inputs.check_contrast_values(inputs, a.temperature, a.rho)
+    options = ContrastOptions(a.temperature, a.rho, a.variant, a.reduction)
+    evaluation = _evaluation(inputs, options, a.backend, a.need_grad)
+    if a.reduction == "none":
         loss, statistics = evaluation.per_anchor()
         return loss, [statistics.log_normalizer, statistics.positive_weight]
     loss, gradients = evaluation.reduced()
@@ -128,57 +148,46 @@ def _operator_forward(
 
 def _operator_forward_fake(*arguments: Any) -> tuple[Tensor, list[Tensor]]:
     """The outputs' shapes and dtypes, from those of ``_operator_forward``'s arguments."""
-    anchors, _, keys, *_, reduction, _, need_grad = arguments
-    dtype = compute_dtype(anchors.dtype)
-    if reduction == "none":
-        loss, *statistics = (anchors.new_empty(anchors.shape[:1], dtype=dtype) for _ in range(3))
+    a = ForwardArguments(*arguments)
+    dtype = compute_dtype(a.anchors.dtype)
+    if a.reduction == "none":
+        loss, *statistics = (
+            a.anchors.new_empty(a.anchors.shape[:1], dtype=dtype) for _ in range(3)
+        )
         return loss, statistics
-    return anchors.new_empty((), dtype=dtype), _wanted_like(anchors, keys, need_grad)
+    return a.anchors.new_empty((), dtype=dtype), _wanted_like(a.anchors, a.keys, a.need_grad)
 
 
-def _operator_backward(
-    grad: Tensor,
-    anchors: Tensor,
-    labels: Tensor,
-    keys: list[Tensor],
-    key_labels: Optional[Tensor],
-    log_normalizer: Tensor,
-    positive_weight: Tensor,
-    in_batch: bool,
-    temperature: float,
-    rho: float,
-    variant: str,
-    backend: str,
-    need_grad: list[bool],
-) -> list[Tensor]:
+def _operator_backward(*arguments: Any) -> list[Tensor]:
     """The backward kernel of ``reduction="none"``: the wanted gradients for upstream ``grad``."""
-    inputs = ContrastInputs(anchors, labels, tuple(keys), key_labels, in_batch)
-    options = ContrastOptions(temperature, rho, variant, "none")
-    evaluation = _evaluation(inputs, options, backend, need_grad)
-    return _wanted(evaluation.backward(AnchorStatistics(log_normalizer, positive_weight), grad))
+    a = BackwardArguments(*arguments)
+    inputs = ContrastInputs(a.anchors, a.labels, tuple(a.keys), a.key_labels, a.in_batch)
+    options = ContrastOptions(a.temperature, a.rho, a.variant, "none")
+    evaluation = _evaluation(inputs, options, a.backend, a.need_grad)
+    statistics = AnchorStatistics(a.log_normalizer, a.positive_weight)
+    return _wanted(evaluation.backward(statistics, a.grad))
 
 
 def _operator_backward_fake(*arguments: Any) -> list[Tensor]:
     """The gradients' shapes and dtypes, from those of ``_operator_backward``'s arguments."""
-    _, anchors, _, keys, *_, need_grad = arguments
-    return _wanted_like(anchors, keys, need_grad)
+    a = BackwardArguments(*arguments)
+    return _wanted_like(a.anchors, a.keys, a.need_grad)
 
 
 def _setup_context(ctx, inputs: tuple, output: tuple[Tensor, list[Tensor]]) -> None:
     """Keep what :func:`_operator_gradients` needs of a forward call."""
-    (anchors, labels, keys, key_labels, in_batch, temperature, rho, variant, reduction, backend,
-     need_grad) = inputs
+    a = ForwardArguments(*inputs)
     kept = output[1]
     ctx.mark_non_differentiable(*kept)
-    ctx.need_grad, ctx.scalar = need_grad, reduction != "none"
-    ctx.arguments = (in_batch, temperature, rho, variant, backend)
+    ctx.need_grad, ctx.scalar = a.need_grad, a.reduction != "none"
+    ctx.arguments = (a.in_batch, a.temperature, a.rho, a.variant, a.backend)
     if ctx.scalar:
         ctx.save_for_backward(*kept)
     else:
         # Backward lays the inputs out again: saved as autograd saves inputs, an in-place change
         # before backward (a memory bank's enqueue into its keys() view) raises instead of
         # giving a wrong gradient.
-        ctx.save_for_backward(*kept, anchors, labels, key_labels, *keys)
+        ctx.save_for_backward(*kept, a.anchors, a.labels, a.key_labels, *a.keys)
 
 
 @first_derivatives_only("contrastive_loss")
@@ -195,7 +204,9 @@ def _operator_gradients(ctx, grad_loss: Tensor, _: list[Tensor]) -> tuple:
         )
     grads = iter(wanted)
     grad_anchors, *grad_keys = (next(grads) if need else None for need in ctx.need_grad)
-    return (grad_anchors, None, grad_keys) + (None,) * 8
+    gradients: dict[str, Any] = dict.fromkeys(ForwardArguments._fields)
+    gradients.update(anchors=grad_anchors, keys=grad_keys)
+    return tuple(gradients.values())
 
 
 def _register_operator() -> None:
@@ -215,5 +226,4 @@ def _register_operator() -> None:
     )
 
 
-if FUSED_OPERATOR:
-    _register_operator()
+_register_operator()

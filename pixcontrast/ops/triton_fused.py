@@ -46,6 +46,7 @@ __all__ = [
     "Target",
     "TileConfig",
     "launch_plan",
+    "merge_segments",
     "operand_dtype",
     "sweep",
     "sweep_for",
@@ -314,17 +315,77 @@ def device_target(device: torch.device) -> Target:
     return Target((9, 0), 1)
 
 
-def _row_bounds(layout: ContrastLayout) -> tuple[Tensor, Tensor, Tensor]:
+class MergedKeys(NamedTuple):
+    """The kernels' operand: every key segment of a layout in one class-sorted table.
+
+    Within class ``c`` the segments follow each other in the layout's order (the in-batch anchors
+    first). The kernels read one table with contiguous class blocks, so the segments are copied
+    into it, in the operand dtype.
+
+    Attributes:
+        keys: ``[M, D]`` the table.
+        key_class: ``[M]`` compact class id of each column (non-decreasing).
+        self_column: ``[N]`` column of each sorted anchor's own key, or ``None``.
+        segment_columns: per segment, ``[m]`` the column of each of its keys.
+        grad_columns: ranges of columns whose gradient is wanted (from ``key_grads``).
+    """
+
+    keys: Tensor
+    key_class: Tensor
+    self_column: Optional[Tensor]
+    segment_columns: tuple[Tensor, ...]
+    grad_columns: list[tuple[int, int]]
+
+
+def merge_segments(
+    layout: ContrastLayout, dtype: torch.dtype, key_grads: Sequence[bool]
+) -> MergedKeys:
+    """The :class:`MergedKeys` of ``layout`` in ``dtype``; ``key_grads`` as the sweep takes it."""
+    x, segments = layout.anchors, layout.segments
+    device = x.device
+    classes = range(layout.num_classes)
+    counts = [[s.offsets[c + 1] - s.offsets[c] for c in classes] for s in segments]
+    class_start = [0]
+    for c in classes:
+        class_start.append(class_start[-1] + sum(count[c] for count in counts))
+    table = torch.empty((layout.num_keys, x.shape[1]), dtype=dtype, device=device)
+    key_class = torch.empty(layout.num_keys, dtype=torch.long, device=device)
+    segment_columns, grad_columns = [], []
+    before = list(class_start[:-1])  # the next free column of each class
+    wanted = list(key_grads) + [False] * (len(segments) - len(key_grads))
+    for segment, count, want in zip(segments, counts, wanted):
+        shift = [before[c] - segment.offsets[c] for c in classes]
+        if want:
+            grad_columns += [(before[c], before[c] + count[c]) for c in classes if count[c]]
+        for c in classes:
+            before[c] += count[c]
+        # (a host list to the device: the Triton path only, which never reads the device)
+        rows = torch.arange(segment.keys.shape[0], device=device)
+        column = rows + torch.tensor(shift, device=device)[segment.key_class]
+        table.index_copy_(0, column, segment.keys.to(dtype))
+        key_class.index_copy_(0, column, segment.key_class)
+        segment_columns.append(column)
+    self_column = segment_columns[0] if layout.in_batch else None
+    merged: list[tuple[int, int]] = []
+    for lo, hi in sorted(grad_columns):
+        if merged and merged[-1][1] == lo:
+            merged[-1] = (merged[-1][0], hi)
+        else:
+            merged.append((lo, hi))
+    return MergedKeys(table, key_class, self_column, tuple(segment_columns), merged)
+
+
+def _row_bounds(layout: ContrastLayout, merged: MergedKeys) -> tuple[Tensor, Tensor, Tensor]:
     """``pos_lo, pos_hi, self_col`` (int32) per sorted anchor, found on the device.
 
     The class block of each anchor is where its class id sorts into the non-decreasing key
     classes.
     """
-    key_class, anchor_class = layout.key_class, layout.anchor_class
+    key_class, anchor_class = merged.key_class, layout.anchor_class
     pos_lo = torch.searchsorted(key_class, anchor_class, out_int32=True)
     pos_hi = torch.searchsorted(key_class, anchor_class, right=True, out_int32=True)
-    if layout.self_column is not None:
-        self_col = layout.self_column.to(torch.int32)
+    if merged.self_column is not None:
+        self_col = merged.self_column.to(torch.int32)
     else:
         self_col = torch.full_like(pos_lo, -1)
     return pos_lo, pos_hi, self_col
@@ -357,35 +418,36 @@ def sweep(
     options: ContrastOptions,
     weight: Optional[Tensor],
     need_anchor_grad: bool,
-    key_grad_columns: Optional[list[tuple[int, int]]],
+    key_grads: Sequence[bool],
     saved: Optional[AnchorStatistics] = None,
     *,
     operand_dtype: torch.dtype = torch.float32,
     num_splits: Optional[int] = None,
     target: Optional[Target] = None,
     launch: Launch = _launch,
-) -> tuple[Tensor, AnchorStatistics, Optional[Tensor], Optional[Tensor]]:
+) -> tuple[Tensor, AnchorStatistics, Optional[Tensor], tuple[Optional[Tensor], ...]]:
     """The Triton ``sweep`` of :mod:`pixcontrast.ops._autograd` (see ``torch_fused.sweep``).
 
     With ``saved`` statistics the statistics kernels are skipped and the returned loss is zeros
     (only backward passes ``saved``, and it uses the gradients alone). ``operand_dtype`` is the
     dtype of the products' operands; ``num_splits`` overrides the planned key splits, ``target``
     the device's, and ``launch(kernel, grid, *args, **meta)`` runs a kernel (tests record).
+    The kernels read the key segments merged into one table (:func:`merge_segments`).
     """
     temperature, rho = options.temperature, options.rho
-    x, k = layout.anchors, layout.keys
-    n, m, dim = x.shape[0], k.shape[0], x.shape[1]
+    x = layout.anchors
+    n, m, dim = x.shape[0], layout.num_keys, x.shape[1]
     loss = x.new_zeros(n)
     stats = saved
     if stats is None:
         stats = AnchorStatistics(x.new_full((n,), -torch.inf), x.new_zeros(n))
     want_grad_x = weight is not None and need_anchor_grad
-    columns = key_grad_columns or []
+    merged = merge_segments(layout, operand_dtype, key_grads)
+    columns = merged.grad_columns
     want_grad_k = weight is not None and bool(columns)
     if n == 0 or m == 0:
         grad_x = x.new_zeros(x.shape) if want_grad_x else None
-        grad_k = x.new_zeros(k.shape) if want_grad_k else None
-        return loss, stats, grad_x, grad_k
+        return loss, stats, grad_x, _segment_grads(layout, merged, key_grads, weight, None)
 
     kernels, interpreted, import_error = _load_kernels()
     if kernels is None:
@@ -398,8 +460,8 @@ def sweep(
     stats_plan = plan["statistics"]
     block_d, splits = stats_plan.block_d, stats_plan.splits
     x_op = x.to(operand_dtype).contiguous()
-    k_op = k.to(operand_dtype).contiguous()
-    pos_lo, pos_hi, self_col = _row_bounds(layout)
+    k_op = merged.keys
+    pos_lo, pos_hi, self_col = _row_bounds(layout, merged)
     is_paper = options.variant == "paper"
     inv_pos = 1.0 / layout.positives.clamp(min=1)
     has_pos = layout.positives > 0
@@ -469,7 +531,7 @@ def sweep(
             loss = torch.where(has_pos, rho * (safe_lse - positive_dot * inv_pos), 0.0)
             stats = AnchorStatistics(lse, torch.zeros_like(lse))
     if weight is None:
-        return loss, stats, None, None
+        return loss, stats, None, (None,) * len(layout.segments)
 
     row_scale = rho * weight * has_pos
     if is_paper:
@@ -509,12 +571,12 @@ def sweep(
         if use_table:
             starts, stops = _key_blocks(columns, block, x.device)
             grid: tuple[int, ...] = (starts.numel(),)
-            # columns outside key_grad_columns stay zero
-            grad_k = torch.zeros(k.shape, dtype=torch.float32, device=k.device)
+            # columns outside the wanted ones stay zero
+            grad_k = torch.zeros(k_op.shape, dtype=torch.float32, device=x.device)
         else:
             starts = stops = pos_lo  # unused without the table
             grid = plan["key_grad"].grid
-            grad_k = torch.empty(k.shape, dtype=torch.float32, device=k.device)  # all written
+            grad_k = torch.empty(k_op.shape, dtype=torch.float32, device=x.device)  # all written
         launch(
             kernels.contrast_key_grad_kernel, grid,
             x_op, k_op, *row_args, starts, stops, grad_k,
@@ -524,18 +586,38 @@ def sweep(
             num_warps=plan["key_grad"].num_warps, num_stages=plan["key_grad"].num_stages,
         )
         grad_k *= coef_unit / temperature
+    grad_keys = _segment_grads(layout, merged, key_grads, weight, grad_k)
     if not is_paper:
         assert positive_sums is not None
-        add_supcon_positive_gradient(layout, positive_sums, options, weight, grad_x, grad_k)
-    return loss, stats, grad_x, grad_k
+        add_supcon_positive_gradient(layout, positive_sums, options, weight, grad_x, grad_keys)
+    return loss, stats, grad_x, grad_keys
+
+
+def _segment_grads(
+    layout: ContrastLayout,
+    merged: MergedKeys,
+    key_grads: Sequence[bool],
+    weight: Optional[Tensor],
+    grad_k: Optional[Tensor],
+) -> tuple[Optional[Tensor], ...]:
+    """The key gradient of each segment that wants one, from the table's ``grad_k``."""
+    wanted = list(key_grads) + [False] * (len(layout.segments) - len(key_grads))
+    grads: list[Optional[Tensor]] = []
+    for segment, column, want in zip(layout.segments, merged.segment_columns, wanted):
+        if weight is None or not want:
+            grads.append(None)
+        elif grad_k is None:
+            grads.append(layout.anchors.new_zeros((segment.keys.shape[0], layout.anchors.shape[1])))
+        else:
+            grads.append(grad_k.index_select(0, column))
+    return tuple(grads)
 
 
 def sweep_for(inputs: ContrastInputs) -> FusedSweep:
     """The Triton backend for these inputs: its products take :func:`operand_dtype` of them.
 
-    With half-precision operands the layout keeps the keys in that dtype: the kernels read them
-    as they are, without an fp32 copy made to be converted back.
+    The layout keeps the keys in their dtype; the kernels' table is built in the operand dtype
+    (:func:`merge_segments`), so half-precision keys are never widened to fp32.
     """
     dtype = operand_dtype(inputs.anchors, inputs.keys)
-    key_dtype = dtype if dtype in (torch.float16, torch.bfloat16) else None
-    return FusedSweep(functools.partial(sweep, operand_dtype=dtype), key_dtype)
+    return FusedSweep(functools.partial(sweep, operand_dtype=dtype))

@@ -1,9 +1,7 @@
 """The loss modules as parts: a miner composed like a sampler and a memory, keyword-only options,
-one spelling for gathering, and the deprecation of the former positional calls."""
+one spelling for gathering."""
 
 from __future__ import annotations
-
-import warnings
 
 import pytest
 import torch
@@ -15,12 +13,11 @@ from pixcontrast import (
     MinedContrastLoss,
     PixelContrastLoss,
     RegionContrastLoss,
-    SampledContrastLoss,
     contrastive_loss,
-    mine_keys,
-    pair_contrastive_loss,
-    region_embeddings,
 )
+from pixcontrast.functional import pair_contrastive_loss, region_embeddings
+from pixcontrast.losses import SampledContrastLoss
+from pixcontrast.mining import mine_keys
 
 from _helpers import make_maps
 
@@ -167,30 +164,11 @@ def test_both_losses_share_one_base_and_its_options():
         assert criterion.gather is True
 
 
-def test_former_positional_options_warn_and_keep_their_meaning():
-    sampler = HardAnchorSampler(10, 2)
-    bank = filled_bank()
-    with pytest.warns(FutureWarning, match="keyword-only") as record:
-        pixel = PixelContrastLoss(0.3, 0.6, "supcon", None, None, -1, False, "torch", sampler)
-    assert record[0].filename == __file__  # the warning points at the caller's line
-    assert (pixel.base_temperature, pixel.variant, pixel.ignore_index, pixel.normalize,
-            pixel.backend, pixel.sampler) == (0.6, "supcon", -1, False, "torch", sampler)
-    with pytest.warns(FutureWarning, match="keyword-only"):
-        pixel = PixelContrastLoss(0.1, None, "paper", 50, 5, 255, True, "auto", None, None,
-                                  bank, False, True, False)
-    assert pixel.memory is bank and not pixel.use_pixel_memory and pixel.use_region_memory
-    assert not pixel.enqueue and pixel.sampler.max_samples == 50
-    with pytest.warns(FutureWarning, match="keyword-only"):
-        region = RegionContrastLoss(0.1, None, "paper", 50, 5, 255, True, "auto", None, None,
-                                    bank, False)
-    assert region.memory is bank and not region.use_batch_regions
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        PixelContrastLoss(0.1, variant="supcon")  # temperature stays positional, silently
-    with pytest.raises(TypeError, match="variant twice"), pytest.warns(FutureWarning):
-        PixelContrastLoss(0.1, None, "paper", variant="supcon")
-    with pytest.raises(TypeError, match="positional"):
-        PixelContrastLoss(*([None] * 17))
+def test_every_option_but_temperature_is_keyword_only():
+    for loss_class in (PixelContrastLoss, RegionContrastLoss):
+        with pytest.raises(TypeError, match="positional"):
+            loss_class(0.3, 0.6)
+        assert loss_class(0.3, base_temperature=0.6).base_temperature == 0.6
 
 
 def test_sampler_options_are_not_silently_dropped():

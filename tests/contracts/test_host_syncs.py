@@ -3,8 +3,8 @@
 On a GPU every read of a device value by the host (``.tolist()``, ``.item()``, ``int()``, the
 output size of ``unique``, ``nonzero`` or ``bincount``, a tensor made from a host list) stalls
 the stream. Here the same calls are counted on CPU: the value checks read the inputs once, the
-class layout reads its boundaries once, and nothing else does (the key-gradient columns add one
-read only when some key parts need a gradient and others do not).
+class layout reads its boundaries once, and nothing else does (not even when some key parts need a
+gradient and others do not: each part is a key segment of its own).
 """
 
 from __future__ import annotations
@@ -17,7 +17,6 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import pixcontrast
-from pixcontrast.ops import _operator
 from pixcontrast.ops._layout import build_layout
 
 # ops whose result size or value the host has to wait for
@@ -80,20 +79,9 @@ def test_the_layout_reads_the_device_once(in_batch, keys, anchors, monkeypatch):
     assert dict(reads.counts) == {"tolist": 1}
 
 
-@pytest.fixture(params=["operator", "function"])
-def path(request, monkeypatch):
-    """The registered operator (its insides are one op to the counter, but ``tolist`` is seen),
-    and the autograd-Function path, whose every op the counter sees."""
-    if request.param == "function":
-        monkeypatch.setattr(_operator, "FUSED_OPERATOR", False)
-    elif not _operator.FUSED_OPERATOR:
-        pytest.skip("torch.library's operator registration needs torch 2.4")
-    return request.param
-
-
 @pytest.mark.parametrize("variant", ["paper", "supcon"])
 @pytest.mark.parametrize("reduction", ["mean", "none"])
-def test_a_training_step_reads_the_device_twice(variant, reduction, path, monkeypatch):
+def test_a_training_step_reads_the_device_twice(variant, reduction, monkeypatch):
     x = unit(50, 0).requires_grad_()
     y = torch.arange(50) % 4
     memory, memory_labels = unit(80, 1), torch.randint(-1, 5, (80,))
@@ -104,12 +92,11 @@ def test_a_training_step_reads_the_device_twice(variant, reduction, path, monkey
         )
         loss.sum().backward()
     # the value checks and the layout; for reduction="none" the operator's backward lays the
-    # inputs out again (the Function path keeps the forward's layout)
-    again = reduction == "none" and path == "operator"
-    assert dict(reads.counts) == {"tolist": 3 if again else 2}
+    # inputs out again
+    assert dict(reads.counts) == {"tolist": 3 if reduction == "none" else 2}
 
 
-def test_key_parts_of_which_only_some_need_a_gradient_add_one_read(monkeypatch):
+def test_key_parts_of_which_only_some_need_a_gradient_add_no_read(monkeypatch):
     x = unit(30, 0).requires_grad_()
     regions = unit(12, 1).requires_grad_()
     memory = unit(40, 2)
@@ -119,4 +106,4 @@ def test_key_parts_of_which_only_some_need_a_gradient_add_one_read(monkeypatch):
             x, torch.arange(30) % 4, [regions, memory], labels, backend="torch"
         )
         loss.backward()
-    assert dict(reads.counts) == {"tolist": 3}
+    assert dict(reads.counts) == {"tolist": 2}

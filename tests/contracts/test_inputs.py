@@ -11,22 +11,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import pixcontrast
-from pixcontrast import (
-    MINERS,
-    MinedContrastLoss,
-    PixelContrastLoss,
-    _checks,
-    contrastive_loss,
-    mine_keys,
-    pair_contrastive_loss,
-    resize_labels,
-)
-from pixcontrast.losses import prepare_pixel_inputs
+from pixcontrast import MinedContrastLoss, PixelContrastLoss, _checks, contrastive_loss
+from pixcontrast.functional import pair_contrastive_loss, resize_labels
+from pixcontrast.mining import MINERS, mine_keys
 from pixcontrast.samplers import (
     ConfidenceAnchorSampler,
     HardAnchorSampler,
     RandomAnchorSampler,
+    pixel_maps,
     select_anchors,
 )
 
@@ -260,7 +252,7 @@ def test_losses_resize_labels_like_interpolate():
     # the contrast term must label the pixels a cross-entropy on interpolated labels uses
     labels = torch.randint(0, 5, (2, 26, 39))
     embeddings = torch.randn(2, 4, 22, 33)
-    resized, _ = prepare_pixel_inputs(embeddings, labels, None, 255)
+    resized = pixel_maps(embeddings, labels).labels  # the losses' one resizing entry
     want = F.interpolate(labels.float()[:, None], (22, 33), mode="nearest")[:, 0].long()
     assert torch.equal(resized, want)
 
@@ -386,6 +378,3 @@ def test_unsigned_label_maps_sample_like_int64():
         criterion(embeddings, labels, generator=torch.Generator().manual_seed(3)),
     )
 
-
-def test_public_names_still_import():
-    assert pixcontrast.select_anchors is select_anchors

@@ -4,9 +4,7 @@ resumes its weight schedule from a checkpoint."""
 from __future__ import annotations
 
 import csv
-import importlib.util
 import math
-import sys
 from pathlib import Path
 
 import pytest
@@ -19,15 +17,7 @@ pytest.importorskip("tqdm")
 import torch  # noqa: E402
 from torch.utils.data import DataLoader, TensorDataset  # noqa: E402
 
-EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
-
-
-def load(name: str):
-    spec = importlib.util.spec_from_file_location(name, EXAMPLES / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
+from _helpers import load_example  # noqa: E402
 
 
 def logged(trainer) -> list[dict[str, str]]:
@@ -43,9 +33,9 @@ def small_loader(seed: int = 0) -> DataLoader:
 
 
 def test_training_step_logs_the_diagnostics_after_the_warmup(tmp_path: Path) -> None:
-    example = load("lightning_digits")
+    example = load_example("lightning_digits")
     torch.manual_seed(0)
-    module = example.ContrastSegmenter(width=4, proj_dim=8, warmup_steps=2, ramp_steps=2,
+    module = example.ContrastSegmenter(width=4, proj_dim=8, total_steps=10, warmup=0.2, ramp=0.2,
                                        grad_every=1, max_samples=64, max_views=8)
     trainer = example.make_trainer(4, tmp_path)
     trainer.fit(module, small_loader())
@@ -64,29 +54,29 @@ def test_training_step_logs_the_diagnostics_after_the_warmup(tmp_path: Path) -> 
         assert float(row["grad/ratio"]) == pytest.approx(
             float(row["grad/contrast_norm"]) / float(row["grad/other_norm"]), rel=1e-5)
     # background (10) is left out: no anchor of it in the last call
-    assert not (module.criterion.last_sample.labels == 10).any()
-    assert module.schedule.step_count == 4
+    assert not (module.term.loss.last_sample.labels == 10).any()
+    assert module.term.schedule.step_count == 4
 
 
 def test_checkpoint_resumes_the_schedule(tmp_path: Path) -> None:
-    example = load("lightning_digits")
-    module = example.ContrastSegmenter(width=4, proj_dim=8, warmup_steps=3, ramp_steps=4,
+    example = load_example("lightning_digits")
+    module = example.ContrastSegmenter(width=4, proj_dim=8, total_steps=10, warmup=0.3, ramp=0.4,
                                        max_samples=32, max_views=4)
     trainer = example.make_trainer(3, tmp_path / "first")
     trainer.fit(module, small_loader())
     path = tmp_path / "three.ckpt"
     trainer.save_checkpoint(path)
 
-    resumed = example.ContrastSegmenter(width=4, proj_dim=8, warmup_steps=3, ramp_steps=4,
-                                        max_samples=32, max_views=4)
+    resumed = example.ContrastSegmenter(width=4, proj_dim=8, total_steps=10, warmup=0.3,
+                                        ramp=0.4, max_samples=32, max_views=4)
     trainer = example.make_trainer(5, tmp_path / "second")
     trainer.fit(resumed, small_loader(), ckpt_path=path)
-    assert resumed.schedule.step_count == 5 == trainer.global_step
+    assert resumed.term.schedule.step_count == 5 == trainer.global_step
     rows = logged(trainer)
     assert [float(r["train/contrast_weight"]) for r in rows] == pytest.approx([0.025, 0.05])
 
 
 def test_lightning_example_smoke(tmp_path: Path) -> None:
-    example = load("lightning_digits")
+    example = load_example("lightning_digits")
     module, trainer = example.main(["--smoke", "--steps", "3", "--output", str(tmp_path)])
-    assert trainer.global_step == 3 and module.schedule.step_count == 3
+    assert trainer.global_step == 3 and module.term.schedule.step_count == 3

@@ -308,7 +308,7 @@ def test_last_stats_of_the_region_loss_count_region_positives():
     embeddings, labels = batch()
     criterion = RegionContrastLoss(max_samples=40, max_views=5)
     criterion(embeddings, labels, generator=torch.Generator().manual_seed(0))
-    region_labels = pixcontrast.region_embeddings(embeddings, labels, IGNORE)[1]
+    region_labels = pixcontrast.functional.region_embeddings(embeddings, labels, IGNORE)[1]
     want = positives_by_loop(criterion.last_sample.labels.tolist(), [region_labels],
                              in_batch=False)
     assert criterion.last_stats["mean_positives"].item() == pytest.approx(

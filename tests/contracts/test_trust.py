@@ -20,8 +20,8 @@ from pixcontrast import (
     PixelContrastLoss,
     RegionContrastLoss,
     contrastive_loss,
-    region_embeddings,
 )
+from pixcontrast.functional import region_embeddings
 
 IGNORE = 255
 

@@ -2,9 +2,7 @@
 
 ``torch.compile(fullgraph=True)`` traces a loss through it without a graph break and equals eager
 mode, forward and backward; ``torch.library.opcheck`` validates the registration (schema, fake
-shapes, autograd, AOT dispatch); the data-dependent checks still raise, from inside the operator;
-and the autograd-Function path that torch < 2.4 takes (forced here with monkeypatch) gives
-identical results.
+shapes, autograd, AOT dispatch); the data-dependent checks still raise, from inside the operator.
 """
 
 from __future__ import annotations
@@ -14,11 +12,6 @@ import torch
 import torch.nn.functional as F
 
 import pixcontrast
-from pixcontrast.ops import _operator
-
-pytestmark = pytest.mark.skipif(
-    not _operator.FUSED_OPERATOR, reason="torch.library's operator registration needs torch 2.4"
-)
 
 VARIANTS = ["paper", "supcon"]
 REDUCTIONS = ["mean", "sum", "none"]
@@ -28,12 +21,6 @@ REDUCTIONS = ["mean", "sum", "none"]
 def fresh_dynamo():
     yield
     torch._dynamo.reset()
-
-
-@pytest.fixture
-def function_path(monkeypatch):
-    """The path of torch < 2.4: the fused backends through ContrastFunction."""
-    monkeypatch.setattr(_operator, "FUSED_OPERATOR", False)
 
 
 def unit(rows: int, seed: int, dtype=torch.float64) -> torch.Tensor:
@@ -173,29 +160,14 @@ def test_opcheck_backward():
     )
 
 
-@pytest.mark.parametrize("reduction", REDUCTIONS)
-@pytest.mark.parametrize("variant", VARIANTS)
-def test_function_path_gives_identical_results(variant, reduction, monkeypatch):
-    through_operator = loss_and_gradients(losses, variant, reduction)
-    monkeypatch.setattr(_operator, "FUSED_OPERATOR", False)
-    through_function = loss_and_gradients(losses, variant, reduction)
-    for got, want in zip(through_function, through_operator):
-        assert torch.equal(got, want)
-
-
-@pytest.mark.parametrize("path", ["operator", "function"])
-def test_each_path_is_the_one_switched_on(path, monkeypatch):
-    monkeypatch.setattr(_operator, "FUSED_OPERATOR", path == "operator")
+def test_the_fused_backends_run_as_the_operator():
     anchors, labels = make_inputs()[:2]
     name = type(pixcontrast.contrastive_loss(anchors, labels, backend="torch").grad_fn).__name__
-    expected = "pixcontrast_contrastive_loss" if path == "operator" else "ContrastFunction"
-    assert expected in name, name
+    assert "pixcontrast_contrastive_loss" in name, name
 
 
 @pytest.mark.parametrize("reduction", ["mean", "none"])
-@pytest.mark.parametrize("path", ["operator", "function"])
-def test_gradients_only_where_needed_in_the_inputs_dtypes(path, reduction, monkeypatch):
-    monkeypatch.setattr(_operator, "FUSED_OPERATOR", path == "operator")
+def test_gradients_only_where_needed_in_the_inputs_dtypes(reduction):
     anchors = unit(10, seed=5, dtype=torch.float32).requires_grad_()
     keys = unit(7, seed=6, dtype=torch.float16).requires_grad_()
     memory = unit(9, seed=7, dtype=torch.float32)
@@ -224,8 +196,7 @@ def test_without_grad_mode_the_loss_is_a_constant(reduction):
     assert torch.equal(constant, expected.detach())
 
 
-@pytest.mark.usefixtures("function_path")
-def test_function_path_refuses_double_backward_and_in_place_changes():
+def test_the_operator_refuses_double_backward_and_in_place_changes():
     anchors, labels, keys, key_labels = make_inputs()[:4]
     loss = pixcontrast.contrastive_loss(anchors, labels, backend="torch")
     with pytest.raises(RuntimeError, match="first derivatives only"):

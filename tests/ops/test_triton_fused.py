@@ -20,12 +20,7 @@ import torch
 
 import pixcontrast
 from pixcontrast.ops import check_contrast_inputs, torch_fused, triton_fused
-from pixcontrast.ops._autograd import (
-    FusedEvaluation,
-    FusedSweep,
-    apply_contrast,
-    key_grad_columns,
-)
+from pixcontrast.ops._autograd import apply_contrast
 from pixcontrast.ops._layout import build_layout
 from pixcontrast.ops._options import ContrastOptions
 
@@ -138,10 +133,9 @@ def test_cuda_launch_path_performs_no_host_sync(variant):
     case = Case(variant, 300, 2000, 64, True, "mean", torch.bfloat16)
     anchors, labels, keys, key_labels = _inputs(case)
     layout = build_layout(anchors, labels, (keys,), key_labels, in_batch=True)
-    columns = key_grad_columns(layout, need_anchor_grad=True, need_part_grad=(False,))
     weight = torch.rand(case.n, device=DEVICE)
     options = ContrastOptions(case.temperature, 1.0, variant, case.reduction)
-    args = (layout, options, weight, True, columns)
+    args = (layout, options, weight, True, (True, False))
     triton_fused.sweep(*args, operand_dtype=torch.bfloat16)  # compiles outside the check
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
@@ -308,7 +302,7 @@ def test_every_split_count_matches_reference(case, tf32_allowed):
     layout = build_layout(anchors, labels, (keys,), key_labels, case.in_batch)
     target = triton_fused.device_target(torch.device(DEVICE))
     plan = triton_fused.launch_plan(
-        case.n, layout.keys.shape[0], case.dim, case.dtype, target.sm_count,
+        case.n, layout.num_keys, case.dim, case.dtype, target.sm_count,
         capability=target.capability, num_splits=case.splits, interpreted=INTERPRETED,
     )
     assert plan["statistics"].splits == case.splits
@@ -323,13 +317,13 @@ def test_sweep_statistics_match_torch(variant, tf32_allowed):
     anchors, labels, keys, key_labels = _inputs(case, seed=1)
     layout = build_layout(anchors, labels, (keys,), key_labels, in_batch=True)
     layout64 = build_layout(anchors.double(), labels, (keys.double(),), key_labels, True)
-    columns = key_grad_columns(layout, need_anchor_grad=True, need_part_grad=(False,))
+    key_grads = (True, False)  # the in-batch anchors' keys, not the memory's
     weight = torch.rand(case.n, device=DEVICE) * (layout.positives > 0)
     options = ContrastOptions(case.temperature, 1.0, variant, case.reduction)
-    args = (options, weight, True, columns)
+    args = (options, weight, True, key_grads)
     got = triton_fused.sweep(layout, *args, num_splits=3)
     ref = torch_fused.sweep(layout, *args)
-    exact = torch_fused.sweep(layout64, options, weight.double(), True, columns)
+    exact = torch_fused.sweep(layout64, options, weight.double(), True, key_grads)
     # floors in the layout's order: anchors sorted by class, keys by class over [anchors; keys]
     order = layout.anchor_order.cpu()
     upstream = torch.empty(case.n, dtype=torch.float64)
@@ -346,7 +340,7 @@ def test_sweep_statistics_match_torch(variant, tf32_allowed):
         # a mean of sigmoids of (log-normaliser - score): twice the log-normaliser's error
         (lambda r: r[1].positive_weight, "positive_weight", 2 * normalizer),
         (lambda r: r[2], "grad_x", floors.rows[order]),
-        (lambda r: r[3], "grad_k (anchor columns only)", floors.columns[layout.key_source.cpu()]),
+        (lambda r: r[3][0], "grad_k (the anchors' keys)", floors.columns[order]),
     ]:
         g, r, e = (pick(result).cpu() for result in (got, ref, exact))
         finite = torch.isfinite(e)
@@ -358,19 +352,21 @@ def test_sweep_statistics_match_torch(variant, tf32_allowed):
 @needs_kernels
 def test_only_requested_key_columns_get_a_gradient(tf32_allowed):
     """With in-batch anchors and memory keys of which only the anchors need a gradient, the dk
-    kernel visits only the anchors' columns: the memory columns stay exactly zero."""
+    kernel visits only the anchors' columns of the merged table, and the memory gets none."""
     case = Case("paper", 37, 65, 16, True, "mean")
     anchors, labels, keys, key_labels = _inputs(case, seed=2)
     layout = build_layout(anchors, labels, (keys,), key_labels, in_batch=True)
-    columns = key_grad_columns(layout, need_anchor_grad=True, need_part_grad=(False,))
+    merged = triton_fused.merge_segments(layout, torch.float32, (True, False))
+    visited = torch.zeros(layout.num_keys, dtype=torch.bool, device=DEVICE)
+    for lo, hi in merged.grad_columns:
+        visited[lo:hi] = True
+    anchor_columns = torch.zeros_like(visited)
+    anchor_columns[merged.segment_columns[0]] = True
+    assert torch.equal(visited, anchor_columns)
     weight = torch.ones(case.n, device=DEVICE)
     options = ContrastOptions(0.1, 1.0, "paper", case.reduction)
-    _, _, _, grad_k = triton_fused.sweep(layout, options, weight, True, columns)
-    visited = torch.zeros(layout.keys.shape[0], dtype=torch.bool, device=DEVICE)
-    for lo, hi in columns:
-        visited[lo:hi] = True
-    assert (grad_k[~visited] == 0).all()
-    assert (grad_k[visited] != 0).any()
+    _, _, _, grad_keys = triton_fused.sweep(layout, options, weight, True, (True, False))
+    assert grad_keys[1] is None and (grad_keys[0] != 0).any()
 
 
 @needs_kernels
@@ -440,26 +436,20 @@ def test_kernels_compile_without_spills(arch, dtype, dim, variant, reduction):
 
 
 def test_half_precision_keys_stay_in_their_dtype_without_a_copy():
-    # The kernels read half-precision keys as they are: the layout makes no fp32 copy for them,
-    # and a memory bank's keys, already grouped by class, are not copied at all without in-batch.
+    # The layout reads a memory bank's keys (grouped by class) in place, in their dtype; the
+    # kernels' table holds them in the operand dtype, half-precision keys unwidened.
     g = torch.Generator().manual_seed(0)
     keys = torch.randn(40, 16, generator=g).half()
     key_labels = torch.arange(40) // 10
     anchors = torch.randn(12, 16, generator=g).half()
     labels = torch.arange(12) % 4
-    options = ContrastOptions(0.1, 1.0, "paper", "mean")
     for in_batch in (False, True):
-        inputs = check_contrast_inputs(anchors, labels, keys, key_labels, in_batch)
-        fused = triton_fused.sweep_for(inputs)
-        assert fused.key_dtype == torch.float16
-        layout = FusedEvaluation.prepare(inputs, options, fused, [True, False]).layout
-        assert layout.keys.dtype == torch.float16 and layout.anchors.dtype == torch.float32
-        if not in_batch:
-            assert layout.keys.data_ptr() == keys.data_ptr()
-        torch_layout = FusedEvaluation.prepare(
-            inputs, options, FusedSweep(torch_fused.sweep), [True, False]
-        ).layout
-        assert torch_layout.keys.dtype == torch.float32
-        torch.testing.assert_close(layout.keys.float(), torch_layout.keys, rtol=0, atol=0)
-    fp32 = check_contrast_inputs(anchors.float(), labels, keys.float(), key_labels, False)
-    assert triton_fused.sweep_for(fp32).key_dtype is None
+        layout = build_layout(anchors, labels, (keys,), key_labels, in_batch)
+        memory = layout.segments[-1]
+        assert memory.keys.dtype == torch.float16 and layout.anchors.dtype == torch.float32
+        assert memory.keys.data_ptr() == keys.data_ptr() and memory.source is None
+        merged = triton_fused.merge_segments(layout, torch.float16, ())
+        assert merged.keys.dtype == torch.float16
+        torch.testing.assert_close(
+            merged.keys[merged.segment_columns[-1]], keys, rtol=0, atol=0
+        )
