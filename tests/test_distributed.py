@@ -9,9 +9,6 @@ forms for the helpers, and one process training on the concatenated batch for th
 from __future__ import annotations
 
 import multiprocessing
-import os
-import subprocess
-import sys
 import warnings
 from datetime import timedelta
 from pathlib import Path
@@ -30,6 +27,8 @@ from pixcontrast.losses import PixelContrastLoss, RegionContrastLoss
 from pixcontrast.memory import ClassMemoryBank
 from pixcontrast.mining import KeyMiner
 from pixcontrast.samplers import HardAnchorSampler
+
+from _helpers import torchrun
 
 WORLD = 2
 IGNORE = 255
@@ -417,44 +416,10 @@ def test_errors_name_the_argument() -> None:
         distributed.mean_across_ranks(torch.tensor(1.0), torch.tensor([1]))
 
 
-# Put on PYTHONPATH as sitecustomize, it runs in every process of the example: at exit (before
-# interpreter shutdown), each rank writes the names of the threads it still has.
-RECORD_THREADS_AT_EXIT = """
-import atexit, os
-
-def record_threads():
-    names = [open(f"/proc/self/task/{task}/comm").read().strip()
-             for task in os.listdir("/proc/self/task")]
-    path = os.path.join(os.environ["THREADS_AT_EXIT"], "rank" + os.environ["RANK"])
-    with open(path, "w") as out:
-        out.write("\\n".join(names))
-
-if "RANK" in os.environ:
-    atexit.register(record_threads)
-"""
-
-
-@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="threads are read from /proc")
 def test_ddp_example_exits_cleanly_under_torchrun(tmp_path: Path) -> None:
-    """The README's command, with few steps: it trains, and every rank exits 0.
-
-    A gloo worker thread still alive at interpreter shutdown may abort its process when it
-    releases the last collective's tensors (it needs the GIL there), so the exit code alone fails
-    only now and then; the threads left at exit show the defect every time.
-    """
-    (tmp_path / "sitecustomize.py").write_text(RECORD_THREADS_AT_EXIT)
-    path = os.pathsep.join(filter(None, [str(tmp_path), os.environ.get("PYTHONPATH")]))
-    torchrun = Path(sys.executable).with_name("torchrun")
-    result = subprocess.run(  # --standalone: a free port, not the default one other runs may hold
-        [str(torchrun), "--standalone", "--nproc_per_node=2", "examples/ddp_train.py",
-         "--steps", "2"],
-        cwd=ROOT, env={**os.environ, "PYTHONPATH": path, "THREADS_AT_EXIT": str(tmp_path)},
-        capture_output=True, text=True, timeout=300,
-    )
-    assert result.returncode == 0, result.stderr
-    steps = [line for line in result.stdout.splitlines() if line.startswith("step")]
-    assert len(steps) == 2, result.stdout
-    assert "identical on all ranks: True" in result.stdout, result.stdout
-    for rank in range(WORLD):
-        threads = (tmp_path / f"rank{rank}").read_text().split()
-        assert not [name for name in threads if "gloo" in name], threads
+    """The README's command, with few steps: it trains and every rank exits cleanly."""
+    run = torchrun(["examples/ddp_train.py", "--steps", "2"], WORLD, cwd=ROOT, scratch=tmp_path)
+    run.assert_clean_exit()
+    steps = [line for line in run.completed.stdout.splitlines() if line.startswith("step")]
+    assert len(steps) == 2, run.completed.stdout
+    assert "identical on all ranks: True" in run.completed.stdout, run.completed.stdout
