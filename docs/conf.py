@@ -43,6 +43,9 @@ autodoc_default_options = {"members": True, "show-inheritance": False}
 napoleon_google_docstring = True
 napoleon_numpy_docstring = False
 napoleon_use_rtype = False
+# "Attributes:" sections as fields of their class, so that a NamedTuple's fields, which autodoc
+# documents as members too, are not described twice
+napoleon_use_ivar = True
 
 # Names outside pixcontrast have no inventory here (fetching torch's or Python's would need the
 # network): references to them are written out, not linked.

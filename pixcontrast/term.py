@@ -56,6 +56,9 @@ class ContrastTerm(nn.Module):
       ``last_stats`` the last call's statistics (those of
       :attr:`PixelContrastLoss.last_stats <pixcontrast.PixelContrastLoss>` and ``weight``, its
       weight; only ``weight`` during the warm-up), detached tensors to ``.item()`` when logging.
+      When the term switches on, :func:`~pixcontrast.gradient_ratio` of the returned value and
+      the other loss at ``features`` says whether it dominates (lengthen the warm-up at a ratio
+      above 1 with a cosine near 0; lower ``weight`` at a ratio in the tens).
     - **Checkpoints.** ``state_dict()`` holds the head, the schedule's step and configuration
       (as the module's extra state) and a memory bank's queue, so a resumed run continues its
       warm-up, ramp and memory where it stopped.

@@ -29,11 +29,17 @@ def batch(seed: int = 0):
     return features.requires_grad_(), labels, logits
 
 
-def test_warmup_is_an_exact_zero_connected_to_features_and_head_and_skips_the_loss() -> None:
+def on(device, dtype, features, labels, logits):
+    features = features.detach().to(device, dtype).requires_grad_()
+    return features, labels.to(device), logits.to(device, dtype)
+
+
+def test_warmup_is_an_exact_zero_connected_to_features_and_head_and_skips_the_loss(
+        device, dtype) -> None:
     bank = ClassMemoryBank(CLASSES, 5, pixels_per_class=8, regions_per_class=2)
-    term = make_term(memory=bank)  # warm-up: round(0.2 * 10) = 2 steps
+    term = make_term(memory=bank).to(device, dtype)  # warm-up: round(0.2 * 10) = 2 steps
     for step in range(2):
-        features, labels, logits = batch(step)
+        features, labels, logits = on(device, dtype, *batch(step))
         features.data[0, 0, 0, 0] = float("inf")  # a 0 * x would make it NaN
         value = term(features, labels, logits)
         assert value.item() == 0.0 and value.dtype == features.dtype
@@ -47,9 +53,9 @@ def test_warmup_is_an_exact_zero_connected_to_features_and_head_and_skips_the_lo
     assert term.weight == pytest.approx(0.05)  # the ramp's first step comes next
 
 
-def test_after_the_warmup_it_is_the_weight_times_the_loss_of_its_parts() -> None:
-    term = make_term(warmup=0.0, ramp=0.5, exclude_classes=(3,))
-    features, labels, logits = batch()
+def test_after_the_warmup_it_is_the_weight_times_the_loss_of_its_parts(device, dtype) -> None:
+    term = make_term(warmup=0.0, ramp=0.5, exclude_classes=(3,)).to(device, dtype)
+    features, labels, logits = on(device, dtype, *batch())
     value = term(features, labels, logits, generator=torch.Generator().manual_seed(3))
 
     # independently: the same head and a fresh loss with the same options and random draws

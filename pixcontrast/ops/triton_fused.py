@@ -43,6 +43,7 @@ from ._options import ContrastInputs, ContrastOptions
 
 __all__ = [
     "KernelLaunch",
+    "MergedKeys",
     "Target",
     "TileConfig",
     "launch_plan",

@@ -74,3 +74,43 @@ def test_two_processes_under_torchrun(dataset: Path, tmp_path: Path) -> None:
     )
     run.assert_clean_exit()
     check_result(json.loads(output.read_text()), processes=2)
+
+
+def test_miou_is_the_plain_count_over_classes_present(dataset: Path) -> None:
+    example = load_example("train_ade20k")
+    config = example.Config(data=str(dataset), crop=32)
+    data = example.ADE20KFolder(dataset, "validation", 32, train=False)
+    torch = pytest.importorskip("torch")
+
+    class Fixed(torch.nn.Module):
+        """Predicts class (row // 8) % 4 at 1/4 resolution, whatever the image."""
+
+        def forward(self, pixel_values):
+            height, width = pixel_values.shape[-2:]
+            rows = torch.arange(height // 4)[:, None].expand(height // 4, width // 4)
+            classes = (rows * 4 // 8) % 4
+            logits = torch.nn.functional.one_hot(classes, 150).permute(2, 0, 1)[None].float()
+            return type("Outputs", (), {"logits": logits})
+
+    iou = example.evaluate(Fixed(), config, torch.device("cpu"))
+
+    # a plain loop over pixels, with the prediction upsampled the same way
+    hits, predicted_count, label_count = {}, {}, {}
+    for index in range(len(data)):
+        image, labels = data[index]
+        logits = Fixed()(image[None]).logits
+        logits = torch.nn.functional.interpolate(logits, size=labels.shape, mode="bilinear",
+                                                 align_corners=False)
+        predicted = logits.argmax(1)[0]
+        for truth, guess in zip(labels.flatten().tolist(), predicted.flatten().tolist()):
+            if truth == 255:
+                continue
+            label_count[truth] = label_count.get(truth, 0) + 1
+            predicted_count[guess] = predicted_count.get(guess, 0) + 1
+            hits[truth] = hits.get(truth, 0) + (truth == guess)
+    for c in range(150):
+        union = label_count.get(c, 0) + predicted_count.get(c, 0) - hits.get(c, 0)
+        if union == 0:
+            assert math.isnan(iou[c])
+        else:
+            assert iou[c] == pytest.approx(hits.get(c, 0) / union)
