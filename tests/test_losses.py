@@ -133,5 +133,6 @@ def test_label_check_with_narrow_dtypes():
     embeddings = torch.randn(1, 4, 2, 2)
     labels = torch.tensor([[[0, 1], [2, 255]]], dtype=torch.uint8)
     PixelContrastLoss(num_classes=300)(embeddings, labels)  # 300 does not fit in uint8
-    with pytest.raises(ValueError, match=r"labels must lie in \[0, 3\) or equal ignore_index=-1"):
+    with pytest.raises(ValueError, match=r"labels must lie in \[0, 3\) \(num_classes=3\) or equal "
+                                         r"ignore_index=-1.*pass ignore_index=255"):
         PixelContrastLoss(num_classes=3, ignore_index=-1)(embeddings, labels)  # 255 is not -1

@@ -368,7 +368,8 @@ def test_far_away_ignore_index(ignore_index):
     sample = sampler(torch.randn(1, 2, 1, 6), labels, ignore_index=ignore_index)
     assert sample.indices.tolist() == [0, 2, 3, 5]
     labels[0, 0, 0] = 3
-    with pytest.raises(ValueError, match=f"ignore_index={ignore_index}; 1 pixels"):
+    with pytest.raises(ValueError, match=rf"ignore_index={ignore_index}; target 3 is out of bounds "
+                                         r"\(1 such"):
         sampler(torch.randn(1, 2, 1, 6), labels, ignore_index=ignore_index)
 
 
