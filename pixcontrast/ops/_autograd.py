@@ -38,6 +38,7 @@ import torch
 from torch import Tensor
 from torch.autograd import forward_ad
 
+from ._inputs import check_contrast_values, contrast_value_peaks
 from ._layout import ContrastLayout, build_layout
 from ._options import ContrastInputs, ContrastOptions
 
@@ -330,11 +331,21 @@ class FusedEvaluation:
         options: ContrastOptions,
         fused: FusedSweep,
         need_grad: Sequence[bool],
+        check_values: bool = False,
     ) -> FusedEvaluation:
-        """Lay ``inputs`` out by class; ``need_grad``: the anchors', then each key part's."""
+        """Lay ``inputs`` out by class; ``need_grad``: the anchors', then each key part's.
+
+        With ``check_values`` the value checks run first
+        (:func:`~pixcontrast.ops._inputs.check_contrast_values`), their bounds read in the
+        layout's one host synchronisation: one read for both.
+        """
+        peaks = contrast_value_peaks(inputs) if check_values else None
         layout = build_layout(
-            inputs.anchors, inputs.labels, inputs.keys, inputs.key_labels, inputs.in_batch
+            inputs.anchors, inputs.labels, inputs.keys, inputs.key_labels, inputs.in_batch,
+            read_along=peaks,
         )
+        if check_values:
+            check_contrast_values(inputs, options.temperature, options.rho, layout.read_along)
         spec = InputSpec(
             anchor_dtype=inputs.anchors.dtype,
             key_dtypes=tuple(part.dtype for part in inputs.keys),
@@ -418,7 +429,9 @@ class ContrastFunction(torch.autograd.Function):
     def forward(ctx, call: ContrastCall, anchors: Tensor, *key_parts: Tensor) -> Tensor:
         inputs = ContrastInputs(anchors, call.labels, key_parts, call.key_labels, call.in_batch)
         need_grad = [call.grad_enabled and need for need in ctx.needs_input_grad[1:]]
-        evaluation = FusedEvaluation.prepare(inputs, call.options, call.fused, need_grad)
+        evaluation = FusedEvaluation.prepare(
+            inputs, call.options, call.fused, need_grad, check_values=True
+        )
         ctx.evaluation = evaluation
         if call.options.reduction != "none":
             loss, ctx.gradients = evaluation.reduced()

@@ -13,7 +13,7 @@ from typing import Any, Callable, NamedTuple, Optional, Sequence
 import torch
 from torch import Tensor
 
-from . import _inputs, torch_fused, triton_fused
+from . import torch_fused, triton_fused
 from ._autograd import (
     AnchorStatistics,
     FusedEvaluation,
@@ -117,9 +117,15 @@ _BACKWARD_SCHEMA = _schema(BackwardArguments, "Tensor[]")
 
 
 def _evaluation(
-    inputs: ContrastInputs, options: ContrastOptions, backend: str, need_grad: Sequence[bool]
+    inputs: ContrastInputs,
+    options: ContrastOptions,
+    backend: str,
+    need_grad: Sequence[bool],
+    check_values: bool = False,
 ) -> FusedEvaluation:
-    return FusedEvaluation.prepare(inputs, options, _SWEEPS[backend](inputs), need_grad)
+    return FusedEvaluation.prepare(
+        inputs, options, _SWEEPS[backend](inputs), need_grad, check_values
+    )
 
 
 def _wanted(gradients: Gradients) -> list[Tensor]:
@@ -146,10 +152,10 @@ def _operator_forward(*arguments: Any) -> tuple[Tensor, list[Tensor]]:
     """The forward kernel: the loss and what backward needs (see above)."""
     a = ForwardArguments(*arguments)
     inputs = ContrastInputs(a.anchors, a.labels, tuple(a.keys), a.key_labels, a.in_batch)
-    # (the kernel always sees real values: while torch.compile traces, the fake stands in)
-    _inputs.check_contrast_values(inputs, a.temperature, a.rho)
+    # The value checks, their bounds read with the layout's (the kernel always sees real values:
+    # while torch.compile traces, the fake stands in).
     options = ContrastOptions(a.temperature, a.rho, a.variant, a.reduction)
-    evaluation = _evaluation(inputs, options, a.backend, a.need_grad)
+    evaluation = _evaluation(inputs, options, a.backend, a.need_grad, check_values=True)
     if a.reduction == "none":
         loss, statistics = evaluation.per_anchor()
         return loss, [statistics.log_normalizer, statistics.positive_weight]
