@@ -10,6 +10,7 @@ import torch
 from torch import Tensor
 
 __all__ = [
+    "CONVENTIONAL_IGNORE",
     "check_pixel_maps",
     "check_choice",
     "check_count",
@@ -19,6 +20,7 @@ __all__ = [
     "check_finite",
     "check_ignore_index",
     "check_label_values",
+    "label_range_error",
     "check_labels",
     "check_mask",
     "check_positive",
@@ -60,20 +62,49 @@ def check_finite(tensor: Tensor, name: str) -> None:
         raise ValueError(f"{name} contains NaN or Inf values")
 
 
-def check_label_values(labels: Tensor, num_classes: int, ignore_index: int, name: str) -> None:
+def check_label_values(
+    labels: Tensor, num_classes: int, ignore_index: int, name: str, bound: Optional[str] = None
+) -> None:
     """Raise unless every entry of ``labels`` lies in ``[0, num_classes)`` or is ``ignore_index``.
 
     One elementwise pass and one host synchronisation; the values are gathered only to word
-    the error.
+    the error, which says where the bound comes from (``bound``; default
+    ``num_classes=<num_classes>``).
     """
     labels = labels.long()  # (a narrower dtype would wrap the Python ints it is compared with)
     outside = (labels < 0) | (labels >= num_classes)
     bad = outside & (labels != ignore_index)
     if not bool(bad.any()):
         return
-    raise ValueError(
-        f"{name} must lie in [0, {num_classes}) or equal ignore_index={ignore_index}; "
-        f"{out_of_bounds(labels, bad)}"
+    raise label_range_error(labels, bad, num_classes, ignore_index, name, bound)
+
+
+CONVENTIONAL_IGNORE = (255, -100)
+"""The labels that datasets and ``F.cross_entropy`` conventionally give unlabelled pixels."""
+
+
+def label_range_error(
+    labels: Tensor,
+    bad: Tensor,
+    num_classes: int,
+    ignore_index: int,
+    name: str = "labels",
+    bound: Optional[str] = None,
+) -> ValueError:
+    """The error for the entries of ``labels`` where ``bad`` (outside the classes, not ignored).
+
+    ``bound`` says where ``num_classes`` comes from, as the caller passed it. When a bad value
+    is a conventional ignore label (:data:`CONVENTIONAL_IGNORE`), the error suggests it as
+    ``ignore_index``. For error paths only: it synchronises with the host.
+    """
+    bound = f"num_classes={num_classes}" if bound is None else bound
+    hint = "pass num_classes (of the loss or the sampler) that covers every class"
+    for value in CONVENTIONAL_IGNORE:
+        if value != ignore_index and bool((labels[bad] == value).any()):
+            hint = f"if {value} marks unlabelled pixels, pass ignore_index={value}; else " + hint
+    return ValueError(
+        f"{name} must lie in [0, {num_classes}) ({bound}) or equal ignore_index={ignore_index}; "
+        f"{out_of_bounds(labels, bad)}: {hint}"
     )
 
 

@@ -23,6 +23,7 @@ from .ops import first_derivatives_only
 __all__ = [
     "PixelMaps",
     "exclude_labels",
+    "check_label_resolution",
     "gather_pixels",
     "pixel_maps",
     "predicted_labels",
@@ -55,7 +56,11 @@ def resize_labels(labels: Tensor, size: tuple[int, int]) -> Tensor:
     the scale in float32: row ``i`` reads row ``min(floor(i * s), H - 1)`` with
     ``s = float32(H) / float32(h)`` and the product rounded to float32 (which differs from
     ``floor(i * H / h)`` for, e.g., 26 -> 22 rows); columns likewise. It indexes instead of
-    interpolating, so any integer id survives exactly.
+    interpolating, so any integer id survives exactly. It resizes any size to any other; the
+    losses, samplers and memory bank take labels only at the embeddings' resolution or larger
+    by one integer stride ``s`` in both dimensions, ``h`` being ``H / s`` rounded down or up to
+    one more (512 -> 64 and 513 -> 65 at stride 8), or by one exact scale ``H / h = W / w``;
+    other sizes raise there.
 
     Args:
         labels: ``[B, H, W]`` integer class ids.
@@ -101,6 +106,54 @@ def _nearest_source(in_size: int, out_size: int, device: torch.device) -> Tensor
     # a float32 product of two float32 values, correctly rounded like ATen's
     position = torch.arange(out_size, dtype=torch.float32, device=device).mul_(scale)
     return position.floor_().long().clamp_(max=in_size - 1)
+
+
+def check_label_resolution(embeddings: Tensor, labels: Tensor) -> None:
+    """Raise unless ``labels [B, H, W]`` fit ``embeddings [B, D, h, w]`` by one stride.
+
+    The rule: labels at least as large as the embeddings, with one integer stride ``s`` for
+    both dimensions such that ``floor(H / s) <= h <= floor(H / s) + 1`` and the same for
+    ``W, w``: what a network of output stride ``s`` gives for any input size, odd ones included
+    (512 -> 64 and 513 -> 65 at stride 8, 513 -> 129 at stride 4, 32 -> 1 at stride 32); or
+    one exact scale ``H / h = W / w`` (26 x 39 labels for 22 x 33 embeddings). Labels at a
+    lower resolution than the embeddings, or of another aspect ratio (30 x 45 labels for 8 x 8
+    embeddings), are refused; when the embeddings' dimensions 1 and 2 fit the labels instead,
+    the error says that they are channels-last ``[B, h, w, D]``. Empty maps pass (the resize
+    refuses what it cannot do).
+    """
+    _, _, h, w = embeddings.shape
+    height, width = labels.shape[-2:]
+    if 0 in (h, w, height, width) or _one_stride((height, width), (h, w)):
+        return
+    message = (
+        f"labels of resolution {(height, width)} do not fit embeddings of resolution {(h, w)} "
+        "(embeddings are [B, D, h, w]): labels must be at the embeddings' resolution or larger "
+        "by one integer stride s in both dimensions (h = H / s and w = W / s, rounded either "
+        "way), or by one exact scale (H / h = W / w)"
+    )
+    if _one_stride((height, width), tuple(embeddings.shape[1:3])):
+        raise ValueError(
+            f"{message}; embeddings of shape {list(embeddings.shape)} look channels-last "
+            "[B, h, w, D]: pass embeddings.permute(0, 3, 1, 2)"
+        )
+    raise ValueError(message)
+
+
+def _one_stride(label_size: Sequence[int], embedding_size: Sequence[int]) -> bool:
+    """Whether one integer stride, or one exact scale, takes every label size to its embedding's.
+
+    ``floor(H / s) <= h <= floor(H / s) + 1`` holds for the integers ``s`` from
+    ``floor(H / (h + 1)) + 1`` to ``floor(H / (h - 1))`` (no upper end for ``h = 1``).
+    """
+    if any(small > big for big, small in zip(label_size, embedding_size)):
+        return False
+    (height, width), (h, w) = label_size, embedding_size
+    if height * w == width * h:
+        return True
+    low = max(big // (small + 1) + 1 for big, small in zip(label_size, embedding_size))
+    high = min((big // (small - 1) for big, small in zip(label_size, embedding_size)
+                if small > 1), default=low)
+    return low <= high
 
 
 class _GatherByImage(torch.autograd.Function):
@@ -381,14 +434,17 @@ class PixelMaps:
     """A batch's maps at the embeddings' resolution ``(h, w)``, validated.
 
     Attributes:
-        labels: ``[B, h, w]`` class ids.
-        predictions: ``[B, h, w]`` predicted class ids, or ``None``.
+        labels: ``[B, h, w]`` int64 class ids.
+        predictions: ``[B, h, w]`` int64 predicted class ids, or ``None``.
         logits: ``[B, C, h, w]`` class scores, or ``None``.
+        num_classes: the bound the labels were checked against (``num_classes``, else the
+            logits' ``C``), or ``None``.
     """
 
     labels: Tensor
     predictions: Optional[Tensor] = None
     logits: Optional[Tensor] = None
+    num_classes: Optional[int] = None
 
     @property
     def predicted(self) -> Optional[Tensor]:
@@ -413,9 +469,14 @@ def pixel_maps(
 ) -> PixelMaps:
     """Validate a batch and bring labels, predictions and logits to the embeddings' resolution.
 
-    Every map is nearest-resized by the rule of :func:`~pixcontrast.functional.resize_labels`
-    (logits pick the same source pixels as labels), so a map already at ``(h, w)`` is returned as
-    it is.
+    Labels must be at the embeddings' resolution or larger by one integer stride ``s`` in both
+    dimensions, ``h`` being ``H / s`` rounded down or up to one more (512 x 512 or 513 x 513
+    labels for 64 x 64 or 65 x 65 embeddings), or by one exact scale ``H / h = W / w``. Every
+    map is nearest-resized by the rule of :func:`~pixcontrast.functional.resize_labels` (logits
+    pick the same source pixels as labels), so a map already at ``(h, w)`` is returned as it
+    is. The labels and predictions come out as int64 whatever their integer dtype: relabelling
+    labels (``exclude_classes`` to ``ignore_index``, which a ``uint8`` or ``int8`` map may not
+    hold) then never wraps around.
 
     Args:
         embeddings: ``[B, D, h, w]`` float pixel embeddings.
@@ -424,7 +485,7 @@ def pixel_maps(
         logits: ``[B, C, h'', w'']`` float class scores (``C >= 1``), or ``None``.
         ignore_index: the label of unlabelled pixels.
         num_classes: when known, labels must lie in ``[0, num_classes)`` or be ``ignore_index``
-            (one host synchronisation).
+            (one host synchronisation). ``None``: the logits' ``C`` when there are logits.
         logits_name: what errors call ``logits`` (the name of the caller's argument).
 
     Returns:
@@ -434,8 +495,9 @@ def pixel_maps(
         TypeError: a map of the wrong kind (float labels or predictions, integer embeddings or
             logits), a non-integer ``ignore_index``.
         ValueError: wrong numbers of dimensions, batch sizes that differ from the embeddings',
-            maps on different devices, an empty map, logits without classes, or a label
-            outside ``[0, num_classes)`` other than ``ignore_index``.
+            maps on different devices, an empty map, logits without classes, labels that are
+            not at one stride of the embeddings' resolution (or channels-last
+            embeddings), or a label outside ``[0, num_classes)`` other than ``ignore_index``.
 
     Example:
         >>> maps = pixel_maps(torch.randn(1, 4, 2, 2), torch.tensor([[[0, 0, 1, 1]] * 4]))
@@ -464,17 +526,22 @@ def pixel_maps(
                 f"{name} of shape {list(value.shape)} cannot match embeddings of batch {b} and "
                 f"resolution {(h, w)}: the batch must be equal and the spatial size non-empty"
             )
+    check_label_resolution(embeddings, labels)
+    bound = None
+    if num_classes is None and logits is not None:
+        num_classes = logits.shape[1]
+        bound = f"the {num_classes} classes of {logits_name}, its dimension 1"
     if num_classes is not None:
-        _checks.check_label_values(labels, num_classes, ignore_index, "labels")
+        _checks.check_label_values(labels, num_classes, ignore_index, "labels", bound)
     if predictions is not None:
-        predictions = resize_label_map(predictions, (h, w))
+        predictions = resize_label_map(predictions, (h, w)).long()
     if logits is not None and tuple(logits.shape[-2:]) != (h, w):
         # the source pixel of every target pixel, by the same rule as the labels' resize
         size = logits.shape[-2:]
         source = torch.arange(size[0] * size[1], device=logits.device).view(1, *size)
         source = resize_label_map(source, (h, w)).reshape(-1)
         logits = logits.flatten(2)[:, :, source].view(b, -1, h, w)
-    return PixelMaps(resize_label_map(labels, (h, w)), predictions, logits)
+    return PixelMaps(resize_label_map(labels, (h, w)).long(), predictions, logits, num_classes)
 
 
 def split_predictions(
@@ -524,12 +591,9 @@ def prepare_pixel_maps(
 ) -> PixelMaps:
     """:func:`pixel_maps` for the losses' arguments.
 
-    ``predictions`` are logits or a label map (see :func:`split_predictions`), and logits bound
-    the labels to their classes when ``num_classes`` is not given.
+    ``predictions`` are logits or a label map (see :func:`split_predictions`).
     """
     predicted, logits = split_predictions(predictions, num_classes)
-    if num_classes is None and logits is not None:
-        num_classes = logits.shape[1]
     return pixel_maps(
         embeddings, labels, predicted, logits, ignore_index=ignore_index, num_classes=num_classes,
         logits_name="predictions",

@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import abc
 import dataclasses
+import sys
+import warnings
+from types import FrameType
 from typing import Callable, Optional, Sequence
 
 import torch
@@ -27,6 +30,21 @@ __all__ = ["PixelContrastLoss", "RegionContrastLoss", "SampledContrastLoss"]
 
 KeyParts = tuple[Optional[list[Tensor]], Optional[list[Tensor]], bool]
 Miner = Callable[..., MinedPairs]
+
+
+def _caller_stacklevel() -> int:
+    """The ``stacklevel`` that points a warning issued here at the user's line.
+
+    The first frame outside this module and ``nn.Module.__call__``.
+    """
+    frame: Optional[FrameType] = sys._getframe(1)
+    level = 1
+    while frame is not None and (
+        frame.f_globals.get("__name__") == __name__
+        or frame.f_globals.get("__name__", "").startswith("torch.nn.modules.")
+    ):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 def _join(
@@ -52,6 +70,34 @@ def _rank_keys(keys: Tensor, key_labels: Tensor, own: bool) -> list[tuple[Tensor
     if not own:
         del parts[distributed.get_rank()]
     return parts
+
+
+# Anchors of normalize=False whose L2 norms leave [1 / _NORM_FACTOR, _NORM_FACTOR] warn.
+_NORM_FACTOR = 4.0
+
+
+def _warn_far_from_unit(anchors: Tensor, temperature: float) -> None:
+    """Warn when the L2 norms of ``anchors`` (``normalize=False``) are far from 1.
+
+    The loss is designed for unit embeddings: raw features of norm ``r`` make the scores
+    ``x . k / temperature`` reach ``r**2 / temperature`` and the loss grow with them. One host
+    read; a module calls it at its first draw only.
+    """
+    if not anchors.shape[0]:
+        return
+    norms = torch.linalg.vector_norm(anchors.detach().float(), dim=1)
+    low, high = torch.stack([norms.min(), norms.max()]).tolist()
+    if 1 / _NORM_FACTOR <= low and high <= _NORM_FACTOR:
+        return
+    warnings.warn(
+        f"normalize=False, but the anchors' L2 norms lie in [{low:.3g}, {high:.3g}], far from "
+        f"1: scores x.k / temperature then reach {high**2 / temperature:.3g} instead of "
+        f"1 / temperature = {1 / temperature:.3g}, and the loss grows with them (the loss is "
+        "made for unit embeddings); pass normalize=True (the default) unless the embeddings "
+        "are L2-normalised already. (Checked once, at the first batch.)",
+        UserWarning,
+        stacklevel=_caller_stacklevel(),
+    )
 
 
 class SampledContrastLoss(nn.Module, abc.ABC):
@@ -98,7 +144,10 @@ class SampledContrastLoss(nn.Module, abc.ABC):
         base_temperature: the loss is scaled by ``temperature / base_temperature`` (``None``: 1).
         variant: ``"paper"`` or ``"supcon"``.
         ignore_index: label of unlabelled pixels; they are never anchors.
-        normalize: L2-normalise the embeddings over channels first.
+        normalize: L2-normalise the embeddings over channels first. With ``False`` the
+            embeddings must be unit already: the anchors of the first batch are checked once,
+            and norms outside ``[1/4, 4]`` warn (raw features give scores of ``|x|^2 / tau``
+            and a loss that grows with them).
         backend: ``"auto"``, ``"triton"``, ``"torch"`` or ``"reference"``; see
             ``contrastive_loss`` (unused with a ``miner``).
         sampler: an :class:`~pixcontrast.samplers.AnchorSampler`; it gets the batch's
@@ -110,8 +159,12 @@ class SampledContrastLoss(nn.Module, abc.ABC):
             without ``sampler`` (a sampler has its own budget; giving both raises).
         max_views: most anchors per image and class of the default sampler (``None``: 100).
             Only without ``sampler``.
-        num_classes: when given, labels outside ``[0, num_classes)`` (other than
-            ``ignore_index``) raise. Taken from ``memory`` when there is one.
+        num_classes: labels outside ``[0, num_classes)`` (other than ``ignore_index``)
+            raise. Taken from ``memory`` when there is one. ``None``: the logits' ``C`` when
+            ``predictions`` are logits, else :data:`~pixcontrast.samplers.DEFAULT_NUM_CLASSES`
+            (1024), and then a label 255 that is not ``ignore_index`` raises too (255 marks
+            unlabelled pixels in most datasets): pass ``ignore_index=255``, or ``num_classes``
+            if 255 is a class.
         memory: a :class:`~pixcontrast.ClassMemoryBank` of keys from previous steps, or ``None``.
         miner: a :class:`~pixcontrast.mining.KeyMiner` (or a callable with its signature,
             returning :class:`~pixcontrast.mining.MinedPairs`): each anchor is then contrasted
@@ -134,7 +187,12 @@ class SampledContrastLoss(nn.Module, abc.ABC):
 
     Shape:
         - embeddings: ``[B, D, h, w]``
-        - labels: ``[B, H, W]`` integer class ids
+        - labels: ``[B, H, W]`` integer class ids (any integer dtype), at the embeddings'
+          resolution or larger by one integer stride ``s`` in both dimensions: ``h`` is
+          ``H / s`` rounded down, or up to one more (513 x 513 labels for 65 x 65 embeddings at
+          stride 8), or by one exact scale ``H / h = W / w``. Other sizes (another aspect ratio,
+          fewer pixels than the embeddings) raise; labels are nearest-resized like
+          ``F.interpolate(mode="nearest")``.
         - predictions (optional): logits ``[B, C, h', w']`` or a label map ``[B, h', w']``
         - output: scalar
 
@@ -173,6 +231,7 @@ class SampledContrastLoss(nn.Module, abc.ABC):
         self.variant = options.variant
         self.ignore_index = _checks.check_ignore_index(ignore_index)
         self.normalize = bool(normalize)
+        self._norms_checked = self.normalize  # (unnormalised anchors: checked at the first draw)
         self.backend = _checks.check_choice(backend, "backend", BACKEND_NAMES)
         if num_classes is not None and (not isinstance(num_classes, int) or num_classes <= 0):
             raise ValueError(f"num_classes must be a positive integer, got {num_classes!r}")
@@ -308,6 +367,9 @@ class SampledContrastLoss(nn.Module, abc.ABC):
         generator: Optional[torch.Generator],
     ) -> AnchorSample:
         sample = self.sampler.sample_maps(embeddings, maps, self.ignore_index, generator)
+        if not self._norms_checked:
+            self._norms_checked = True
+            _warn_far_from_unit(sample.embeddings, self.temperature)
         # Normalising the N sampled rows instead of the whole map gives the same anchors.
         return dataclasses.replace(sample, embeddings=self.unit(sample.embeddings))
 
@@ -424,7 +486,8 @@ class PixelContrastLoss(SampledContrastLoss):
 
     Shape:
         - embeddings: ``[B, D, h, w]``
-        - labels: ``[B, H, W]`` integer class ids
+        - labels: ``[B, H, W]`` integer class ids, at the embeddings' resolution or larger by
+          one stride (see :class:`SampledContrastLoss`)
         - predictions (optional): logits ``[B, C, h', w']`` or a label map ``[B, h', w']``
         - output: scalar
 
@@ -531,7 +594,8 @@ class RegionContrastLoss(SampledContrastLoss):
 
     Shape:
         - embeddings: ``[B, D, h, w]``
-        - labels: ``[B, H, W]`` integer class ids
+        - labels: ``[B, H, W]`` integer class ids, at the embeddings' resolution or larger by
+          one stride (see :class:`SampledContrastLoss`)
         - output: scalar
 
     Example:

@@ -45,8 +45,9 @@ __all__ = [
 ]
 
 DEFAULT_NUM_CLASSES = 1024
-"""Class ids a sampler accepts when it is not told ``num_classes``: ``[0, 1024)``. Selection
-keeps about ``18 * num_classes`` counters per image, so a tight ``num_classes`` is also faster."""
+"""Class ids a sampler accepts when it is told neither ``num_classes`` nor logits: ``[0, 1024)``
+(label 255 then raises unless it is ``ignore_index``). Selection keeps about
+``18 * num_classes`` counters per image, so a tight ``num_classes`` is also faster."""
 
 _LEVELS = 8  # random levels of a pixel in select_anchors
 _FIRST_EXPONENT = 127  # float32 exponent field of 1.0, select_anchors's level 0
@@ -359,7 +360,9 @@ def select_anchors(
         min_pixels: fewest eligible pixels a pair needs to be sampled.
         hard_fraction: the share of hard anchors in a pair's quota, in ``[0, 1]``.
         ignore_index: label of pixels never sampled.
-        num_classes: class ids lie in ``[0, num_classes)``; ``None``: ``DEFAULT_NUM_CLASSES``.
+        num_classes: class ids lie in ``[0, num_classes)``; ``None``: ``DEFAULT_NUM_CLASSES``,
+            and a label 255 that is not ``ignore_index`` raises (it marks unlabelled pixels
+            in most datasets: pass ``ignore_index=255``, or ``num_classes`` if it is a class).
         generator: random source (on any device), for reproducible sampling.
 
     Returns:
@@ -371,7 +374,8 @@ def select_anchors(
             ``hard_fraction``.
         ValueError: mismatched shapes or devices, counts below 1, ``hard_fraction`` outside
             ``[0, 1]`` (or NaN), and a label outside ``[0, num_classes)`` other than
-            ``ignore_index`` (found at the one synchronisation, so after the selection work).
+            ``ignore_index``, or 255 without ``num_classes`` (found at the one
+            synchronisation, so after the selection work).
 
     Example:
         >>> labels = torch.tensor([[[0, 0, 1, 255]]])
@@ -431,20 +435,33 @@ def _select_anchors(
         # per slot [b, span, states]: nothing from other columns or ineligible pixels
         take = F.pad(take.int(), (0, table.states - 2, -table.low, table.high - width + 1))
         is_candidate_bin, candidates = _candidate_bins(table.below, take)
+        # Without num_classes, label 255 (the usual ignore label) under another ignore_index
+        # is far more often a mistaken ignore_index than class 255: counted, and refused below.
+        stray_ignore = (
+            table.below[-1][:, 255 - table.low].sum().view(1)
+            if num_classes is None and ignore_index != 255
+            else num_bad.new_zeros(1)
+        )
         stats = torch.cat([
-            candidates.sum().view(1), num_easy_hard, num_bad.view(1), anchors_per_image
+            candidates.sum().view(1), num_easy_hard, num_bad.view(1), stray_ignore.to(num_bad),
+            anchors_per_image,
         ])
         # the one synchronisation
-        num_candidates, num_easy, num_hard, bad_pixels, *per_image = stats.tolist()
+        num_candidates, num_easy, num_hard, bad_pixels, stray, *per_image = stats.tolist()
         if bad_pixels:
             original = labels.reshape(-1).long()
             bad = ((original < 0) | (original >= width)) & (original != ignore_index)
+            bound = (
+                f"num_classes={num_classes}" if num_classes is not None else
+                f"DEFAULT_NUM_CLASSES={width}, the bound when num_classes is not given"
+            )
+            raise _checks.label_range_error(original, bad, width, ignore_index, bound=bound)
+        if stray:
             raise ValueError(
-                f"labels must lie in [0, num_classes={width}) or equal ignore_index="
-                f"{ignore_index}; {bad_pixels} pixels do not: "
-                f"{_checks.out_of_bounds(original, bad)}"
-                " (pass num_classes; for ConfidenceAnchorSampler it is the logits' class "
-                "dimension)"
+                f"labels hold 255 at {stray} pixels, the usual label of unlabelled pixels, but "
+                f"ignore_index={ignore_index} and no num_classes says that 255 is a class: pass "
+                "ignore_index=255 if these pixels are unlabelled, or num_classes (above 255) if "
+                "255 is a class"
             )
         indices = _draw_candidates(
             table, is_candidate_bin, candidates, take, num_candidates, num_easy + num_hard,
@@ -481,8 +498,10 @@ class HardAnchorSampler(_MapSampler):
         max_views: most anchors per (image, class) pair.
         min_pixels: fewest pixels of a class in an image for it to be sampled.
         hard_fraction: share of hard anchors per pair, in ``[0, 1]``.
-        num_classes: class ids lie in ``[0, num_classes)``; ``None``:
-            :data:`DEFAULT_NUM_CLASSES`. A tight value makes sampling faster.
+        num_classes: class ids lie in ``[0, num_classes)``; ``None``: the logits' classes
+            when the sampler gets logits, else :data:`DEFAULT_NUM_CLASSES`, and then a label
+            255 that is not ``ignore_index`` raises (see :func:`select_anchors`). A tight
+            value makes sampling faster.
 
     Example:
         >>> sampler = HardAnchorSampler(max_samples=8, max_views=4)
@@ -516,8 +535,12 @@ class HardAnchorSampler(_MapSampler):
         hard = None if predictions is None else predictions != labels
         return _select_anchors(
             embeddings, labels, hard, None, self.max_samples, self.max_views, self.min_pixels,
-            self.hard_fraction, ignore_index, self.num_classes, generator,
+            self.hard_fraction, ignore_index, self._class_bound(maps), generator,
         )
+
+    def _class_bound(self, maps: PixelMaps) -> Optional[int]:
+        """``num_classes``, else the bound the maps were checked against (the logits' classes)."""
+        return self.num_classes if self.num_classes is not None else maps.num_classes
 
     def __repr__(self) -> str:
         return (
@@ -537,8 +560,9 @@ class RandomAnchorSampler(HardAnchorSampler):
     Args:
         max_samples: anchor budget of a batch, shared by its (image, class) pairs.
         max_views: most anchors per (image, class) pair.
-        num_classes: class ids lie in ``[0, num_classes)``; ``None``:
-            :data:`DEFAULT_NUM_CLASSES`.
+        num_classes: class ids lie in ``[0, num_classes)``; ``None``: the logits' classes
+            when the sampler gets logits, else :data:`DEFAULT_NUM_CLASSES`, and then a label
+            255 that is not ``ignore_index`` raises (see :func:`select_anchors`).
 
     Example:
         >>> sampler = RandomAnchorSampler(max_samples=4, max_views=3)
@@ -557,13 +581,34 @@ class RandomAnchorSampler(HardAnchorSampler):
         """Anchors of prepared maps; their predictions and logits are not used."""
         return _select_anchors(
             embeddings, maps.labels, None, None, self.max_samples, self.max_views,
-            self.min_pixels, self.hard_fraction, ignore_index, self.num_classes, generator,
+            self.min_pixels, self.hard_fraction, ignore_index, self._class_bound(maps), generator,
         )
 
     def __repr__(self) -> str:
         return (
             f"RandomAnchorSampler(max_samples={self.max_samples}, max_views={self.max_views}, "
             f"num_classes={self.num_classes})"
+        )
+
+
+def _refuse_probabilities(logits: Tensor) -> None:
+    """Raise when ``logits [B, C, h, w]`` are softmax probabilities (``C >= 2``).
+
+    That is: every entry in ``[0, 1]`` and every pixel's sum over the classes 1 (to ``1e-2``,
+    far beyond the rounding of a half-precision softmax), which raw logits never are.
+    """
+    if logits.shape[1] < 2 or not logits.numel():
+        return
+    scores = logits.detach()
+    low, high, off = torch.stack([
+        scores.min().float(), scores.max().float(),
+        (scores.float().sum(dim=1) - 1).abs().max(),
+    ]).tolist()
+    if low >= 0 and high <= 1 and off <= 1e-2:
+        raise ValueError(
+            "logits look like softmax probabilities (every entry in [0, 1], each pixel's sum "
+            "over the classes 1): ConfidenceAnchorSampler takes the classifier's raw logits "
+            "(for a loss: predictions=logits), before any softmax"
         )
 
 
@@ -575,7 +620,9 @@ class ConfidenceAnchorSampler(_MapSampler):
     pixel contribute nothing, so a batch the model already gets right gives an empty sample.
 
     Needs ``logits`` (pass them as ``logits=``; they are nearest-resized to the embedding
-    resolution, and their class dimension must cover every label).
+    resolution, and their class dimension must cover every label): raw scores, not softmax
+    probabilities, whose softmax is nearly uniform and would make every pixel a low-confidence
+    one. The first logits a sampler gets are checked (one host read): probabilities raise.
 
     Args:
         max_views: most anchors per (image, class) pair.
@@ -592,6 +639,7 @@ class ConfidenceAnchorSampler(_MapSampler):
     def __init__(self, max_views: int = 100, threshold: float = 0.97) -> None:
         self.max_views = _checks.check_count(max_views, "max_views")
         self.threshold = _checks.check_fraction(threshold, "threshold")
+        self._logits_checked = False  # (the first logits are checked not to be probabilities)
 
     def sample_maps(self, embeddings: Tensor, maps: PixelMaps, ignore_index: int,
                     generator: Optional[torch.Generator]) -> AnchorSample:
@@ -603,6 +651,9 @@ class ConfidenceAnchorSampler(_MapSampler):
         labels, logits = maps.labels, maps.logits
         if logits is None:
             raise ValueError("ConfidenceAnchorSampler needs logits=[B, C, h, w]")
+        if not self._logits_checked:
+            _refuse_probabilities(logits)
+            self._logits_checked = True
         num_classes = logits.shape[1]
         with torch.no_grad():
             valid = labels != ignore_index

@@ -244,6 +244,36 @@ def test_half_precision_accumulates_in_fp32(dtype):
                           "in_batch+keys", torch.tensor(1.0, dtype=dtype))
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("upstream", [2.0**16, 1e5, 2.0**-12])
+def test_half_precision_gradients_under_an_upstream_fp16_cannot_hold(
+    backend, variant, reduction, upstream
+):
+    # GradScaler's initial scale 2**16 (and 1e5) exceed fp16's largest 65504; 2**-12 makes
+    # gradients subnormal in fp16. The true gradients fit in fp16 (rho keeps the sum's as small
+    # as the mean's), so they must come out finite and by the tolerance rule.
+    n = 40
+    anchors, labels, keys, key_labels = make_inputs(n, 30, 16, 4, dtype=torch.float32, seed=5)
+    anchors = F.normalize(anchors, dim=1).half()
+    keys = F.normalize(keys, dim=1).half()
+    operand_dtype = None
+    if backend == "triton":
+        _triton_or_skip(anchors, keys)
+        operand_dtype = torch.float16  # (its products take the keys' dtype)
+    scale = 1.0 if reduction == "mean" else 1.0 / n
+    kwargs = dict(temperature=0.1, base_temperature=0.1 / scale, variant=variant,
+                  reduction=reduction)
+    shape = (n,) if reduction == "none" else ()
+    up = torch.full(shape, upstream, dtype=torch.float32)
+    got = grads_of(backend, anchors, labels, keys, key_labels, "in_batch+keys", up, **kwargs)
+    assert got[1].dtype == got[2].dtype == torch.float16
+    assert bool(torch.isfinite(got[1]).all() and torch.isfinite(got[2]).all())
+    assert_matches_oracle(got, anchors, labels, keys, key_labels, "in_batch+keys", up,
+                          operand_dtype=operand_dtype, **kwargs)
+
+
 def test_no_grad_and_detached_inputs(device, dtype):
     anchors, labels, keys, key_labels = make_inputs(20, 30, 8, 3, dtype, seed=4, device=device)
     expected = contrastive_loss(anchors, labels, keys, key_labels, backend="reference")
@@ -433,10 +463,11 @@ def test_keys_grouped_by_class_match_shuffled_keys_and_reference(variant, in_bat
     torch.testing.assert_close(shuffled[2][torch.argsort(perm)], ref[2], rtol=1e-9, atol=1e-10)
 
 
-def _triton_or_skip():
+def _triton_or_skip(anchors=None, keys=None):
     from pixcontrast.ops import triton_fused
 
-    reasons = triton_fused.unsupported(torch.zeros(1, 4), ())
+    anchors = torch.zeros(1, 4) if anchors is None else anchors
+    reasons = triton_fused.unsupported(anchors, () if keys is None else (keys,))
     if reasons:
         pytest.skip("; ".join(reasons))
 

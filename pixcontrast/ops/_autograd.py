@@ -14,7 +14,8 @@ gradient ``g_a`` per sorted anchor (``None``: statistics only, no gradient work)
 instead of being recomputed. ``grad_keys`` has one entry per segment: its ``[m, D]`` gradient,
 or ``None`` where none is wanted (nothing is allocated for it). Gradients are with respect to the
 sorted anchors and each segment's keys; :func:`scatter_to_inputs` maps them back to the caller's
-tensors.
+tensors (still in the compute dtype), and :func:`scale_gradient` rounds each to its tensor's
+dtype, once, after any scaling by the upstream gradient.
 
 Both sweeps take supcon's positive terms from the class sums here
 (:func:`supcon_positive_sums`, :func:`add_supcon_positive_gradient`), so neither backend imports
@@ -31,11 +32,13 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
-from typing import Callable, NamedTuple, Optional, Sequence
+from typing import Callable, Iterable, NamedTuple, Optional, Sequence
 
 import torch
 from torch import Tensor
+from torch.autograd import forward_ad
 
+from ._inputs import check_contrast_values, contrast_value_peaks
 from ._layout import ContrastLayout, build_layout
 from ._options import ContrastInputs, ContrastOptions
 
@@ -47,14 +50,16 @@ __all__ = [
     "Gradients",
     "apply_contrast",
     "first_derivatives_only",
+    "reverse_mode_only",
     "InputSpec",
     "Sweep",
     "add_supcon_positive_gradient",
     "segment_key_grads",
     "reduction_weights",
-    "scale_gradients",
+    "scale_gradient",
     "scatter_to_inputs",
     "supcon_positive_sums",
+    "to_input_dtypes",
     "unsort",
 ]
 
@@ -168,6 +173,10 @@ def reduction_weights(layout: ContrastLayout, reduction: str) -> Tensor:
     return has_pos
 
 
+Gradients = tuple[Optional[Tensor], tuple[Optional[Tensor], ...]]
+"""Gradients of the anchors and of each key part; ``None`` for a tensor that needs none."""
+
+
 @dataclass(frozen=True)
 class InputSpec:
     """What backward needs to know of the caller's tensors (not the tensors themselves)."""
@@ -183,10 +192,11 @@ def scatter_to_inputs(
     spec: InputSpec,
     grad_x: Optional[Tensor],
     grad_keys: Sequence[Optional[Tensor]],
-) -> tuple[Optional[Tensor], tuple[Optional[Tensor], ...]]:
-    """Map sorted-space gradients back to the caller's anchors and key parts, dtypes included.
+) -> Gradients:
+    """Map sorted-space gradients back to the caller's anchors and key parts.
 
-    ``grad_keys`` holds the gradient of each key segment (``None`` where none was wanted).
+    ``grad_keys`` holds the gradient of each key segment (``None`` where none was wanted). They
+    stay in the compute dtype: :func:`to_input_dtypes` rounds them to the caller's.
     """
     by_part = {
         segment.part: (segment, grad) for segment, grad in zip(layout.segments, grad_keys)
@@ -198,18 +208,15 @@ def scatter_to_inputs(
         if anchor_key_grad is not None:  # an anchor's role as a key, in sorted-anchor order
             total = total + anchor_key_grad
         grad_anchors = torch.empty_like(total).index_copy_(0, layout.anchor_order, total)
-        grad_anchors = grad_anchors.to(spec.anchor_dtype)
     grad_parts: list[Optional[Tensor]] = []
-    for p, (need, size, dtype) in enumerate(
-        zip(spec.need_part_grad, layout.key_part_sizes, spec.key_dtypes)
-    ):
+    for p, (need, size) in enumerate(zip(spec.need_part_grad, layout.key_part_sizes)):
         segment, grad = by_part.get(p, (None, None))
         if not need:
             grad_parts.append(None)
         elif segment is not None and grad is not None and segment.source is None and (
             grad.shape[0] == size
         ):
-            grad_parts.append(grad.to(dtype))
+            grad_parts.append(grad)
         else:
             # (zeros for the part's invalid keys, or all of them)
             full = layout.anchors.new_zeros((size, layout.anchors.shape[1]))
@@ -218,8 +225,34 @@ def scatter_to_inputs(
                     full[: grad.shape[0]] = grad
                 else:
                     full.index_copy_(0, segment.source, grad)
-            grad_parts.append(full.to(dtype))
+            grad_parts.append(full)
     return grad_anchors, tuple(grad_parts)
+
+
+def scale_gradient(grad: Tensor, dtype: torch.dtype, upstream: Optional[Tensor] = None) -> Tensor:
+    """A compute-dtype gradient, times the scalar ``upstream`` when given, rounded to ``dtype``.
+
+    The product is formed in the compute dtype and rounded once: an upstream that a half
+    precision cannot hold (``GradScaler``'s initial ``2**16``, above fp16's largest 65504) or a
+    gradient below its smallest normal then still gives the gradient, whenever that fits
+    ``dtype``.
+    """
+    if upstream is not None:
+        grad = grad * upstream.to(grad.dtype)
+    return grad.to(dtype)
+
+
+def to_input_dtypes(
+    gradients: Gradients, spec: InputSpec, upstream: Optional[Tensor] = None
+) -> Gradients:
+    """Each gradient of :func:`scatter_to_inputs` through :func:`scale_gradient`."""
+    grad_anchors, grad_parts = gradients
+    if grad_anchors is not None:
+        grad_anchors = scale_gradient(grad_anchors, spec.anchor_dtype, upstream)
+    return grad_anchors, tuple(
+        None if grad is None else scale_gradient(grad, dtype, upstream)
+        for grad, dtype in zip(grad_parts, spec.key_dtypes)
+    )
 
 
 def unsort(layout: ContrastLayout, per_anchor: Tensor) -> Tensor:
@@ -255,8 +288,19 @@ def first_derivatives_only(name: str) -> Callable[[Callable], Callable]:
     return decorate
 
 
-Gradients = tuple[Optional[Tensor], tuple[Optional[Tensor], ...]]
-"""Gradients of the anchors and of each key part; ``None`` for a tensor that needs none."""
+def reverse_mode_only(name: str, tensors: Iterable[Tensor]) -> None:
+    """Raise if one of ``tensors`` carries a forward-mode tangent.
+
+    The fused backends have a backward formula only; forward-mode AD (``torch.func.jvp``,
+    ``jacfwd``, ``torch.autograd.forward_ad``) through them would give a zero or missing tangent
+    without a word. ``name`` names the loss in the error.
+    """
+    if any(forward_ad.unpack_dual(tensor).tangent is not None for tensor in tensors):
+        raise RuntimeError(
+            f"{name} of the fused backends has no forward-mode derivative (torch.func.jvp, "
+            "jacfwd, torch.autograd.forward_ad): pass backend=\"reference\", whose plain "
+            "autograd has one, or use reverse mode (backward, torch.func.grad, jacrev)"
+        )
 
 
 @dataclass(frozen=True)
@@ -287,11 +331,21 @@ class FusedEvaluation:
         options: ContrastOptions,
         fused: FusedSweep,
         need_grad: Sequence[bool],
+        check_values: bool = False,
     ) -> FusedEvaluation:
-        """Lay ``inputs`` out by class; ``need_grad``: the anchors', then each key part's."""
+        """Lay ``inputs`` out by class; ``need_grad``: the anchors', then each key part's.
+
+        With ``check_values`` the value checks run first
+        (:func:`~pixcontrast.ops._inputs.check_contrast_values`), their bounds read in the
+        layout's one host synchronisation: one read for both.
+        """
+        peaks = contrast_value_peaks(inputs) if check_values else None
         layout = build_layout(
-            inputs.anchors, inputs.labels, inputs.keys, inputs.key_labels, inputs.in_batch
+            inputs.anchors, inputs.labels, inputs.keys, inputs.key_labels, inputs.in_batch,
+            read_along=peaks,
         )
+        if check_values:
+            check_contrast_values(inputs, options.temperature, options.rho, layout.read_along)
         spec = InputSpec(
             anchor_dtype=inputs.anchors.dtype,
             key_dtypes=tuple(part.dtype for part in inputs.keys),
@@ -304,7 +358,8 @@ class FusedEvaluation:
     def reduced(self) -> tuple[Tensor, Gradients]:
         """A scalar reduction's loss and the input gradients for an upstream gradient of 1.
 
-        The reduction's weights are the upstream ``g_a``, known here: one sweep gives both.
+        The reduction's weights are the upstream ``g_a``, known here: one sweep gives both. The
+        gradients stay in the compute dtype (see :func:`scale_gradient`).
         """
         layout, spec = self.layout, self.spec
         weight = reduction_weights(layout, self.options.reduction)
@@ -341,17 +396,7 @@ class FusedEvaluation:
         _, _, grad_x, grad_k = self.sweep(
             layout, self.options, weight, self.spec.need_anchor_grad, self.key_grads, saved=saved
         )
-        return scatter_to_inputs(layout, self.spec, grad_x, grad_k)
-
-
-def scale_gradients(gradients: Gradients, upstream: Tensor) -> Gradients:
-    """The gradients of :meth:`FusedEvaluation.reduced` for the upstream scalar ``upstream``."""
-    grad_anchors, grad_parts = gradients
-
-    def scaled(grad: Optional[Tensor]) -> Optional[Tensor]:
-        return None if grad is None else grad * upstream.to(grad.dtype)
-
-    return scaled(grad_anchors), tuple(scaled(grad) for grad in grad_parts)
+        return to_input_dtypes(scatter_to_inputs(layout, self.spec, grad_x, grad_k), self.spec)
 
 
 @dataclass(frozen=True)
@@ -384,7 +429,9 @@ class ContrastFunction(torch.autograd.Function):
     def forward(ctx, call: ContrastCall, anchors: Tensor, *key_parts: Tensor) -> Tensor:
         inputs = ContrastInputs(anchors, call.labels, key_parts, call.key_labels, call.in_batch)
         need_grad = [call.grad_enabled and need for need in ctx.needs_input_grad[1:]]
-        evaluation = FusedEvaluation.prepare(inputs, call.options, call.fused, need_grad)
+        evaluation = FusedEvaluation.prepare(
+            inputs, call.options, call.fused, need_grad, check_values=True
+        )
         ctx.evaluation = evaluation
         if call.options.reduction != "none":
             loss, ctx.gradients = evaluation.reduced()
@@ -401,7 +448,9 @@ class ContrastFunction(torch.autograd.Function):
     @first_derivatives_only("contrastive_loss")
     def backward(ctx, grad_output: Tensor):
         if ctx.gradients is not None:
-            grad_anchors, grad_parts = scale_gradients(ctx.gradients, grad_output)
+            grad_anchors, grad_parts = to_input_dtypes(
+                ctx.gradients, ctx.evaluation.spec, grad_output
+            )
         else:
             _ = ctx.saved_tensors  # raises if an input was modified in place since forward
             grad_anchors, grad_parts = ctx.evaluation.backward(ctx.statistics, grad_output)

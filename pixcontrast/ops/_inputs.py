@@ -6,7 +6,7 @@ Every message names the offending argument.
 from __future__ import annotations
 
 import math
-from typing import Iterable, cast
+from typing import Iterable, Optional, Sequence, cast
 
 import torch
 from torch import Tensor
@@ -15,7 +15,9 @@ from .._checks import check_embeddings, check_finite, check_labels, check_same_d
 from ._layout import compute_dtype
 from ._options import ContrastInputs
 
-__all__ = ["check_contrast_inputs", "check_contrast_values", "check_pair_index"]
+__all__ = [
+    "check_contrast_inputs", "check_contrast_values", "check_pair_index", "contrast_value_peaks",
+]
 
 
 def check_contrast_inputs(
@@ -91,7 +93,31 @@ def check_contrast_inputs(
     return ContrastInputs(anchors, labels, tuple(checked_keys), concatenated, in_batch)
 
 
-def check_contrast_values(inputs: ContrastInputs, temperature: float, rho: float) -> None:
+def contrast_value_peaks(inputs: ContrastInputs) -> Tensor:
+    """What :func:`check_contrast_values` reads, as one fp64 tensor on the inputs' device.
+
+    ``[smallest anchor label, largest |entry| of the anchors, of each key part]``, without a
+    host synchronisation: a caller that reads the device anyway reads these along with its own
+    values and passes them to :func:`check_contrast_values` (the fused backends read them with
+    the class layout's boundaries).
+    """
+    anchors = inputs.anchors
+    zero = torch.zeros((), dtype=torch.float64, device=anchors.device)
+    labels = inputs.labels
+    # (unsigned labels, which torch has no min for beyond uint8, are never negative)
+    lowest = labels.min().to(torch.float64) if labels.numel() and labels.is_signed() else zero
+    return torch.stack([lowest] + [
+        torch.linalg.vector_norm(t, ord=float("inf")).to(torch.float64) if t.numel() else zero
+        for t in (anchors, *inputs.keys)
+    ])
+
+
+def check_contrast_values(
+    inputs: ContrastInputs,
+    temperature: float,
+    rho: float,
+    peaks: Optional[Sequence[float]] = None,
+) -> None:
     """Raise unless the anchor labels are ``>= 0`` and the loss and its gradients are finite.
 
     Finite in the compute dtype. With ``A`` and ``K`` the largest ``|entry|`` of the anchors and
@@ -104,19 +130,15 @@ def check_contrast_values(inputs: ContrastInputs, temperature: float, rho: float
     (and the NaN of ``inf - inf`` that would follow) for any finite inputs; unit embeddings at
     any ``temperature >= 1e-30`` are far inside it. NaN or Inf entries raise too, naming the
     tensor: one pass over the inputs (the largest ``|entry|`` propagates NaN) and one host
-    synchronisation for all of them and the smallest anchor label (checked first).
+    synchronisation for all of them and the smallest anchor label (checked first), unless
+    ``peaks``, the host values of :func:`contrast_value_peaks`, were read already.
     """
     anchors, key_parts, in_batch = inputs.anchors, inputs.keys, inputs.in_batch
     tensors = [anchors, *key_parts]
     dtype = compute_dtype(anchors.dtype)
-    zero = torch.zeros((), dtype=torch.float64, device=anchors.device)
-    labels = inputs.labels
-    # (unsigned labels, which torch has no min for beyond uint8, are never negative)
-    lowest = labels.min().to(torch.float64) if labels.numel() and labels.is_signed() else zero
-    lowest_label, *peaks = torch.stack([lowest] + [
-        torch.linalg.vector_norm(t, ord=float("inf")).to(torch.float64) if t.numel() else zero
-        for t in tensors
-    ]).tolist()
+    if peaks is None:
+        peaks = contrast_value_peaks(inputs).tolist()
+    lowest_label, *peaks = peaks
     if lowest_label < 0:
         raise ValueError("labels must be >= 0 (filter ignored pixels out first)")
     names = ["anchors"] + [

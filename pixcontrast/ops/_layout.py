@@ -67,6 +67,8 @@ class ContrastLayout:
             key part that has a valid key, in the caller's order.
         key_part_sizes: rows of each of the caller's key parts.
         anchor_dtype: the caller's anchor dtype.
+        read_along: host values of :func:`build_layout`'s ``read_along``, read with the class
+            boundaries in its one host synchronisation.
     """
 
     anchors: Tensor
@@ -77,6 +79,7 @@ class ContrastLayout:
     segments: tuple[KeySegment, ...]
     key_part_sizes: tuple[int, ...]
     anchor_dtype: torch.dtype
+    read_along: tuple[float, ...] = ()
 
     @property
     def num_classes(self) -> int:
@@ -117,6 +120,7 @@ def build_layout(
     key_parts: Sequence[Tensor],
     key_labels: Optional[Tensor],
     in_batch: bool,
+    read_along: Optional[Tensor] = None,
 ) -> ContrastLayout:
     """Arrange anchors and valid keys by class.
 
@@ -126,7 +130,9 @@ def build_layout(
     bank's ``keys()``) is read in place; any other is sorted (a gather of its valid keys). Costs:
     a sort of the ``N`` anchors, a sort of each ungrouped part and one host synchronisation (the
     class boundaries; everything before it is sized by upper bounds, and no tensor is made from
-    host values). The anchors are converted to the compute dtype; keys keep theirs.
+    host values). The anchors are converted to the compute dtype; keys keep theirs. The values
+    of ``read_along`` (a 1-D tensor on the device, such as the value checks' bounds) are read in
+    the same synchronisation, into the layout's ``read_along``.
     """
     dtype = compute_dtype(anchors.dtype)
     n = anchors.shape[0]
@@ -164,10 +170,17 @@ def build_layout(
     anchor_ends = anchor_counts.cumsum(0)
     part_ends = [counts.cumsum(0) for counts in part_counts]
     # The one host synchronisation: the class count, which parts are grouped, and the class
-    # boundaries, for the backends' per-class loops and the sizes below.
-    host = torch.cat(
+    # boundaries, for the backends' per-class loops and the sizes below (fp64 when values are
+    # read along: counts below 2**53 are exact there).
+    counts = torch.cat(
         [num_anchor_classes, *(flag.long() for flag in grouped), anchor_ends, *part_ends]
-    ).tolist()
+    )
+    along: list[float] = []
+    if read_along is None:
+        host = counts.tolist()
+    else:
+        values = torch.cat([read_along.to(torch.float64), counts.to(torch.float64)]).tolist()
+        along, host = values[: read_along.numel()], [int(v) for v in values[read_along.numel() :]]
     width = host[0] + 1  # + one class for keys of no anchor's class
     is_grouped, host = host[1 : 1 + len(part_ids)], host[1 + len(part_ids) :]
     anchor_offsets = [0] + host[:width]
@@ -202,4 +215,5 @@ def build_layout(
         segments=tuple(segments),
         key_part_sizes=tuple(sizes),
         anchor_dtype=anchors.dtype,
+        read_along=tuple(along),
     )

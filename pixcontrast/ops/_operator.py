@@ -13,13 +13,15 @@ from typing import Any, Callable, NamedTuple, Optional, Sequence
 import torch
 from torch import Tensor
 
-from . import _inputs, torch_fused, triton_fused
+from . import torch_fused, triton_fused
 from ._autograd import (
     AnchorStatistics,
     FusedEvaluation,
     FusedSweep,
     Gradients,
     first_derivatives_only,
+    reverse_mode_only,
+    scale_gradient,
 )
 from ._layout import compute_dtype
 from ._options import ContrastInputs, ContrastOptions
@@ -87,6 +89,7 @@ def _schema(arguments: type, returns: str) -> str:
 
 def fused_loss(name: str, inputs: ContrastInputs, options: ContrastOptions) -> Tensor:
     """The loss of the fused backend ``name``, through the registered operator."""
+    reverse_mode_only("contrastive_loss", (inputs.anchors, *inputs.keys))
     need_grad = [
         torch.is_grad_enabled() and tensor.requires_grad
         for tensor in (inputs.anchors, *inputs.keys)
@@ -103,9 +106,10 @@ def fused_loss(name: str, inputs: ContrastInputs, options: ContrastOptions) -> T
 #
 # Forward: (anchors, labels, key parts, key labels, in_batch, options, backend, which tensors need
 # a gradient) -> (loss, what backward needs). For a scalar reduction that is the input gradients
-# for an upstream gradient of 1, computed in forward (FusedEvaluation.reduced); backward scales
-# them. For reduction="none" it is the per-anchor statistics, and backward runs the second
-# operator, which lays the inputs out again and recomputes the scores with them. Gradients come
+# for an upstream gradient of 1 in the compute dtype, computed in forward
+# (FusedEvaluation.reduced); backward scales them and rounds them to the inputs' dtypes. For
+# reduction="none" it is the per-anchor statistics, and backward runs the second operator, which
+# lays the inputs out again and recomputes the scores with them. Gradients come
 # only for the tensors flagged in need_grad, in the order anchors, key parts.
 
 _FORWARD_SCHEMA = _schema(ForwardArguments, "(Tensor, Tensor[])")
@@ -113,9 +117,15 @@ _BACKWARD_SCHEMA = _schema(BackwardArguments, "Tensor[]")
 
 
 def _evaluation(
-    inputs: ContrastInputs, options: ContrastOptions, backend: str, need_grad: Sequence[bool]
+    inputs: ContrastInputs,
+    options: ContrastOptions,
+    backend: str,
+    need_grad: Sequence[bool],
+    check_values: bool = False,
 ) -> FusedEvaluation:
-    return FusedEvaluation.prepare(inputs, options, _SWEEPS[backend](inputs), need_grad)
+    return FusedEvaluation.prepare(
+        inputs, options, _SWEEPS[backend](inputs), need_grad, check_values
+    )
 
 
 def _wanted(gradients: Gradients) -> list[Tensor]:
@@ -125,20 +135,27 @@ def _wanted(gradients: Gradients) -> list[Tensor]:
 
 
 def _wanted_like(
-    anchors: Tensor, keys: Sequence[Tensor], need_grad: Sequence[bool]
+    anchors: Tensor,
+    keys: Sequence[Tensor],
+    need_grad: Sequence[bool],
+    dtype: Optional[torch.dtype] = None,
 ) -> list[Tensor]:
-    """Fake tensors shaped like the gradients of :func:`_wanted`."""
-    return [t.new_empty(t.shape) for t, need in zip((anchors, *keys), need_grad) if need]
+    """Fake tensors shaped like the gradients of :func:`_wanted` (in ``dtype``: each tensor's)."""
+    return [
+        t.new_empty(t.shape, dtype=dtype or t.dtype)
+        for t, need in zip((anchors, *keys), need_grad)
+        if need
+    ]
 
 
 def _operator_forward(*arguments: Any) -> tuple[Tensor, list[Tensor]]:
     """The forward kernel: the loss and what backward needs (see above)."""
     a = ForwardArguments(*arguments)
     inputs = ContrastInputs(a.anchors, a.labels, tuple(a.keys), a.key_labels, a.in_batch)
-    # (the kernel always sees real values: while torch.compile traces, the fake stands in)
-    _inputs.check_contrast_values(inputs, a.temperature, a.rho)
+    # The value checks, their bounds read with the layout's (the kernel always sees real values:
+    # while torch.compile traces, the fake stands in).
     options = ContrastOptions(a.temperature, a.rho, a.variant, a.reduction)
-    evaluation = _evaluation(inputs, options, a.backend, a.need_grad)
+    evaluation = _evaluation(inputs, options, a.backend, a.need_grad, check_values=True)
     if a.reduction == "none":
         loss, statistics = evaluation.per_anchor()
         return loss, [statistics.log_normalizer, statistics.positive_weight]
@@ -155,7 +172,9 @@ def _operator_forward_fake(*arguments: Any) -> tuple[Tensor, list[Tensor]]:
             a.anchors.new_empty(a.anchors.shape[:1], dtype=dtype) for _ in range(3)
         )
         return loss, statistics
-    return a.anchors.new_empty((), dtype=dtype), _wanted_like(a.anchors, a.keys, a.need_grad)
+    return a.anchors.new_empty((), dtype=dtype), _wanted_like(
+        a.anchors, a.keys, a.need_grad, dtype
+    )
 
 
 def _operator_backward(*arguments: Any) -> list[Tensor]:
@@ -180,6 +199,7 @@ def _setup_context(ctx, inputs: tuple, output: tuple[Tensor, list[Tensor]]) -> N
     kept = output[1]
     ctx.mark_non_differentiable(*kept)
     ctx.need_grad, ctx.scalar = a.need_grad, a.reduction != "none"
+    ctx.dtypes = [t.dtype for t, need in zip((a.anchors, *a.keys), a.need_grad) if need]
     ctx.arguments = (a.in_batch, a.temperature, a.rho, a.variant, a.backend)
     if ctx.scalar:
         ctx.save_for_backward(*kept)
@@ -195,7 +215,9 @@ def _operator_gradients(ctx, grad_loss: Tensor, _: list[Tensor]) -> tuple:
     """The forward operator's input gradients (``None`` for the arguments that need none)."""
     saved = ctx.saved_tensors
     if ctx.scalar:
-        wanted = [grad * grad_loss.to(grad.dtype) for grad in saved]
+        wanted = [
+            scale_gradient(grad, dtype, grad_loss) for grad, dtype in zip(saved, ctx.dtypes)
+        ]
     else:
         log_normalizer, positive_weight, anchors, labels, key_labels, *keys = saved
         wanted = torch.ops.pixcontrast.contrastive_loss_backward(

@@ -84,8 +84,9 @@ def test_in_range_labels_and_ignored_pixels_still_sample(name, sample, ignore_in
 @pytest.mark.parametrize("bad", [300, -2])
 def test_out_of_range_message_names_labels_and_range(bad):
     ignore_index = 255 if bad > 0 else -1
-    with pytest.raises(ValueError, match=rf"labels must lie in \[0, num_classes=19\) or equal "
-                                         rf"ignore_index={ignore_index}; 1 pixels do not"):
+    with pytest.raises(ValueError, match=rf"labels must lie in \[0, 19\) \(num_classes=19\) or "
+                                         rf"equal ignore_index={ignore_index}; target {bad} is "
+                                         r"out of bounds \(1 such values"):
         HardAnchorSampler(num_classes=NUM_CLASSES)(
             torch.randn(1, 3, 2, 4), label_map([bad], ignore_index), ignore_index=ignore_index
         )

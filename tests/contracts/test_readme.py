@@ -1,5 +1,6 @@
-"""README.md: every ```python block runs as written (each in a fresh namespace), and the set-up
-section is what CI runs."""
+"""README.md: every ```python block runs as written (each in a fresh namespace), every excerpt of
+an example is that example's own code, it renders as a package description (no relative links),
+and the set-up section is what CI runs."""
 
 from __future__ import annotations
 
@@ -13,11 +14,46 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 README_TEXT = (ROOT / "README.md").read_text()
 BLOCKS = re.findall(r"^```python\n(.*?)^```", README_TEXT, flags=re.M | re.S)
-SETUP_HEADING = "## The two set-up commands\n"
+SETUP_HEADING = "## Working on pixcontrast\n"
 
 
 def test_readme_has_code() -> None:
-    assert len(BLOCKS) >= 3
+    assert len(BLOCKS) >= 2
+
+
+def test_readme_is_read_in_ten_minutes() -> None:
+    """The rest lives on the documentation site (docs/)."""
+    assert len(README_TEXT.splitlines()) <= 300
+
+
+def test_readme_needs_no_relative_link() -> None:
+    """On PyPI a relative link leads nowhere: files are named as code, and the only relative
+    targets are images (shown in the repository; their numbers are in the text as well)."""
+    links = re.findall(r"(!?)\[[^\]]*\]\(([^)\s]+)\)", README_TEXT)
+    for bang, target in links:
+        if re.match(r"https?://", target):
+            continue
+        assert bang, f"relative link to {target}: name the file as code or link absolutely"
+        assert (ROOT / target).is_file(), target
+
+
+def test_example_excerpts_are_the_examples_code() -> None:
+    """An unlabelled block whose preceding paragraph names ``examples/NAME.py`` is lines of that
+    file (comments aside; compared with whitespace collapsed, so a line may wrap differently)."""
+    checked = 0
+    for fence in re.finditer(r"^```(\w*)\n(.*?)^```$", README_TEXT, flags=re.M | re.S):
+        if fence.group(1):  # a labelled block: python (run above), bibtex
+            continue
+        paragraph = README_TEXT[:fence.start()].rstrip().rsplit("\n\n", 1)[-1]
+        named = re.search(r"`(examples/\w+\.py)`", paragraph)
+        if named is None:
+            continue
+        source = " ".join((ROOT / named.group(1)).read_text().split())
+        for line in fence.group(2).splitlines():
+            code = " ".join(line.split("  #", 1)[0].split())
+            assert not code or code in source, f"{named.group(1)} has no line {code!r}"
+        checked += 1
+    assert checked >= 3
 
 
 @pytest.mark.parametrize("index", range(len(BLOCKS)))

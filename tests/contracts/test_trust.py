@@ -14,14 +14,18 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.autograd import forward_ad
 
 from pixcontrast import (
     ClassMemoryBank,
+    ConfidenceAnchorSampler,
+    HardAnchorSampler,
     PixelContrastLoss,
     RegionContrastLoss,
     contrastive_loss,
 )
 from pixcontrast.functional import region_embeddings
+from pixcontrast.samplers import pixel_maps, select_anchors
 
 IGNORE = 255
 
@@ -109,6 +113,31 @@ def test_pixel_loss_loss_enqueue_backward_is_exact() -> None:
 
 
 # ---------------------------------------------------------------------------------------------
+# mixed precision
+
+
+def test_grad_scaler_never_skips_a_step_for_the_fp16_loss() -> None:
+    # GradScaler starts at 2**16, above fp16's largest 65504, and doubles every 3 clean steps
+    # here; the true gradients fit in fp16 at every scale reached, so no step may be skipped.
+    head = torch.nn.Conv2d(8, 16, 1)
+    optimizer = torch.optim.SGD(head.parameters(), lr=0.1)
+    criterion = PixelContrastLoss(0.1)
+    scaler = torch.amp.GradScaler("cpu", growth_interval=3)
+    g = torch.Generator().manual_seed(0)
+    scales = []
+    for _ in range(7):
+        features = torch.randn(2, 8, 12, 12, generator=g)
+        labels = torch.randint(0, 4, (2, 12, 12), generator=g)
+        loss = criterion(head(features).half(), labels, generator=g)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad()
+        scales.append(scaler.get_scale())
+    assert scales == [2.0**16] * 2 + [2.0**17] * 3 + [2.0**18] * 2
+
+
+# ---------------------------------------------------------------------------------------------
 # second derivatives
 
 
@@ -130,6 +159,41 @@ def test_gradient_penalty_through_a_head_is_refused_not_wrong() -> None:
     loss = contrastive_loss(F.normalize(head(x), dim=1), torch.arange(9) % 3, backend="torch")
     with pytest.raises(RuntimeError, match="first derivatives only"):
         torch.autograd.grad(loss, x, create_graph=True)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("mode", ["torch.func.jvp", "forward_ad"])
+def test_forward_mode_is_refused_by_the_fused_path(backend, mode) -> None:
+    dtype = torch.float16 if backend == "triton" else torch.float32  # (Triton: no fp32 FMA)
+    x, y = unit(9, 4, seed=12).to(dtype), torch.arange(9) % 3
+    keys, key_labels = unit(5, 4, seed=13).to(dtype), torch.arange(5) % 3
+    if backend == "triton":
+        from pixcontrast.ops import triton_fused
+
+        reasons = triton_fused.unsupported(x, (keys,))
+        if reasons:
+            pytest.skip("; ".join(reasons))
+
+    def loss(keys: torch.Tensor) -> torch.Tensor:  # (a tangent on the keys only)
+        return contrastive_loss(x, y, keys, key_labels, backend=backend)
+
+    tangent = torch.randn_like(keys)
+    with pytest.raises(RuntimeError, match="no forward-mode derivative.*backend=\"reference\""):
+        if mode == "forward_ad":
+            with forward_ad.dual_level():
+                loss(forward_ad.make_dual(keys, tangent))
+        else:
+            torch.func.jvp(loss, (keys,), (tangent,))
+
+
+def test_forward_mode_of_the_reference_is_the_directional_derivative() -> None:
+    x, y = unit(9, 4, seed=12), torch.arange(9) % 3
+    tangent = torch.randn(9, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    _, got = torch.func.jvp(lambda a: contrastive_loss(a, y, backend="reference"), (x,),
+                            (tangent,))
+    x.requires_grad_()
+    (gradient,) = torch.autograd.grad(contrastive_loss(x, y, backend="torch"), x)
+    torch.testing.assert_close(got, (gradient * tangent).sum(), rtol=1e-12, atol=1e-12)
 
 
 def test_double_backward_of_the_reference_is_plain_autograd() -> None:
@@ -362,3 +426,166 @@ def test_empty_label_map_gives_a_connected_zero() -> None:
     loss = PixelContrastLoss()(x, torch.zeros(2, 0, 0, dtype=torch.long))
     loss.backward()
     assert float(loss.detach()) == 0 and x.grad.shape == x.shape
+
+
+# ---------------------------------------------------------------------------------------------
+# label dtypes narrower than int64
+
+
+NARROW_LABELS = [(torch.uint8, -100), (torch.int8, 255), (torch.int16, -100), (torch.int32, 255)]
+
+
+def _labelled_batch(dtype: torch.dtype, ignore_index: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Maps whose labels are 0..3, and ``ignore_index`` in a row where ``dtype`` can hold it."""
+    g = torch.Generator().manual_seed(0)
+    embeddings = torch.randn(2, 8, 6, 6, generator=g, dtype=torch.float64)
+    labels = torch.randint(0, 4, (2, 6, 6), generator=g)
+    if torch.iinfo(dtype).min <= ignore_index <= torch.iinfo(dtype).max:
+        labels[:, 0] = ignore_index
+    return embeddings, labels
+
+
+@pytest.mark.parametrize("dtype,ignore_index", NARROW_LABELS)
+@pytest.mark.parametrize("loss_class", [PixelContrastLoss, RegionContrastLoss])
+def test_narrow_label_dtypes_give_the_int64_loss(loss_class, dtype, ignore_index) -> None:
+    # ignore_index is one the dtype cannot hold, and exclude_classes relabels class 1 to it
+    embeddings, labels = _labelled_batch(dtype, ignore_index)
+    results = []
+    for labels_of_dtype in (labels, labels.to(dtype)):
+        bank = ClassMemoryBank(4, 8, pixels_per_class=10, regions_per_class=2,
+                               ignore_index=ignore_index).double()
+        loss = loss_class(0.1, ignore_index=ignore_index, exclude_classes=(1,), memory=bank)
+        value = loss(embeddings, labels_of_dtype, generator=torch.Generator().manual_seed(1))
+        results.append((value, loss.last_sample.labels, bank.queue, bank.pixel_count))
+    for wide, narrow in zip(*results):
+        assert torch.equal(wide, narrow)
+    assert int(results[0][3][1]) == 0  # class 1 was excluded, not enqueued
+
+
+@pytest.mark.parametrize("dtype,ignore_index", NARROW_LABELS)
+def test_narrow_label_dtypes_give_the_int64_sample_and_bank(dtype, ignore_index) -> None:
+    embeddings, labels = _labelled_batch(dtype, ignore_index)
+    samples, queues = [], []
+    for labels_of_dtype in (labels, labels.to(dtype)):
+        sampler = HardAnchorSampler(20, 4, num_classes=4)
+        samples.append(sampler(embeddings, labels_of_dtype, labels_of_dtype, ignore_index,
+                               torch.Generator().manual_seed(2)))
+        samples.append(select_anchors(embeddings, labels_of_dtype, max_samples=20, max_views=4,
+                                      ignore_index=ignore_index,
+                                      generator=torch.Generator().manual_seed(2)))
+        bank = ClassMemoryBank(4, 8, pixels_per_class=10, regions_per_class=2,
+                               ignore_index=ignore_index, exclude_classes=(1,)).double()
+        bank.enqueue(embeddings, labels_of_dtype, generator=torch.Generator().manual_seed(3))
+        queues.append(bank.state_dict())
+    for wide, narrow in zip(samples[:2], samples[2:]):
+        assert torch.equal(wide.indices, narrow.indices)
+        assert torch.equal(wide.labels, narrow.labels) and narrow.labels.dtype == torch.int64
+    for name, wide in queues[0].items():
+        assert torch.equal(wide, queues[1][name]), name
+
+
+# ---------------------------------------------------------------------------------------------
+# user mistakes that would otherwise run silently
+
+
+@pytest.mark.parametrize("labels_size,embeddings_size", [
+    ((513, 513), (65, 65)), ((513, 513), (129, 129)), ((512, 512), (64, 64)),
+    ((513, 769), (65, 97)), ((512, 1024), (16, 32)), ((32, 32), (1, 1)), ((26, 39), (22, 33)),
+    ((6, 5), (6, 5)),
+])
+def test_labels_at_one_stride_of_the_embeddings_are_taken(labels_size, embeddings_size) -> None:
+    # what networks of output stride 4 to 32 give for even and odd input sizes
+    g = torch.Generator().manual_seed(0)
+    embeddings = torch.randn(1, 2, *embeddings_size, generator=g, dtype=torch.float64)
+    labels = torch.randint(0, 3, (1, *labels_size), generator=g)
+    loss = PixelContrastLoss(0.1, max_samples=64)
+    assert torch.isfinite(loss(embeddings, labels, generator=g))
+    want = F.interpolate(labels[:, None].float(), embeddings_size, mode="nearest")
+    assert torch.equal(pixel_maps(embeddings, labels).labels, want[:, 0].long())
+
+
+@pytest.mark.parametrize("labels_size", [(30, 45), (4, 4), (8, 7), (16, 24), (64, 8)])
+@pytest.mark.parametrize("entry", ["pixel loss", "region loss", "bank"])
+def test_labels_of_another_aspect_or_a_lower_resolution_raise(labels_size, entry) -> None:
+    embeddings = torch.randn(1, 4, 8, 8)
+    labels = torch.zeros(1, *labels_size, dtype=torch.long)
+    call = {
+        "pixel loss": lambda: PixelContrastLoss()(embeddings, labels),
+        "region loss": lambda: RegionContrastLoss()(embeddings, labels),
+        "bank": lambda: ClassMemoryBank(3, 4).enqueue(embeddings, labels),
+    }[entry]
+    with pytest.raises(ValueError, match=r"labels of resolution .* do not fit embeddings of "
+                                         r"resolution \(8, 8\)"):
+        call()
+
+
+@pytest.mark.parametrize("labels_size", [(8, 12), (64, 96)])
+def test_channels_last_embeddings_raise_with_the_permute(labels_size) -> None:
+    embeddings = torch.randn(2, 8, 12, 16)  # [B, h, w, D]
+    labels = torch.zeros(2, *labels_size, dtype=torch.long)
+    with pytest.raises(ValueError, match=r"channels-last.*embeddings\.permute\(0, 3, 1, 2\)"):
+        PixelContrastLoss()(embeddings, labels)
+    PixelContrastLoss()(embeddings.permute(0, 3, 1, 2), labels)  # the fix runs
+
+
+def test_softmax_probabilities_as_logits_raise() -> None:
+    g = torch.Generator().manual_seed(0)
+    embeddings = torch.randn(2, 4, 6, 6, generator=g)
+    labels = torch.randint(0, 3, (2, 6, 6), generator=g)
+    logits = 3 * torch.randn(2, 3, 6, 6, generator=g)
+    for probabilities in (logits.softmax(dim=1), logits.half().softmax(dim=1)):
+        with pytest.raises(ValueError, match="softmax probabilities.*raw logits"):
+            ConfidenceAnchorSampler()(embeddings, labels, logits=probabilities)
+        loss = PixelContrastLoss(sampler=ConfidenceAnchorSampler())
+        with pytest.raises(ValueError, match="softmax probabilities"):
+            loss(embeddings, labels, probabilities)
+    # logits never do, even squashed into [0, 1], or log-probabilities
+    for scores in (logits, logits.sigmoid(), logits.log_softmax(dim=1),
+                   torch.full_like(logits, 1 / 3) + 0.05 * torch.rand(logits.shape, generator=g)):
+        ConfidenceAnchorSampler()(embeddings, labels, logits=scores)
+
+
+@pytest.mark.parametrize("ignore_index,stray", [(-100, 255), (255, -100)])
+def test_the_other_conventional_ignore_label_raises(ignore_index, stray) -> None:
+    g = torch.Generator().manual_seed(0)
+    embeddings = torch.randn(1, 4, 6, 6, generator=g)
+    labels = torch.randint(0, 3, (1, 6, 6), generator=g)
+    labels[0, 0] = stray
+    for call in (lambda: PixelContrastLoss(ignore_index=ignore_index)(embeddings, labels),
+                 lambda: select_anchors(embeddings, labels, ignore_index=ignore_index)):
+        with pytest.raises(ValueError, match=f"pass ignore_index={stray}"):
+            call()
+    if stray == 255:  # a class when num_classes says so
+        PixelContrastLoss(ignore_index=ignore_index, num_classes=256)(embeddings, labels)
+
+
+def test_out_of_range_labels_name_the_bound_the_user_set() -> None:
+    embeddings = torch.randn(1, 4, 2, 2)
+    labels = torch.tensor([[[0, 1], [2, 2000]]])
+    with pytest.raises(ValueError) as error:
+        PixelContrastLoss()(embeddings, labels)
+    message = str(error.value)
+    assert "DEFAULT_NUM_CLASSES=1024, the bound when num_classes is not given" in message
+    assert "num_classes=1024" not in message and "Confidence" not in message
+    with pytest.raises(ValueError, match=r"\[0, 3\) \(the 3 classes of predictions, its "
+                                         r"dimension 1\).*target 2000"):
+        PixelContrastLoss()(embeddings, labels, torch.randn(1, 3, 2, 2))
+    with pytest.raises(ValueError, match=r"\[0, 5\) \(num_classes=5\)"):
+        PixelContrastLoss(num_classes=5)(embeddings, labels)
+
+
+def test_unnormalised_raw_features_warn_once() -> None:
+    g = torch.Generator().manual_seed(0)
+    raw = 30 * torch.randn(2, 8, 6, 6, generator=g)
+    labels = torch.randint(0, 3, (2, 6, 6), generator=g)
+    loss = PixelContrastLoss(0.1, normalize=False)
+    with pytest.warns(UserWarning, match=r"normalize=False.*reach .*normalize=True") as record:
+        value = loss(raw, labels, generator=g)
+    assert record[0].filename == __file__  # (the caller's line, not nn.Module's)
+    assert float(value) > 100  # the magnitude the warning explains
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        loss(raw, labels, generator=g)  # once
+        unit_loss = PixelContrastLoss(0.1, normalize=False)
+        unit_loss(F.normalize(raw, dim=1), labels, generator=g)  # unit: no warning
+        PixelContrastLoss(0.1)(raw, labels, generator=g)  # normalized: no check
