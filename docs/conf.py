@@ -11,6 +11,7 @@ while building.
 """
 
 import importlib
+import re
 from types import ModuleType
 
 import pixcontrast
@@ -103,6 +104,14 @@ def _resolve_by_object(app, env, node, contnode):
         defined_in = getattr(_lookup(f"{module}.{cls}"), "__module__", None) if cls else None
         if defined_in:
             scopes.append(defined_in)
+    # the module that defines the object whose docstring holds the reference
+    docstring_of = re.search(r"docstring of ([\w.]+)", getattr(node, "source", None) or "")
+    if docstring_of:
+        owner = docstring_of.group(1)
+        while owner and not isinstance(_lookup(owner), ModuleType):
+            owner = owner.rpartition(".")[0]
+        if owner:
+            scopes.append(owner)
     for scope in scopes:
         path = f"{scope}.{target}" if scope else target
         value = _lookup(path)

@@ -26,6 +26,14 @@ import os
 from typing import Optional
 
 import torch
+
+# Before the process group exists: torch.optim and DDP import torch._dynamo on first use, and with
+# it modules (torch.distributed.nn.functional, ...) whose default arguments hold the default group
+# from their import on. Imported after init_process_group they keep the group, and its gloo worker
+# threads, alive past destroy_process_group into interpreter shutdown, where a worker releasing the
+# last collective's tensors needs the GIL and aborts the process ("terminate called without an
+# active exception"). Imported first, destroy_process_group frees the group and joins its workers.
+import torch._dynamo  # noqa: F401
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn

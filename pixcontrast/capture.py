@@ -54,7 +54,9 @@ class FeatureCapture:
 
     - only what the last forward produced: :meth:`take` returns it and lets it go; a forward
       that follows drops it if it was not taken. The graph behind a captured tensor is thus
-      never kept past the step that produced it, and nothing accumulates over steps;
+      never kept past the step that produced it, and nothing accumulates over steps. A
+      submodule that runs more than once in a forward (a shared activation) keeps nothing:
+      :meth:`take` says so;
     - only in training mode: when the submodule runs in ``eval()`` mode (validation, inference)
       nothing is kept;
     - :meth:`remove` (or leaving the ``with`` block) removes both hooks.
@@ -105,7 +107,7 @@ class FeatureCapture:
         root = unwrap_model(model)
         self.module = _submodule(root, name)
         self._tensor: Optional[Tensor] = None
-        self._ran = False  # whether the submodule ran since the model's last forward began
+        self._runs = 0  # calls of the submodule since the model's last forward began
         self._ran_in_eval = False
         self._handles: list[RemovableHandle] = [
             root.register_forward_pre_hook(self._forget),
@@ -114,12 +116,16 @@ class FeatureCapture:
 
     def _forget(self, module: nn.Module, args: Any) -> None:
         self._tensor = None
-        self._ran = self._ran_in_eval = False
+        self._runs = 0
+        self._ran_in_eval = False
 
     def _keep(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
-        self._ran = True
+        self._runs += 1
         if not module.training:
             self._ran_in_eval = True
+            return
+        if self._runs > 1:  # which call's tensor is meant is ambiguous: take() says so
+            self._tensor = None
             return
         value = output if self.site == "output" else args
         index = 0 if self.site == "input" and self.index is None else self.index
@@ -141,20 +147,27 @@ class FeatureCapture:
         """The tensor captured in the model's last forward; the capture lets it go.
 
         Raises:
-            RuntimeError: the submodule did not run in the model's last forward, ran in
-                ``eval()`` mode (nothing is kept then), or its tensor was already taken.
+            RuntimeError: the submodule did not run in the model's last forward, ran more than
+                once in it, ran in ``eval()`` mode (nothing is kept then), or its tensor was
+                already taken.
         """
         tensor, self._tensor = self._tensor, None
-        if tensor is not None:
-            return tensor
         if not self._handles:
             raise RuntimeError(f"the capture of {self.name!r} was removed")
+        if self._runs > 1:
+            raise RuntimeError(
+                f"{self.name!r} ran {self._runs} times in the model's last forward (a module "
+                "called more than once, such as a shared activation): capture a submodule "
+                "that runs once per forward"
+            )
+        if tensor is not None:
+            return tensor
         if self._ran_in_eval:
             raise RuntimeError(
                 f"{self.name!r} ran in eval() mode: FeatureCapture keeps tensors only in "
                 "training mode (so validation and inference hold nothing)"
             )
-        if self._ran:
+        if self._runs:
             raise RuntimeError(f"the {self.site} of {self.name!r} was already taken")
         raise RuntimeError(
             f"{self.name!r} did not run in the model's last forward (or no forward ran since "

@@ -7,6 +7,13 @@ return ``[tensor]``), and :func:`mean_across_ranks` is a plain mean: code writte
 processes runs unchanged in one.
 
 Each of these is a collective: every rank of the group must call it, in the same order.
+
+Ending a gloo run cleanly (torch 2.13): import ``torch._dynamo`` before ``init_process_group``,
+as ``examples/ddp_train.py`` does. ``torch.optim`` and DDP import it on first use, and modules it
+loads keep the default group in default arguments; loaded after the group exists, they keep its
+gloo worker threads alive past ``destroy_process_group``, and a worker still releasing the last
+collective (often a gather of this module) at interpreter shutdown aborts the process
+("terminate called without an active exception").
 """
 
 from __future__ import annotations

@@ -259,7 +259,7 @@ class ClassMemoryBank(nn.Module):
         self, ring: Tensor, pointer: Tensor, count: Tensor, values: Tensor, classes: Tensor
     ) -> None:
         """:func:`~pixcontrast._ring.push` this rank's entries, or with ``gather`` every rank's."""
-        if self.gather:
+        if self.gather and distributed.get_world_size() > 1:  # (one process: its own entries)
             values = torch.cat(distributed.all_gather(values.to(ring.dtype)))
             classes = torch.cat(distributed.all_gather(classes))
         push(ring, pointer, count, values, classes)

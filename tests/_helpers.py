@@ -32,11 +32,14 @@ from __future__ import annotations
 
 import importlib.util
 import math
+import os
+import subprocess
 import sys
 from pathlib import Path
 from types import ModuleType
 from typing import NamedTuple, Optional, Sequence, Union
 
+import pytest
 import torch
 from torch import Tensor
 
@@ -404,3 +407,58 @@ def load_example(name: str) -> ModuleType:
     sys.modules[name] = module
     spec.loader.exec_module(module)
     return module
+
+
+# Put on PYTHONPATH as sitecustomize, it runs in every process torchrun starts: at exit (before
+# interpreter shutdown), each rank writes the names of the threads it still has.
+_RECORD_THREADS_AT_EXIT = """
+import atexit, os
+
+def record_threads():
+    names = [open(f"/proc/self/task/{task}/comm").read().strip()
+             for task in os.listdir("/proc/self/task")]
+    path = os.path.join(os.environ["THREADS_AT_EXIT"], "rank" + os.environ["RANK"])
+    with open(path, "w") as out:
+        out.write("\\n".join(names))
+
+if "RANK" in os.environ:
+    atexit.register(record_threads)
+"""
+
+
+class TorchrunRun(NamedTuple):
+    """What :func:`torchrun` saw: the finished command and, per rank, its threads at exit."""
+
+    completed: subprocess.CompletedProcess
+    threads_at_exit: list[list[str]]
+
+    def assert_clean_exit(self) -> None:
+        """Every rank exited 0 with no gloo thread left to race interpreter shutdown."""
+        assert self.completed.returncode == 0, self.completed.stderr[-3000:]
+        for rank, threads in enumerate(self.threads_at_exit):
+            gloo = [name for name in threads if "gloo" in name]
+            assert threads and not gloo, f"rank {rank} threads at exit: {threads}"
+
+
+def torchrun(args: Sequence[str], processes: int, cwd: Path, scratch: Path) -> TorchrunRun:
+    """``torchrun --standalone --nproc_per_node=<processes> <args>`` from ``cwd``.
+
+    ``--standalone`` takes a free port, not the default one that other runs may hold. The names
+    of each rank's threads at exit (read from ``/proc``: skipped elsewhere than Linux) show a gloo
+    worker that outlives ``destroy_process_group`` every time, where the exit code fails only
+    when such a worker loses its race with interpreter shutdown (releasing a collective's tensors
+    there needs the GIL, and the process aborts).
+    """
+    if not Path("/proc/self/task").is_dir():
+        pytest.skip("threads at exit are read from /proc")
+    (scratch / "sitecustomize.py").write_text(_RECORD_THREADS_AT_EXIT)
+    path = os.pathsep.join(filter(None, [str(scratch), os.environ.get("PYTHONPATH")]))
+    completed = subprocess.run(
+        [str(Path(sys.executable).with_name("torchrun")), "--standalone",
+         f"--nproc_per_node={processes}", *args],
+        cwd=cwd, env={**os.environ, "PYTHONPATH": path, "THREADS_AT_EXIT": str(scratch)},
+        capture_output=True, text=True, timeout=300,
+    )
+    records = [scratch / f"rank{rank}" for rank in range(processes)]
+    threads = [record.read_text().split() if record.exists() else [] for record in records]
+    return TorchrunRun(completed, threads)

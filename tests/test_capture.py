@@ -116,6 +116,15 @@ def test_errors_name_the_cause(net) -> None:
         net(torch.randn(1, 3, 4, 4))
 
 
+def test_a_submodule_that_runs_twice_is_refused() -> None:
+    relu = nn.ReLU()
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), relu, nn.Conv2d(4, 4, 1), relu)
+    with FeatureCapture(model, "1") as capture:
+        model(torch.randn(1, 3, 4, 4))
+        with pytest.raises(RuntimeError, match="ran 2 times"):
+            capture.take()
+
+
 def test_tuple_outputs_need_an_index() -> None:
     class Pair(nn.Module):
         def forward(self, x):

@@ -42,24 +42,24 @@ def test_module_equals_functional_on_the_sampled_anchors(variant, device, dtype)
     torch.testing.assert_close(x.grad, y.grad)
 
 
-def test_resize_labels_matches_nearest_interpolation():
-    labels = torch.randint(0, 200, (2, 37, 23))
+def test_resize_labels_matches_nearest_interpolation(device):
+    labels = torch.randint(0, 200, (2, 37, 23)).to(device)
     for size in [(9, 5), (37, 23), (50, 40)]:
         expected = F.interpolate(labels[:, None].float(), size=size, mode="nearest")[:, 0].long()
         torch.testing.assert_close(resize_labels(labels, size), expected)
 
 
-def test_sampling_is_reproducible_with_a_generator():
-    embeddings, labels = make_maps(scale=2, seed=3)
+def test_sampling_is_reproducible_with_a_generator(device):
+    embeddings, labels = make_maps(scale=2, seed=3, device=device)
     criterion = PixelContrastLoss(max_samples=20, max_views=3)
     first = criterion.sample(embeddings, labels, generator=torch.Generator().manual_seed(5))
     second = criterion.sample(embeddings, labels, generator=torch.Generator().manual_seed(5))
     torch.testing.assert_close(first.indices, second.indices)
 
 
-def test_predictions_as_logits_or_label_map_agree():
-    embeddings, labels = make_maps(scale=2, seed=4)
-    logits = torch.randn(2, 3, 9, 7, dtype=torch.float64)
+def test_predictions_as_logits_or_label_map_agree(device):
+    embeddings, labels = make_maps(scale=2, seed=4, device=device)
+    logits = torch.randn(2, 3, 9, 7, dtype=torch.float64).to(device)
     criterion = PixelContrastLoss(max_samples=30, max_views=4)
     from_logits = criterion.sample(embeddings, labels, logits,
                                    generator=torch.Generator().manual_seed(2))
@@ -70,19 +70,19 @@ def test_predictions_as_logits_or_label_map_agree():
 
 
 @pytest.mark.parametrize("variant", ["paper", "supcon"])
-def test_edge_cases_give_a_connected_zero_or_finite_loss(variant):
+def test_edge_cases_give_a_connected_zero_or_finite_loss(variant, device, dtype):
     criterion = PixelContrastLoss(variant=variant, sampler=RandomAnchorSampler(64, 8))
-    x = torch.randn(2, 4, 3, 3, requires_grad=True)
+    x = torch.randn(2, 4, 3, 3, dtype=dtype).to(device).requires_grad_()
     # no valid pixel
-    loss = criterion(x, torch.full((2, 3, 3), 255))
+    loss = criterion(x, torch.full((2, 3, 3), 255, device=device))
     loss.backward()
     assert loss.item() == 0.0 and loss.requires_grad and not x.grad.any()
     # one pixel per image, different classes: no positives
-    labels = torch.full((2, 3, 3), 255)
+    labels = torch.full((2, 3, 3), 255, device=device)
     labels[0, 0, 0], labels[1, 2, 2] = 1, 2
     assert criterion(x, labels).item() == 0.0
     # a single class everywhere: positives, no negatives
-    loss = criterion(x, torch.zeros(2, 3, 3, dtype=torch.long))
+    loss = criterion(x, torch.zeros(2, 3, 3, dtype=torch.long, device=device))
     assert torch.isfinite(loss)
 
 

@@ -31,10 +31,10 @@ def expected_ring(history: list[float], slots: int) -> dict[int, float]:
     return {i % slots: value for i, value in enumerate(history) if i >= len(history) - slots}
 
 
-def test_pixel_rings_are_fifo_and_wrap_around() -> None:
+def test_pixel_rings_are_fifo_and_wrap_around(device) -> None:
     slots = 4
     bank = ClassMemoryBank(3, 2, pixels_per_class=slots, regions_per_class=0, pixels_per_image=99)
-    bank.double()
+    bank.double().to(device)
     batches = [
         [[0, 0, 1, IGNORE, 2, 2], [1, 0, IGNORE, IGNORE, IGNORE, IGNORE]],
         [[0, 0, 0, 0, 0, 0], [2, IGNORE, IGNORE, IGNORE, IGNORE, IGNORE]],  # 6 > 4 of class 0
@@ -50,7 +50,7 @@ def test_pixel_rings_are_fifo_and_wrap_around() -> None:
             for label, value in zip(row, row_ids):
                 if label != IGNORE:
                     history[label].append(value)
-        bank.enqueue(*row_batch(rows, ids))
+        bank.enqueue(*(t.to(device) for t in row_batch(rows, ids)))
         for c in range(3):
             expected = expected_ring(history[c], slots)
             stored = {s: float(bank.pixel_queue[c, s, 0]) for s in range(int(bank.pixel_count[c]))}
@@ -60,10 +60,10 @@ def test_pixel_rings_are_fifo_and_wrap_around() -> None:
     assert int(bank.region_count.sum()) == 0
 
 
-def test_region_rings_are_fifo_and_wrap_around() -> None:
+def test_region_rings_are_fifo_and_wrap_around(device) -> None:
     slots = 3
     bank = ClassMemoryBank(2, 2, pixels_per_class=0, regions_per_class=slots)
-    bank.double()
+    bank.double().to(device)
     history: dict[int, list[int]] = {0: [], 1: []}
     next_id = 0
     for rows in ([[1, 1, 0], [1, 1, 1], [IGNORE, 1, 1], [0, 0, 1]], [[0, 0, 0], [1, 0, 1]]):
@@ -77,7 +77,7 @@ def test_region_rings_are_fifo_and_wrap_around() -> None:
                         batch[b, :, 0, i] = torch.tensor([math.cos(angle), math.sin(angle)])
                 history[c].append(next_id)
                 next_id += 1
-        bank.enqueue(batch, torch.tensor(rows)[:, None, :])
+        bank.enqueue(batch.to(device), torch.tensor(rows, device=device)[:, None, :])
         for c in range(2):
             count = int(bank.region_count[c])
             stored = bank.region_queue[c, :count]
@@ -334,12 +334,15 @@ def test_resumed_run_equals_uninterrupted_run() -> None:
         assert torch.equal(resumed.state_dict()[name], value), name
 
 
-def filled_bank(num_classes: int, dim: int, steps: int, seed: int, **sizes) -> ClassMemoryBank:
-    bank = ClassMemoryBank(num_classes, dim, **sizes).double()
+def filled_bank(
+    num_classes: int, dim: int, steps: int, seed: int, device="cpu", **sizes
+) -> ClassMemoryBank:
+    bank = ClassMemoryBank(num_classes, dim, **sizes).double().to(device)
     generator = torch.Generator().manual_seed(seed)
     for _ in range(steps):
         x = F.normalize(torch.randn(2, dim, 4, 4, generator=generator, dtype=torch.float64), dim=1)
-        bank.enqueue(x, torch.randint(0, num_classes, (2, 4, 4), generator=generator), generator)
+        y = torch.randint(0, num_classes, (2, 4, 4), generator=generator)
+        bank.enqueue(x.to(device), y.to(device), generator)
     return bank
 
 
@@ -354,9 +357,11 @@ def anchor_rows(x: torch.Tensor, sample, normalize: bool = True) -> torch.Tensor
     ("pixels", "regions", "steps"),
     [(True, True, 2), (True, False, 2), (False, True, 2), (True, True, 9)],  # 9 steps: full
 )
-def test_pixel_loss_with_memory_equals_reference(variant, pixels, regions, steps) -> None:
-    bank = filled_bank(3, 5, steps, seed=5, pixels_per_class=12, regions_per_class=6,
-                       pixels_per_image=2)
+def test_pixel_loss_with_memory_equals_reference(
+    variant, pixels, regions, steps, device
+) -> None:
+    bank = filled_bank(3, 5, steps, seed=5, device=device, pixels_per_class=12,
+                       regions_per_class=6, pixels_per_image=2)
     keys, key_labels = (t.clone() for t in bank.keys(pixels, regions))
     counts = bank.pixel_count.clone(), bank.region_count.clone()
     criterion = PixelContrastLoss(
@@ -364,8 +369,9 @@ def test_pixel_loss_with_memory_equals_reference(variant, pixels, regions, steps
         backend="torch", memory=bank, use_pixel_memory=pixels, use_region_memory=regions,
     )
     generator = torch.Generator().manual_seed(6)
-    x = torch.randn(2, 5, 4, 4, dtype=torch.float64, generator=generator, requires_grad=True)
-    y = torch.randint(0, 3, (2, 8, 8), generator=generator)
+    x = torch.randn(2, 5, 4, 4, dtype=torch.float64, generator=generator).to(device)
+    x.requires_grad_()
+    y = torch.randint(0, 3, (2, 8, 8), generator=generator).to(device)
     loss = criterion(x, y, generator=generator)
     (grad,) = torch.autograd.grad(loss, x, retain_graph=True)
 
@@ -393,16 +399,17 @@ def test_enqueue_false_leaves_memory_to_the_caller() -> None:
 
 @pytest.mark.parametrize(("use_batch_regions", "normalize"), [(True, True), (False, True),
                                                               (True, False)])
-def test_region_loss_equals_reference(use_batch_regions, normalize) -> None:
-    bank = filled_bank(3, 5, 3, seed=7, pixels_per_class=0, regions_per_class=4)
+def test_region_loss_equals_reference(use_batch_regions, normalize, device) -> None:
+    bank = filled_bank(3, 5, 3, seed=7, device=device, pixels_per_class=0, regions_per_class=4)
     stored, stored_labels = (t.clone() for t in bank.keys())
     criterion = RegionContrastLoss(
         max_samples=30, max_views=5, backend="torch", memory=bank,
         use_batch_regions=use_batch_regions, normalize=normalize,
     )
     generator = torch.Generator().manual_seed(8)
-    x = torch.randn(2, 5, 4, 4, dtype=torch.float64, generator=generator, requires_grad=True)
-    y = torch.randint(0, 3, (2, 4, 4), generator=generator)
+    x = torch.randn(2, 5, 4, 4, dtype=torch.float64, generator=generator).to(device)
+    x.requires_grad_()
+    y = torch.randint(0, 3, (2, 4, 4), generator=generator).to(device)
     y[0, 0] = IGNORE
     loss = criterion(x, y, generator=generator)
     (grad,) = torch.autograd.grad(loss, x, retain_graph=True)
@@ -411,7 +418,7 @@ def test_region_loss_equals_reference(use_batch_regions, normalize) -> None:
     if use_batch_regions:
         regions, region_labels = loop_regions(F.normalize(x, dim=1) if normalize else x, y)
         keys = torch.cat([regions, stored])
-        key_labels = torch.cat([torch.tensor(region_labels), stored_labels])
+        key_labels = torch.cat([torch.tensor(region_labels, device=device), stored_labels])
     sample = criterion.last_sample
     expected = contrastive_loss(
         anchor_rows(x, sample, normalize), sample.labels, keys, key_labels, in_batch=False,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Union
 
 import pytest
 import torch
@@ -19,10 +20,12 @@ MODES = [(True, False), (False, True), (True, True)]
 
 
 def make_problem(
-    seed: int, n: int, m: int, dim: int, classes: int, in_batch: bool, with_keys: bool
+    seed: int, n: int, m: int, dim: int, classes: int, in_batch: bool, with_keys: bool,
+    device: Union[str, torch.device] = "cpu",
 ) -> dict:
     """Random continuous data (no ties); class 0 is rare (one anchor, two keys) so that some
-    rows need padding. With keys, a few memory slots are invalid (label -1)."""
+    rows need padding. With keys, a few memory slots are invalid (label -1). Drawn on CPU, then
+    moved to ``device``."""
     gen = torch.Generator().manual_seed(seed)
     anchors = torch.randn(n, dim, generator=gen, dtype=torch.float64)
     labels = torch.randint(1, classes, (n,), generator=gen)
@@ -33,6 +36,8 @@ def make_problem(
         key_labels = torch.randint(1, classes, (m,), generator=gen)
         key_labels[:2] = 0
         key_labels[torch.randperm(m, generator=gen)[: m // 8]] = -1
+        keys, key_labels = keys.to(device), key_labels.to(device)
+    anchors, labels = anchors.to(device), labels.to(device)
     space = [anchors] if in_batch else []
     space_labels = [labels] if in_batch else []
     if with_keys:
@@ -68,8 +73,8 @@ def mine(p: dict, **kwargs) -> mining.MinedPairs:
 
 @pytest.mark.parametrize("in_batch,with_keys", MODES)
 @pytest.mark.parametrize("chunk_rows", [None, 3])
-def test_hardest_equals_brute_force(monkeypatch, in_batch, with_keys, chunk_rows):
-    p = make_problem(0, 23, 37, 5, 4, in_batch, with_keys)
+def test_hardest_equals_brute_force(monkeypatch, in_batch, with_keys, chunk_rows, device):
+    p = make_problem(0, 23, 37, 5, 4, in_batch, with_keys, device)
     if chunk_rows is not None:  # several chunks, the last one short
         monkeypatch.setattr(mining, "_CHUNK_ELEMENTS", chunk_rows * p["space"].shape[0])
     pairs = mine(p, miner="hardest", num_positives=4, num_negatives=6)
@@ -85,8 +90,8 @@ def test_hardest_equals_brute_force(monkeypatch, in_batch, with_keys, chunk_rows
 
 
 @pytest.mark.parametrize("in_batch,with_keys", MODES)
-def test_semi_hard_draws_within_the_hardest_fraction(in_batch, with_keys):
-    p = make_problem(1, 30, 60, 4, 3, in_batch, with_keys)
+def test_semi_hard_draws_within_the_hardest_fraction(in_batch, with_keys, device):
+    p = make_problem(1, 30, 60, 4, 3, in_batch, with_keys, device)
     fraction = 0.3
     pairs = mine(p, miner="semi-hard", num_positives=3, num_negatives=5, fraction=fraction,
                  generator=torch.Generator().manual_seed(0))
@@ -153,8 +158,8 @@ def test_class_relation_follows_the_prototype_softmax():
     assert drawn_class[labels == 0].eq(1).double().mean() > 0.5
 
 
-def test_class_relation_in_batch_never_pairs_an_anchor_with_itself():
-    p = make_problem(6, 40, 0, 4, 3, True, False)
+def test_class_relation_in_batch_never_pairs_an_anchor_with_itself(device):
+    p = make_problem(6, 40, 0, 4, 3, True, False, device)
     pairs = mine(p, miner="class-relation", num_positives=20, num_negatives=20,
                  generator=torch.Generator().manual_seed(0))
     own = torch.arange(40)[:, None]
@@ -167,8 +172,8 @@ def test_class_relation_in_batch_never_pairs_an_anchor_with_itself():
 
 
 @pytest.mark.parametrize("miner", ["semi-hard", "class-relation"])
-def test_mining_is_reproducible(miner):
-    p = make_problem(7, 25, 40, 4, 3, True, True)
+def test_mining_is_reproducible(miner, device):
+    p = make_problem(7, 25, 40, 4, 3, True, True, device)
 
     def run(seed: int) -> mining.MinedPairs:
         return mine(p, miner=miner, num_positives=3, num_negatives=4, fraction=0.5,
@@ -196,9 +201,11 @@ def listed_pairs(index: torch.Tensor) -> list[list[int]]:
     return [[j for j in row if j >= 0] for row in index.tolist()]
 
 
-def unit_problem(seed: int, in_batch: bool, with_keys: bool) -> dict:
+def unit_problem(
+    seed: int, in_batch: bool, with_keys: bool, device: Union[str, torch.device] = "cpu"
+) -> dict:
     """fp64 unit vectors, anchors and keys requiring grad."""
-    p = make_problem(seed, 13, 21, 6, 4, in_batch, with_keys)
+    p = make_problem(seed, 13, 21, 6, 4, in_batch, with_keys, device)
     p["anchors"] = F.normalize(p["anchors"], dim=1).requires_grad_()
     if with_keys:
         p["keys"] = F.normalize(p["keys"], dim=1).requires_grad_()
@@ -212,9 +219,9 @@ def inputs_of(p: dict) -> list[torch.Tensor]:
 def upstream(loss: torch.Tensor, seed: int) -> torch.Tensor:
     """A gradient != 1 for the output (random per anchor for reduction="none")."""
     if loss.ndim == 0:
-        return torch.tensor(0.7, dtype=loss.dtype)
+        return torch.tensor(0.7, dtype=loss.dtype, device=loss.device)
     return torch.rand(loss.shape, generator=torch.Generator().manual_seed(seed),
-                      dtype=loss.dtype) + 0.5
+                      dtype=loss.dtype).to(loss.device) + 0.5
 
 
 def assert_same_loss_and_grads(p: dict, ours: torch.Tensor, theirs: torch.Tensor) -> None:
@@ -230,8 +237,8 @@ def assert_same_loss_and_grads(p: dict, ours: torch.Tensor, theirs: torch.Tensor
 @pytest.mark.parametrize("miner", mining.MINERS)
 @pytest.mark.parametrize("variant", ["paper", "supcon"])
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
-def test_pair_loss_equals_python_loop(in_batch, with_keys, miner, variant, reduction):
-    p = unit_problem(10, in_batch, with_keys)
+def test_pair_loss_equals_python_loop(in_batch, with_keys, miner, variant, reduction, device):
+    p = unit_problem(10, in_batch, with_keys, device)
     pairs = mine(p, miner=miner, num_positives=3, num_negatives=5, fraction=0.5,
                  generator=torch.Generator().manual_seed(1))
     positive_index, negative_index = pairs.positive_index.clone(), pairs.negative_index.clone()
@@ -254,16 +261,21 @@ def all_pairs(p: dict) -> tuple[torch.Tensor, torch.Tensor]:
     rows = [candidates(p, a) for a in range(p["anchors"].shape[0])]
     width_pos = max(len(pos) for pos, _ in rows)
     width_neg = max(len(neg) for _, neg in rows)
-    positive_index = torch.tensor([padded([j for _, j in pos], width_pos) for pos, _ in rows])
-    negative_index = torch.tensor([padded([j for _, j in neg], width_neg) for _, neg in rows])
+    device = p["labels"].device
+    positive_index = torch.tensor([padded([j for _, j in pos], width_pos) for pos, _ in rows],
+                                  device=device)
+    negative_index = torch.tensor([padded([j for _, j in neg], width_neg) for _, neg in rows],
+                                  device=device)
     return positive_index, negative_index
 
 
 @pytest.mark.parametrize("in_batch,with_keys", MODES)
 @pytest.mark.parametrize("variant", ["paper", "supcon"])
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
-def test_pair_loss_on_all_pairs_equals_contrastive_loss(in_batch, with_keys, variant, reduction):
-    p = unit_problem(11, in_batch, with_keys)
+def test_pair_loss_on_all_pairs_equals_contrastive_loss(
+    in_batch, with_keys, variant, reduction, device
+):
+    p = unit_problem(11, in_batch, with_keys, device)
     with torch.no_grad():
         positive_index, negative_index = all_pairs(p)
     kwargs = dict(in_batch=in_batch, temperature=0.1, base_temperature=0.07, variant=variant,
@@ -276,8 +288,8 @@ def test_pair_loss_on_all_pairs_equals_contrastive_loss(in_batch, with_keys, var
 
 
 @pytest.mark.parametrize("variant", ["paper", "supcon"])
-def test_pair_loss_is_finite_for_large_scores(variant):
-    p = make_problem(12, 9, 15, 4, 3, True, True)
+def test_pair_loss_is_finite_for_large_scores(variant, device):
+    p = make_problem(12, 9, 15, 4, 3, True, True, device)
     p["anchors"] = (p["anchors"] * 30).float().requires_grad_()
     p["keys"] = (p["keys"] * 30).float().requires_grad_()
     positive_index, negative_index = all_pairs(p)
@@ -305,8 +317,8 @@ def test_pair_loss_without_positives_is_a_connected_zero():
         assert torch.equal(grad, torch.zeros_like(x))
 
 
-def test_pair_loss_gradcheck():
-    p = unit_problem(13, True, True)
+def test_pair_loss_gradcheck(device):
+    p = unit_problem(13, True, True, device)
     pairs = mine(p, miner="class-relation", num_positives=2, num_negatives=3,
                  generator=torch.Generator().manual_seed(2))
 
@@ -318,8 +330,8 @@ def test_pair_loss_gradcheck():
     assert torch.autograd.gradcheck(fn, (p["anchors"], p["keys"]))
 
 
-def test_module_equals_functional_and_non_contiguous_inputs():
-    p = make_problem(14, 20, 30, 5, 3, False, True)
+def test_module_equals_functional_and_non_contiguous_inputs(device):
+    p = make_problem(14, 20, 30, 5, 3, False, True, device)
     anchors = p["anchors"].float().T.contiguous().T  # column-major view of the same values
     assert not anchors.is_contiguous()
     criterion = MinedContrastLoss("semi-hard", num_positives=2, num_negatives=4, fraction=0.4,

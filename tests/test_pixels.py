@@ -19,12 +19,12 @@ def nearest(value, size):
     return F.interpolate(value, size, mode="nearest")
 
 
-def test_pixel_maps_resize_labels_predictions_and_logits_like_interpolate():
+def test_pixel_maps_resize_labels_predictions_and_logits_like_interpolate(device, dtype):
     g = torch.Generator().manual_seed(0)
-    embeddings = torch.randn(2, 4, 7, 5, generator=g)
-    labels = torch.randint(0, 3, (2, 26, 19), generator=g)
-    predictions = torch.randint(0, 3, (2, 9, 11), generator=g)
-    logits = torch.randn(2, 3, 13, 6, generator=g)
+    embeddings = torch.randn(2, 4, 7, 5, generator=g, dtype=dtype).to(device)
+    labels = torch.randint(0, 3, (2, 26, 19), generator=g).to(device)
+    predictions = torch.randint(0, 3, (2, 9, 11), generator=g).to(device)
+    logits = torch.randn(2, 3, 13, 6, generator=g, dtype=dtype).to(device)
     maps = pixel_maps(embeddings, labels, predictions, logits, num_classes=3)
     assert torch.equal(maps.labels, nearest(labels, (7, 5)))
     assert torch.equal(maps.predictions, nearest(predictions, (7, 5)))
@@ -32,9 +32,10 @@ def test_pixel_maps_resize_labels_predictions_and_logits_like_interpolate():
     assert torch.equal(maps.predicted, maps.predictions)
 
 
-def test_pixel_maps_keep_maps_at_the_resolution_and_take_the_argmax_of_logits():
-    embeddings, labels = torch.randn(1, 2, 3, 3), torch.zeros(1, 3, 3, dtype=torch.long)
-    logits = torch.randn(1, 4, 3, 3)
+def test_pixel_maps_keep_maps_at_the_resolution_and_take_the_argmax_of_logits(device):
+    embeddings = torch.randn(1, 2, 3, 3).to(device)
+    labels = torch.zeros(1, 3, 3, dtype=torch.long, device=device)
+    logits = torch.randn(1, 4, 3, 3).to(device)
     maps = pixel_maps(embeddings, labels, logits=logits)
     assert maps.labels is labels and maps.logits is logits
     assert torch.equal(maps.predicted, logits.argmax(dim=1))

@@ -83,9 +83,9 @@ def hand_built():
     "max_samples, max_views, min_pixels, hard_fraction",
     [(24, 6, 1, 0.5), (24, 6, 7, 0.5), (1000, 8, 1, 0.25), (12, 100, 3, 1.0), (40, 9, 1, 0.0)],
 )
-def test_counts_follow_the_rule(max_samples, max_views, min_pixels, hard_fraction):
-    labels, predictions = hand_built()
-    embeddings = torch.randn(2, 3, 4, 8)
+def test_counts_follow_the_rule(max_samples, max_views, min_pixels, hard_fraction, device):
+    labels, predictions = (t.to(device) for t in hand_built())
+    embeddings = torch.randn(2, 3, 4, 8).to(device)
     sampler = HardAnchorSampler(max_samples, max_views, min_pixels, hard_fraction)
     sample = sampler(embeddings, labels, predictions, IGNORE, torch.Generator().manual_seed(0))
     want = expected_counts(labels, predictions, max_samples, max_views, min_pixels, hard_fraction)
@@ -94,10 +94,10 @@ def test_counts_follow_the_rule(max_samples, max_views, min_pixels, hard_fractio
     assert sample.num_easy == sum(v for k, v in want.items() if not k[2])
 
 
-def test_hand_built_split():
-    labels, predictions = hand_built()
+def test_hand_built_split(device):
+    labels, predictions = (t.to(device) for t in hand_built())
     # 4 pairs -> n_view = min(24 // 4, 6) = 6: 3 hard + 3 easy where both groups are large
-    sample = HardAnchorSampler(24, 6)(torch.randn(2, 3, 4, 8), labels, predictions)
+    sample = HardAnchorSampler(24, 6)(torch.randn(2, 3, 4, 8).to(device), labels, predictions)
     counts = observed_counts(sample, labels, predictions)
     assert counts[(0, 0, True)] == 3 and counts[(0, 0, False)] == 3
     assert counts[(0, 1, True)] == 4 and counts[(0, 1, False)] == 2  # 2 easy only: top-up
@@ -115,7 +115,7 @@ def test_published_rule_skips_small_classes():
 
 
 @pytest.mark.parametrize("seed", range(6))
-def test_random_maps_match_the_rule(seed):
+def test_random_maps_match_the_rule(seed, device, dtype):
     g = torch.Generator().manual_seed(seed)
     b, h, w = 3, 5, 7
     labels = torch.randint(0, 4, (b, h, w), generator=g)
@@ -124,7 +124,9 @@ def test_random_maps_match_the_rule(seed):
         torch.rand(b, h, w, generator=g) < 0.4, torch.randint(0, 4, (b, h, w), generator=g),
         labels,
     )
-    embeddings = torch.randn(b, 2, h, w, generator=g)
+    embeddings = torch.randn(b, 2, h, w, generator=g, dtype=dtype)
+    labels, predictions = labels.to(device), predictions.to(device)
+    embeddings = embeddings.to(device)
     max_samples, max_views, min_pixels = int(torch.randint(1, 40, (1,), generator=g)), 5, 2
     fraction = float(torch.rand(1, generator=g))
     sampler = HardAnchorSampler(max_samples, max_views, min_pixels, fraction, num_classes=4)

@@ -6,10 +6,20 @@ this also proves that the launch path reads no device value on the host (a host 
 raise). :func:`compile_launch` compiles one recorded launch with the argument specialisation the
 JIT would give it at run time (16-byte aligned pointers and integers divisible by 16 carry
 ``tt.divisibility``; tensor allocations are aligned, as on CUDA) and reports registers and spills
-from the bundled ``ptxas``, shared memory, and whether the PTX uses wgmma.
+from the bundled ``ptxas``, shared memory, whether the PTX uses wgmma, and the SASS instructions
+of the kernel's main loop (:func:`loop_profile`, from the bundled ``nvdisasm``).
 
-Run as ``python tools/triton_compile.py ARCH DTYPE DIM VARIANT REDUCTION`` (without
-``TRITON_INTERPRET``): prints one JSON line per distinct compiled kernel.
+It checks the Triton that runs it: tile choices differ between Triton versions (see
+:data:`pixcontrast.ops.triton_fused.TILE_OVERRIDES`), so run it under each version that matters,
+e.g. a second environment with another Triton and ``PYTHONPATH`` at the repository.
+
+Run (without ``TRITON_INTERPRET``) as::
+
+    python tools/triton_compile.py ARCH DTYPE DIM VARIANT REDUCTION   # one configuration
+    python tools/triton_compile.py --sweep                            # every configuration
+
+Each prints one JSON line per distinct compiled kernel (with ``--sweep``, with its
+configuration).
 """
 
 from __future__ import annotations
@@ -21,8 +31,9 @@ import re
 import subprocess
 import sys
 import tempfile
+from collections import Counter
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, Optional
 
 import torch
 
@@ -30,7 +41,17 @@ from pixcontrast.ops import triton_fused
 from pixcontrast.ops._layout import ContrastLayout, KeySegment
 from pixcontrast.ops._options import ContrastOptions
 
-__all__ = ["CompileReport", "Launch", "compile_launch", "meta_layout", "record_launches"]
+__all__ = [
+    "CONFIGURATIONS",
+    "CompileReport",
+    "Launch",
+    "LoopProfile",
+    "compile_configuration",
+    "compile_launch",
+    "loop_profile",
+    "meta_layout",
+    "record_launches",
+]
 
 
 @dataclass(frozen=True)
@@ -52,6 +73,89 @@ class Launch:
 
 
 @dataclass(frozen=True)
+class LoopProfile:
+    """SASS instructions of a kernel's main loop (the backward branch that spans the most).
+
+    Attributes:
+        instructions: every instruction of the loop body, rare branches included.
+        hot_path: instructions on the shortest path from the loop's head to its backward
+            branch: an iteration that takes no optional branch (for the score kernels, an
+            interior tile: no mask, no rescale).
+        mufu: special-function instructions (``exp2``, ``log2``, reciprocals) on the hot path.
+        barriers: block-wide barriers (``BAR``) on the hot path.
+        mma: tensor-core instructions (``HGMMA``, ``HMMA``) on the hot path.
+    """
+
+    instructions: int
+    hot_path: int
+    mufu: int
+    barriers: int
+    mma: int
+
+
+_SASS_INSTRUCTION = re.compile(r"^\s*/\*[0-9a-f]{4,}\*/\s+(@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)(.*);")
+_SASS_LABEL = re.compile(r"^(\.L_x_\d+):")
+_SASS_TARGET = re.compile(r"`\((\.L_x_\d+)\)")
+
+
+def loop_profile(sass: str) -> Optional[LoopProfile]:
+    """The main loop of ``nvdisasm -c`` output, ``None`` without a loop.
+
+    Instructions are split into basic blocks at labels and after branches; forward branches
+    inside the loop give the paths, and the hot path is the one with the fewest instructions.
+    """
+    labels: dict[str, int] = {}
+    body: list[tuple[str, bool, Optional[str]]] = []  # (opcode, predicated, branch target)
+    for line in sass.splitlines():
+        label = _SASS_LABEL.match(line)
+        if label:
+            labels[label.group(1)] = len(body)
+            continue
+        instruction = _SASS_INSTRUCTION.match(line)
+        if instruction:
+            target = _SASS_TARGET.search(instruction.group(3))
+            body.append((instruction.group(2), bool(instruction.group(1)),
+                         target.group(1) if target else None))
+    backward = [
+        (labels[target], i) for i, (opcode, _, target) in enumerate(body)
+        if opcode.startswith("BRA") and target in labels and labels[target] <= i
+    ]
+    if not backward:
+        return None
+    head, tail = max(backward, key=lambda edge: edge[1] - edge[0])
+    loop = body[head:tail + 1]
+    starts = {0} | {i - head for i in labels.values() if head < i <= tail}
+    starts |= {i + 1 for i, (opcode, _, _) in enumerate(loop[:-1]) if opcode.startswith("BRA")}
+    bounds = sorted(starts) + [len(loop)]
+    blocks = list(zip(bounds[:-1], bounds[1:]))
+    block_at = {start: b for b, (start, _) in enumerate(blocks)}
+
+    def opcodes(b: int) -> Counter:
+        return Counter(opcode.split(".")[0] for opcode, _, _ in loop[slice(*blocks[b])])
+
+    best: list[Optional[Counter]] = [opcodes(0)] + [None] * (len(blocks) - 1)
+    for b, (_, stop) in enumerate(blocks):
+        if best[b] is None:
+            continue
+        opcode, predicated, target = loop[stop - 1]
+        successors = []
+        if not opcode.startswith("BRA") or predicated:
+            successors.append(b + 1)
+        if opcode.startswith("BRA") and target in labels:
+            successors.append(block_at.get(labels[target] - head, -1))
+        for after in successors:
+            if b < after < len(blocks):
+                path = best[b] + opcodes(after)
+                current = best[after]
+                if current is None or sum(path.values()) < sum(current.values()):
+                    best[after] = path
+    hot = best[-1] or Counter()
+    return LoopProfile(
+        len(loop), sum(hot.values()), hot["MUFU"], hot["BAR"], hot["HGMMA"] + hot["HMMA"]
+    )
+
+
+@dataclass(frozen=True)
 class CompileReport:
     """What :func:`compile_launch` reports of one compiled launch.
 
@@ -64,6 +168,10 @@ class CompileReport:
         spill_bytes: spill stores plus spill loads per thread, in bytes, from ``ptxas``.
         shared_bytes: shared memory of the compiled kernel, in bytes.
         wgmma: whether the PTX uses wgmma.
+        triton: the version of the Triton that compiled it.
+        loop: the SASS of the kernel's main loop (:class:`LoopProfile`), ``None`` without one.
+        instructions_per_score: for the score kernels, the loop's hot path per score element and
+            thread: ``hot_path * threads / (BLOCK_N * BLOCK_M)``.
     """
 
     kernel: str
@@ -74,6 +182,9 @@ class CompileReport:
     spill_bytes: int
     shared_bytes: int
     wgmma: bool
+    triton: str
+    loop: Optional[LoopProfile]
+    instructions_per_score: Optional[float]
 
 
 def meta_layout(n: int, m: int, dim: int, in_batch: bool, num_classes: int = 19) -> ContrastLayout:
@@ -191,10 +302,29 @@ def compile_launch(launch: Launch, capability: int) -> CompileReport:
     )
     ptx = compiled.asm["ptx"]
     registers, spills = _ptxas_usage(ptx, capability)
+    loop = loop_profile(_disassemble(compiled.asm["cubin"], capability))
+    per_score = None
+    if loop is not None and "BLOCK_N" in launch.meta and "BLOCK_M" in launch.meta:
+        scores = launch.meta["BLOCK_N"] * launch.meta["BLOCK_M"]
+        per_score = round(loop.hot_path * 32 * num_warps / scores, 2)
     return CompileReport(
         kernel.fn.__name__, launch.grid, num_warps, num_stages, registers, spills,
-        compiled.metadata.shared, "wgmma" in ptx,
+        compiled.metadata.shared, "wgmma" in ptx, triton.__version__, loop, per_score,
     )
+
+
+def _disassemble(cubin: bytes, capability: int) -> str:
+    """SASS of a cubin, from the ``nvdisasm`` bundled beside Triton's ``ptxas``."""
+    from triton.backends.nvidia.compiler import get_ptxas
+
+    nvdisasm = os.path.join(os.path.dirname(get_ptxas(capability).path), "nvdisasm")
+    with tempfile.TemporaryDirectory() as folder:
+        path = os.path.join(folder, "kernel.cubin")
+        with open(path, "wb") as file:
+            file.write(cubin)
+        return subprocess.run(
+            [nvdisasm, "-c", path], capture_output=True, text=True, check=True
+        ).stdout
 
 
 def distinct(launches: list[Launch]) -> list[Launch]:
@@ -225,13 +355,37 @@ def step_launches(
     return launches
 
 
+# Every configuration the compile check covers: (arch, operand dtype, D, variant, reduction),
+# the largest accumulators (the likeliest to spill) first.
+CONFIGURATIONS = [
+    (arch, dtype, dim, variant, reduction)
+    for dim in (256, 128, 64, 32)
+    for arch in (90, 80, 86)
+    for dtype in ("bfloat16", "float16", "float32")
+    for variant in ("paper", "supcon")
+    for reduction in ("mean", "none")
+]
+
+
+def compile_configuration(
+    arch: int, dtype: str, dim: int, variant: str, reduction: str
+) -> list[CompileReport]:
+    """Every distinct binary of a step at the paper's shape, compiled for ``sm{arch}``."""
+    target = triton_fused.Target((arch // 10, arch % 10), 132)
+    launches = step_launches(target, getattr(torch, dtype), dim, variant, reduction)
+    return [compile_launch(launch, arch) for launch in distinct(launches)]
+
+
 def main(argv: list[str]) -> None:
-    arch, dtype_name, dim, variant, reduction = argv
-    capability = int(arch)
-    target = triton_fused.Target((capability // 10, capability % 10), 132)
-    for launch in distinct(step_launches(target, getattr(torch, dtype_name), int(dim), variant,
-                                         reduction)):
-        print(json.dumps(asdict(compile_launch(launch, capability))), flush=True)
+    if argv == ["--sweep"]:
+        for config in CONFIGURATIONS:
+            named = dict(zip(["arch", "dtype", "dim", "variant", "reduction"], config))
+            for report in compile_configuration(*config):
+                print(json.dumps(dict(named, **asdict(report))), flush=True)
+        return
+    arch, dtype, dim, variant, reduction = argv
+    for report in compile_configuration(int(arch), dtype, int(dim), variant, reduction):
+        print(json.dumps(asdict(report)), flush=True)
 
 
 if __name__ == "__main__":

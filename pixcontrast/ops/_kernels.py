@@ -7,9 +7,16 @@ self column always lies inside the positive block). A row tile may span several 
 block bounds are per row. Scores are recomputed tile by tile and never written to memory;
 products take the operands' dtype and accumulate in fp32, everything after the product is fp32.
 
-Scores are kept in base 2: ``s2 = x . k^T * log2(e) / tau`` (the launcher folds ``log2(e)`` into
-``scale2``), so every exponential is one ``exp2``. Statistics written to memory are natural
-logarithms, the contract shared with the torch path.
+Scores are kept in base 2: ``s2 = x . k^T * scale2`` with ``scale2 = log2(e) / tau`` (folded by
+the launcher), and the product ``x . k^T`` is scaled inside the exponent, so that each
+exponential is one fused multiply-add and one ``exp2``: ``exp2(dot * scale2 - shift2)``.
+Statistics written to memory are natural logarithms, the contract shared with the torch path.
+
+The statistics loop rescales lazily (FlashAttention-4): exponentials are taken against a
+reference maximum that is raised only when some row's maximum grows past it by more than
+``RESCALE_THRESHOLD`` (base 2), so that the ``[rows, D]`` accumulator is rescaled on a few
+tiles, not on every one. Every term stays at most ``2 ** RESCALE_THRESHOLD`` times its row's
+reference, far from fp32's (and fp16's) range, and the result is the same sum up to rounding.
 
 The "softmax columns" of a row are the set of its log-sum-exp (the math of :mod:`pixcontrast.ops`):
 
@@ -32,6 +39,9 @@ import triton.language as tl
 
 LN2 = tl.constexpr(0.6931471805599453)
 LOG2E = tl.constexpr(1.4426950408889634)
+# Base-2 growth of a row's maximum past its reference that triggers a rescale (FlashAttention-4's
+# value): terms are at most 2^8 times the reference, so fp16 casts of them cannot overflow.
+RESCALE_THRESHOLD = tl.constexpr(8.0)
 
 
 @triton.jit
@@ -173,10 +183,11 @@ def contrast_statistics_kernel(
 ):
     """Partial online log-sum-exp of one row tile over one split's key columns.
 
-    Writes, per split and row, the running maximum ``m`` of ``s2`` over the row's members in the
-    split (``-inf``: none), ``l = sum exp2(s2 - m)`` and, with ``STREAM_GRAD``,
-    ``acc = sum exp2(s2 - m) k`` ``[D]``: attention with V = K, rescaled as flash attention
-    rescales its output, so that the negative part of ``dx`` costs no second pass.
+    Writes, per split and row, a reference ``m`` of ``s2`` (``-inf``: the row met no member in
+    the split), ``l = sum exp2(s2 - m)`` over the row's members and, with ``STREAM_GRAD``,
+    ``acc = sum exp2(s2 - m) k`` ``[D]``: attention with V = K, so that the negative part of
+    ``dx`` costs no second pass. ``m`` is within ``RESCALE_THRESHOLD`` below the split's maximum
+    (lazy rescaling); :func:`combine_statistics_kernel` takes any reference.
     """
     split = tl.program_id(1)
     rows, row_ok, x, pos_lo, pos_hi, self_col = _row_tile(
@@ -186,31 +197,40 @@ def contrast_statistics_kernel(
     mask_lo, mask_hi = _masked_range(pos_lo, pos_hi, self_col, row_ok, num_cols, IS_PAPER)
     col_begin, col_end = _split_columns(split, tl.num_programs(1), num_cols, BLOCK_M)
 
-    running_max = tl.full([BLOCK_N], float("-inf"), tl.float32)
+    reference = tl.full([BLOCK_N], float("-inf"), tl.float32)  # base 2
+    # The reference, or 0 while it is -inf (then every term so far was a non-member's
+    # exp2(-inf) = 0, and 0 keeps exp2(-inf - shift) = 0 instead of NaN).
+    shift = tl.zeros([BLOCK_N], tl.float32)
     running_sum = tl.zeros([BLOCK_N], tl.float32)
     acc = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     for start in range(col_begin, col_end, BLOCK_M):
         cols = start + tl.arange(0, BLOCK_M)
         k = _load_rows(k_ptr, cols, num_cols, stride_k, dim, BLOCK_D)
-        s2 = tl.dot(x, tl.trans(k), input_precision=PRECISION) * scale2
+        dot = tl.dot(x, tl.trans(k), input_precision=PRECISION)
         if _touches(start, BLOCK_M, mask_lo, mask_hi) | (start + BLOCK_M > num_cols):
             members = _members(
                 cols[None, :], pos_lo[:, None], pos_hi[:, None], self_col[:, None], num_cols,
                 IS_PAPER,
             )
-            s2 = tl.where(members, s2, float("-inf"))
-        new_max = tl.maximum(running_max, tl.max(s2, 1))
-        # While a row has met no member its maximum is -inf; shifting by 0 then keeps
-        # exp2(-inf - shift) = 0 instead of exp2(-inf + inf) = NaN.
-        shift = tl.where(new_max == float("-inf"), 0.0, new_max)
-        alpha = tl.exp2(running_max - shift)
-        p = tl.exp2(s2 - shift[:, None])
-        running_sum = running_sum * alpha + tl.sum(p, 1)
+            dot = tl.where(members, dot, float("-inf"))
+        tile_max = tl.max(dot, 1) * scale2
+        # -inf + threshold stays -inf: a row's first member always raises its reference.
+        grown = tile_max > reference + RESCALE_THRESHOLD
+        if tl.max(grown.to(tl.int32), 0) > 0:
+            new_reference = tl.maximum(reference, tile_max)
+            new_shift = tl.where(new_reference == float("-inf"), 0.0, new_reference)
+            alpha = tl.exp2(reference - new_shift)
+            running_sum = running_sum * alpha
+            if STREAM_GRAD:
+                acc = acc * alpha[:, None]
+            reference = new_reference
+            shift = new_shift
+        p = tl.exp2(dot * scale2 - shift[:, None])
+        running_sum += tl.sum(p, 1)
         if STREAM_GRAD:
-            acc = tl.dot(p.to(k.dtype), k, acc * alpha[:, None], input_precision=PRECISION)
-        running_max = new_max
+            acc = tl.dot(p.to(k.dtype), k, acc, input_precision=PRECISION)
     out = split * num_rows + rows
-    tl.store(part_max_ptr + out, running_max, mask=row_ok)
+    tl.store(part_max_ptr + out, reference, mask=row_ok)
     tl.store(part_sum_ptr + out, running_sum, mask=row_ok)
     if STREAM_GRAD:
         _store_rows(part_acc_ptr + split * num_rows * dim, acc, rows, num_rows, dim, dim, BLOCK_D)
@@ -254,56 +274,79 @@ def combine_statistics_kernel(
 
 
 @triton.jit
+def _multiply(a, b):
+    return a * b
+
+
+@triton.jit
 def paper_positive_kernel(
-    x_ptr, k_ptr, pos_lo_ptr, pos_hi_ptr, self_col_ptr, lse_ptr,
+    x_ptr, k_ptr, self_col_ptr, lse_ptr, tiles_ptr,
     part_terms_ptr, part_acc_ptr,
-    num_rows, num_cols, dim, stride_x, stride_k, scale2,
+    num_rows, num_tiles, dim, stride_x, stride_k, scale2,
     STREAM_GRAD: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """Paper's positive terms of one row tile over one split of its positive columns.
+    """Paper's positive terms of one class tile of rows over one split of its class block.
 
-    Only the columns of the tile's positive blocks are visited (about M / C, not M), split
-    evenly across ``program_id(1)`` (the range is only known on the device). Writes per split
-    ``sum_p softplus(nu - s_ap)`` and ``sum_p sigma(nu - s_ap)`` (``part_terms [splits, 2, N]``)
-    and, with ``STREAM_GRAD``, ``sum_p sigma(nu - s_ap) k_p`` ``[D]``.
+    ``tiles [4, num_tiles]`` holds per program ``program_id(0)`` the rows ``[row_start,
+    row_stop)`` (at most ``BLOCK_N``, all of one class) and their positive block ``[col_lo,
+    col_hi)``: each row visits its own class block only, about M / C columns, split evenly
+    across ``program_id(1)``. Writes per split ``sum_p softplus(nu - s_ap)`` and
+    ``sum_p sigma(nu - s_ap)`` (``part_terms [splits, 2, N]``) and, with ``STREAM_GRAD``,
+    ``sum_p sigma(nu - s_ap) k_p`` ``[D]``. Only tiles that hold a row's own column (in-batch) or
+    the end of the block evaluate a mask.
     """
     split = tl.program_id(1)
     num_splits = tl.num_programs(1)
-    rows, row_ok, x, pos_lo, pos_hi, self_col = _row_tile(
-        tl.program_id(0) * BLOCK_N, x_ptr, pos_lo_ptr, pos_hi_ptr, self_col_ptr, num_rows,
-        stride_x, dim, BLOCK_N, BLOCK_D,
-    )
-    lse2 = tl.load(lse_ptr + rows, mask=row_ok, other=0.0) * LOG2E
-    first, last = _positive_range(pos_lo, pos_hi, row_ok, num_cols)
-    tiles_per_split = tl.cdiv(tl.cdiv(tl.maximum(last - first, 0), BLOCK_M), num_splits)
-    begin = first + split * tiles_per_split * BLOCK_M
-    end = tl.minimum(begin + tiles_per_split * BLOCK_M, last)
+    tile = tl.program_id(0)
+    row_start = tl.load(tiles_ptr + tile)
+    row_stop = tl.load(tiles_ptr + num_tiles + tile)
+    col_lo = tl.load(tiles_ptr + 2 * num_tiles + tile)
+    col_hi = tl.load(tiles_ptr + 3 * num_tiles + tile)
+    rows = row_start + tl.arange(0, BLOCK_N)
+    row_ok = rows < row_stop
+    x = _load_rows(x_ptr, rows, row_stop, stride_x, dim, BLOCK_D)
+    self_col = tl.load(self_col_ptr + rows, mask=row_ok, other=-1)
+    # Padded rows take lse = -inf: their terms are exactly 0 (and never stored).
+    lse2 = tl.load(lse_ptr + rows, mask=row_ok, other=float("-inf")) * LOG2E
+    has_self = row_ok & (self_col >= 0)
+    self_lo = tl.min(tl.where(has_self, self_col, col_hi), 0)
+    self_hi = tl.max(tl.where(has_self, self_col + 1, 0), 0)
+    tiles_per_split = tl.cdiv(tl.cdiv(col_hi - col_lo, BLOCK_M), num_splits)
+    begin = col_lo + split * tiles_per_split * BLOCK_M
+    end = tl.minimum(begin + tiles_per_split * BLOCK_M, col_hi)
 
-    softplus_sum = tl.zeros([BLOCK_N], tl.float32)
-    sigmoid_sum = tl.zeros([BLOCK_N], tl.float32)
+    # t = nu - s_ap (base 2) and e = exp2(-|t|) <= 1, so nothing overflows:
+    #   softplus(t) = max(t, 0) + log(1 + e), summed as sum max(t, 0) + log2(prod (1 + e)) per
+    #   tile (a product of factors in (1, 2]: no log per element);
+    #   sigma(t) = 1 / (1 + e) for t >= 0 and e / (1 + e) for t < 0.
+    # nu = -inf (no negatives) gives t = -inf, e = 0: both terms 0.
+    # The sums of max(t, 0) and sigma(t) are kept per tile element and reduced over the columns
+    # once, after the loop: one row reduction per tile (the product's), not three.
+    hinge = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
+    sigmoids = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
+    log2_sum = tl.zeros([BLOCK_N], tl.float32)
     acc = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     for start in range(begin, end, BLOCK_M):
         cols = start + tl.arange(0, BLOCK_M)
-        k = _load_rows(k_ptr, cols, num_cols, stride_k, dim, BLOCK_D)
-        s2 = tl.dot(x, tl.trans(k), input_precision=PRECISION) * scale2
-        # t = nu - s_ap (base 2). With e = exp(-|t|) <= 1 nothing overflows:
-        # softplus(t) = max(t, 0) + log(1 + e), sigma(t) = 1 / (1 + e) for t >= 0 and
-        # e / (1 + e) for t < 0. nu = -inf (no negatives) gives 0 for both.
-        margin2 = lse2[:, None] - s2
+        k = _load_rows(k_ptr, cols, col_hi, stride_k, dim, BLOCK_D)
+        margin2 = lse2[:, None] - tl.dot(x, tl.trans(k), input_precision=PRECISION) * scale2
+        if _touches(start, BLOCK_M, self_lo, self_hi) | (start + BLOCK_M > col_hi):
+            positive = (cols[None, :] != self_col[:, None]) & (cols[None, :] < col_hi)
+            margin2 = tl.where(positive, margin2, float("-inf"))
         e = tl.exp2(-tl.abs(margin2))
-        is_positive = _positives(cols[None, :], pos_lo[:, None], pos_hi[:, None], self_col[:, None])
-        softplus = (tl.maximum(margin2, 0.0) + tl.log2(1.0 + e)) * LN2
-        sigmoid = tl.where(is_positive, tl.where(margin2 >= 0, 1.0, e) / (1.0 + e), 0.0)
-        softplus_sum += tl.sum(tl.where(is_positive, softplus, 0.0), 1)
-        sigmoid_sum += tl.sum(sigmoid, 1)
+        one_plus_e = 1.0 + e
+        sigmoid = tl.where(margin2 >= 0, 1.0, e) / one_plus_e
+        hinge += tl.maximum(margin2, 0.0)
+        sigmoids += sigmoid
+        log2_sum += tl.log2(tl.reduce(one_plus_e, 1, _multiply))
         if STREAM_GRAD:
             acc = tl.dot(sigmoid.to(k.dtype), k, acc, input_precision=PRECISION)
     out = split * 2 * num_rows + rows
-    tl.store(part_terms_ptr + out, softplus_sum, mask=row_ok)
-    tl.store(part_terms_ptr + out + num_rows, sigmoid_sum, mask=row_ok)
+    tl.store(part_terms_ptr + out, (tl.sum(hinge, 1) + log2_sum) * LN2, mask=row_ok)
+    tl.store(part_terms_ptr + out + num_rows, tl.sum(sigmoids, 1), mask=row_ok)
     if STREAM_GRAD:
-        _store_rows(part_acc_ptr + split * num_rows * dim, acc, rows, num_rows, dim, dim, BLOCK_D)
+        _store_rows(part_acc_ptr + split * num_rows * dim, acc, rows, row_stop, dim, dim, BLOCK_D)
 
 
 @triton.jit

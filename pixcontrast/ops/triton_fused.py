@@ -8,14 +8,15 @@ splits' partial log-sum-exps are merged in a fixed order.
 Scalar reductions know the upstream weights in forward, so the statistics pass also streams the
 softmax-weighted key average ``sum_j exp(s_aj - lse_a) k_j`` (attention with V = K): the negative
 part of ``dx`` costs no pass of its own. Paper's positive terms (and the positive part of
-``dx``) take one more pass over the rows' positive blocks only, about M / C columns; supcon's
+``dx``) take one more pass, over row tiles that hold one class each (:func:`positive_tiles`),
+each visiting its class's block of keys only, about M / C columns; supcon's
 positive part goes through the class sums of :mod:`pixcontrast.ops._autograd`, as on the
 torch path. ``reduction="none"`` recomputes the scores in backward, flash-attention style. The
 key gradient ``dk = G^T x / tau`` is one kernel over key-column blocks. The ``N x M`` matrix is
 never in memory.
 
 Nothing in this module's launch path reads a device value on the host: row bounds come from
-device-side searches, grids from shapes and upper bounds.
+device-side searches, grids from shapes, upper bounds and the layout's host class offsets.
 
 Importing this module does not import Triton; the kernels are imported on first use (with
 ``TRITON_INTERPRET=1`` set before that, they run on CPU tensors through Triton's interpreter).
@@ -44,14 +45,17 @@ from ._options import ContrastInputs, ContrastOptions
 __all__ = [
     "KernelLaunch",
     "MergedKeys",
+    "TILE_OVERRIDES",
     "Target",
     "TileConfig",
     "launch_plan",
     "merge_segments",
     "operand_dtype",
+    "positive_tiles",
     "sweep",
     "sweep_for",
     "tile_config",
+    "triton_version",
     "unsupported",
 ]
 
@@ -166,6 +170,17 @@ _TILES = {
     ("sm86", 4, 128): TileConfig(64, 32, 8, 2, 64, 8),
     ("sm86", 4, 256): TileConfig(64, 16, 8, 1, 64, 8),
 }
+# Tiles for Triton releases before a version, where their register allocation spills with the
+# tiles above (found by the compile check, tools/triton_compile.py, run under each release):
+# (first release that takes _TILES, family, operand bytes, padded D) -> tiles.
+TILE_OVERRIDES: dict[tuple[tuple[int, int], str, int, int], TileConfig] = {
+    # Triton 3.6 (the image of our GPU machines): tf32 at D = 256 on sm90 spills in every row
+    # kernel at 128 rows; 64 rows over 8 warps split the [rows, D] accumulators over two
+    # warpgroups instead.
+    ((3, 9), "sm90", 4, 256): TileConfig(64, 32, 8, 2, 64, 8),
+    # and 16-bit D = 256 on sm80 spills in the key gradient at 64 anchors per step.
+    ((3, 9), "sm80", 2, 256): TileConfig(64, 32, 8, 2, 64, 8),
+}
 # Under the interpreter small tiles make small test sizes span several tiles and splits.
 _INTERPRETER_TILES = TileConfig(32, 32, 1, 1, 32, 1)
 # The combine and sum kernels are memory-bound and tiny: fixed tiles.
@@ -177,6 +192,17 @@ _MAX_WAVES = 4
 # Splits whose wave efficiency is within this of the best count as equally good; the fewest win
 # (fewer partials to write and merge).
 _WAVE_SLACK = 0.05
+
+
+def _positive_rows(tiles: TileConfig) -> int:
+    """Rows of paper's positive kernel, on the row kernels' warps and key columns: at most 64.
+
+    Its row tiles hold one class each (about N / C rows, 54 at the paper's shape), so 64 rows
+    waste less of the product than 128; on sm90 64 rows are one warpgroup's wgmma height, and
+    the 8 warps of the row kernels split the ``[rows, D]`` accumulator over two warpgroups
+    (with 4 warps, or twice the columns, it spills at D = 256).
+    """
+    return min(tiles.rows, 64)
 
 
 def arch_family(capability: tuple[int, int]) -> str:
@@ -194,10 +220,35 @@ def _block_d(dim: int) -> int:
     return max(16, 1 << max(dim - 1, 0).bit_length())
 
 
-def tile_config(capability: tuple[int, int], dtype: torch.dtype, dim: int) -> TileConfig:
-    """Score-kernel tiles for a GPU, operand dtype and feature dimension (``dim <= MAX_DIM``)."""
-    bucket = max(64, _block_d(dim))
-    return _TILES[(arch_family(capability), 4 if dtype == torch.float32 else 2, bucket)]
+@functools.cache
+def triton_version() -> Optional[tuple[int, int]]:
+    """``(major, minor)`` of the installed Triton (``triton.__version__``), ``None`` without it."""
+    try:
+        import triton
+    except ImportError:
+        return None
+    major, minor = triton.__version__.split(".")[:2]
+    return int(major), int(minor)
+
+
+def tile_config(
+    capability: tuple[int, int],
+    dtype: torch.dtype,
+    dim: int,
+    version: Optional[tuple[int, int]] = None,
+) -> TileConfig:
+    """Score-kernel tiles for a GPU, operand dtype and feature dimension (``dim <= MAX_DIM``).
+
+    ``version`` is the ``(major, minor)`` of the Triton that compiles the kernels (default: the
+    installed one): releases before a version listed in :data:`TILE_OVERRIDES` take the tiles
+    found not to spill under them.
+    """
+    key = (arch_family(capability), 4 if dtype == torch.float32 else 2, max(64, _block_d(dim)))
+    version = version or triton_version()
+    for (first, *override_key), tiles in sorted(TILE_OVERRIDES.items()):
+        if tuple(override_key) == key and version is not None and version < first:
+            return tiles
+    return _TILES[key]
 
 
 @dataclass(frozen=True)
@@ -243,6 +294,21 @@ def choose_splits(row_tiles: int, col_tiles: int, sm_count: int) -> int:
     return next(s for s in range(least, most + 1) if efficiency(s) >= best - _WAVE_SLACK)
 
 
+def positive_tiles(
+    anchor_offsets: Sequence[int], key_offsets: Sequence[int], block_rows: int
+) -> list[tuple[int, int, int, int]]:
+    """``(row_start, row_stop, col_lo, col_hi)`` per program of paper's positive kernel.
+
+    Each class's sorted anchors in tiles of at most ``block_rows`` rows, with the class's block
+    of key columns: a row tile never spans two classes, so it visits only its own positives.
+    """
+    return [
+        (start, min(start + block_rows, stop), key_offsets[c], key_offsets[c + 1])
+        for c, (begin, stop) in enumerate(zip(anchor_offsets[:-1], anchor_offsets[1:]))
+        for start in range(begin, stop, block_rows)
+    ]
+
+
 def launch_plan(
     n: int,
     m: int,
@@ -253,6 +319,8 @@ def launch_plan(
     capability: tuple[int, int] = (9, 0),
     num_splits: Optional[int] = None,
     interpreted: bool = False,
+    class_offsets: Optional[tuple[Sequence[int], Sequence[int]]] = None,
+    version: Optional[tuple[int, int]] = None,
 ) -> dict[str, KernelLaunch]:
     """Every kernel a loss evaluation over ``n`` sorted anchors and ``m`` sorted keys may launch.
 
@@ -261,14 +329,25 @@ def launch_plan(
     interpreter's small tiles when ``interpreted``). ``dtype`` is the products' operand dtype,
     ``num_splits`` overrides the split choice (tests). ``"key_grad"``'s grid is its upper bound,
     all ``m`` columns; ``"split_sum"``'s is that of an ``[n, dim]`` sum of partials (paper's
-    positive terms are a smaller one). ``"positive"`` (paper only) and ``"anchor_grad"``
-    (backward of ``reduction="none"``) take the split of ``"statistics"``.
+    positive terms are a smaller one). ``"anchor_grad"`` (backward of ``reduction="none"``) takes
+    the split of ``"statistics"``. ``"positive"`` (paper only) runs over the class tiles of
+    :func:`positive_tiles` for the layout's ``(anchor_offsets, key_offsets)`` (default: one
+    class), split for the widest class block. ``version`` is the compiling Triton's (see
+    :func:`tile_config`).
     """
-    tiles = _INTERPRETER_TILES if interpreted else tile_config(capability, dtype, dim)
+    tiles = _INTERPRETER_TILES if interpreted else tile_config(capability, dtype, dim, version)
     block_d = _block_d(dim)
     row_tiles, col_tiles = -(-n // tiles.rows), -(-m // tiles.cols)
     wanted = num_splits if num_splits is not None else choose_splits(row_tiles, col_tiles, sm_count)
     splits = max(1, min(wanted, col_tiles))  # no empty split
+    positive_rows = _positive_rows(tiles)
+    class_tiles = positive_tiles(*(class_offsets or ([0, n], [0, m])), positive_rows)
+    widest = max((-(-(hi - lo) // tiles.cols) for _, _, lo, hi in class_tiles), default=0)
+    positive_splits = max(1, min(
+        num_splits if num_splits is not None
+        else choose_splits(len(class_tiles), widest, sm_count),
+        widest,
+    ))
 
     def score_kernel(name: str, grid: tuple[int, ...], kernel_splits: int) -> KernelLaunch:
         return KernelLaunch(
@@ -285,7 +364,10 @@ def launch_plan(
         "combine": small_kernel(
             "combine_statistics_kernel", (-(-n // _COMBINE_ROWS),), _COMBINE_ROWS
         ),
-        "positive": score_kernel("paper_positive_kernel", row_grid, splits),
+        "positive": KernelLaunch(
+            "paper_positive_kernel", (len(class_tiles), positive_splits), positive_rows,
+            tiles.cols, block_d, tiles.num_warps, tiles.num_stages, positive_splits,
+        ),
         "split_sum": small_kernel("sum_splits_kernel", (-(-n * dim // _SUM_BLOCK),), _SUM_BLOCK),
         "anchor_grad": score_kernel("contrast_anchor_grad_kernel", row_grid, splits),
         "key_grad": KernelLaunch(
@@ -329,6 +411,7 @@ class MergedKeys(NamedTuple):
         self_column: ``[N]`` column of each sorted anchor's own key, or ``None``.
         segment_columns: per segment, ``[m]`` the column of each of its keys.
         grad_columns: ranges of columns whose gradient is wanted (from ``key_grads``).
+        key_offsets: host list, ``C + 1`` class boundaries in the table.
     """
 
     keys: Tensor
@@ -336,6 +419,7 @@ class MergedKeys(NamedTuple):
     self_column: Optional[Tensor]
     segment_columns: tuple[Tensor, ...]
     grad_columns: list[tuple[int, int]]
+    key_offsets: list[int]
 
 
 def merge_segments(
@@ -373,7 +457,9 @@ def merge_segments(
             merged[-1] = (merged[-1][0], hi)
         else:
             merged.append((lo, hi))
-    return MergedKeys(table, key_class, self_column, tuple(segment_columns), merged)
+    return MergedKeys(
+        table, key_class, self_column, tuple(segment_columns), merged, class_start
+    )
 
 
 def _row_bounds(layout: ContrastLayout, merged: MergedKeys) -> tuple[Tensor, Tensor, Tensor]:
@@ -392,18 +478,25 @@ def _row_bounds(layout: ContrastLayout, merged: MergedKeys) -> tuple[Tensor, Ten
     return pos_lo, pos_hi, self_col
 
 
+def _device_table(entries: Sequence[Sequence[int]], device: torch.device) -> Tensor:
+    """``[fields, len(entries)]`` int32 on ``device``: one column per program.
+
+    Copied from pinned memory without waiting (the entries are host values already).
+    """
+    table = torch.tensor(entries, dtype=torch.int32).reshape(len(entries), -1).T.contiguous()
+    if device.type == "cuda":
+        table = table.pin_memory()
+    return table.to(device, non_blocking=True)
+
+
 def _key_blocks(columns: list[tuple[int, int]], block: int, device) -> tuple[Tensor, Tensor]:
     """The table of column blocks of the ``dk`` kernel, ``[start, stop)`` per program.
 
-    The ``columns`` ranges are cut into blocks of ``block`` columns and copied to ``device``
-    from pinned memory without waiting (the ranges are host values already).
+    The ``columns`` ranges are cut into blocks of ``block`` columns.
     """
-    starts = [start for lo, hi in columns for start in range(lo, hi, block)]
-    stops = [hi for lo, hi in columns for _ in range(lo, hi, block)]
-    table = torch.tensor([starts, stops], dtype=torch.int32)
-    if device.type == "cuda":
-        table = table.pin_memory()
-    table = table.to(device, non_blocking=True)
+    table = _device_table(
+        [(start, hi) for lo, hi in columns for start in range(lo, hi, block)], device
+    )
     return table[0], table[1]
 
 
@@ -454,9 +547,10 @@ def sweep(
     if kernels is None:
         raise RuntimeError(import_error)
     target = target or device_target(x.device)
+    class_offsets = (layout.anchor_offsets, merged.key_offsets)
     plan = launch_plan(
         n, m, dim, operand_dtype, target.sm_count, capability=target.capability,
-        num_splits=num_splits, interpreted=interpreted,
+        num_splits=num_splits, interpreted=interpreted, class_offsets=class_offsets,
     )
     stats_plan = plan["statistics"]
     block_d, splits = stats_plan.block_d, stats_plan.splits
@@ -513,12 +607,16 @@ def sweep(
             STREAM_GRAD=stream, BLOCK_N=_COMBINE_ROWS, BLOCK_D=block_d, num_warps=_SMALL_WARPS,
         )
         if is_paper:
-            part_terms = fp32_empty(splits, 2, n)
-            part_pos_acc = fp32_empty(splits, n, dim) if stream else part_terms
+            positive = plan["positive"]
+            class_tiles = _device_table(
+                positive_tiles(*class_offsets, positive.block_rows), x.device
+            )
+            part_terms = fp32_empty(positive.splits, 2, n)
+            part_pos_acc = fp32_empty(positive.splits, n, dim) if stream else part_terms
             run(
                 "positive", kernels.paper_positive_kernel,
-                x_op, k_op, pos_lo, pos_hi, self_col, lse, part_terms, part_pos_acc,
-                n, m, dim, x_op.stride(0), k_op.stride(0), scale2,
+                x_op, k_op, self_col, lse, class_tiles, part_terms, part_pos_acc,
+                n, positive.grid[0], dim, x_op.stride(0), k_op.stride(0), scale2,
                 STREAM_GRAD=stream, PRECISION=_PRECISION,
             )
             softplus_sum, sigmoid_sum = sum_splits(part_terms)

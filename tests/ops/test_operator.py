@@ -23,20 +23,21 @@ def fresh_dynamo():
     torch._dynamo.reset()
 
 
-def unit(rows: int, seed: int, dtype=torch.float64) -> torch.Tensor:
+def unit(rows: int, seed: int, dtype=torch.float64, device="cpu") -> torch.Tensor:
     generator = torch.Generator().manual_seed(seed)
-    return F.normalize(torch.randn(rows, 4, generator=generator, dtype=dtype), dim=1)
+    rows = torch.randn(rows, 4, generator=generator, dtype=dtype)
+    return F.normalize(rows, dim=1).to(device)
 
 
-def make_inputs():
+def make_inputs(device="cpu"):
     """Anchors of 3 classes; keys that need a gradient (one invalid, one of a class no anchor
     has) and memory keys that do not."""
-    anchors = unit(10, seed=1).requires_grad_()
-    labels = torch.arange(10) % 3
-    keys = unit(7, seed=2).requires_grad_()
-    key_labels = torch.tensor([0, 1, 2, -1, 3, 0, 1])
-    memory = unit(9, seed=3)
-    memory_labels = torch.arange(9) % 3
+    anchors = unit(10, seed=1, device=device).requires_grad_()
+    labels = torch.arange(10, device=device) % 3
+    keys = unit(7, seed=2, device=device).requires_grad_()
+    key_labels = torch.tensor([0, 1, 2, -1, 3, 0, 1], device=device)
+    memory = unit(9, seed=3, device=device)
+    memory_labels = torch.arange(9, device=device) % 3
     return anchors, labels, keys, key_labels, memory, memory_labels
 
 
@@ -160,21 +161,23 @@ def test_opcheck_backward():
     )
 
 
-def test_the_fused_backends_run_as_the_operator():
-    anchors, labels = make_inputs()[:2]
+def test_the_fused_backends_run_as_the_operator(device):
+    anchors, labels = make_inputs(device)[:2]
     name = type(pixcontrast.contrastive_loss(anchors, labels, backend="torch").grad_fn).__name__
     assert "pixcontrast_contrastive_loss" in name, name
 
 
 @pytest.mark.parametrize("reduction", ["mean", "none"])
-def test_gradients_only_where_needed_in_the_inputs_dtypes(reduction):
-    anchors = unit(10, seed=5, dtype=torch.float32).requires_grad_()
-    keys = unit(7, seed=6, dtype=torch.float16).requires_grad_()
-    memory = unit(9, seed=7, dtype=torch.float32)
-    unfilled = unit(3, seed=8, dtype=torch.float64).requires_grad_()  # invalid keys only
+def test_gradients_only_where_needed_in_the_inputs_dtypes(reduction, device):
+    anchors = unit(10, seed=5, dtype=torch.float32, device=device).requires_grad_()
+    keys = unit(7, seed=6, dtype=torch.float16, device=device).requires_grad_()
+    memory = unit(9, seed=7, dtype=torch.float32, device=device)
+    # invalid keys only
+    unfilled = unit(3, seed=8, dtype=torch.float64, device=device).requires_grad_()
     loss = pixcontrast.contrastive_loss(
-        anchors, torch.arange(10) % 3, [keys, memory, unfilled],
-        [torch.arange(7) % 3, torch.arange(9) % 3, torch.full((3,), -1)],
+        anchors, torch.arange(10, device=device) % 3, [keys, memory, unfilled],
+        [torch.arange(7, device=device) % 3, torch.arange(9, device=device) % 3,
+         torch.full((3,), -1, device=device)],
         in_batch=True, reduction=reduction, backend="torch",
     )
     assert loss.dtype == torch.float32
@@ -186,8 +189,8 @@ def test_gradients_only_where_needed_in_the_inputs_dtypes(reduction):
 
 
 @pytest.mark.parametrize("reduction", ["mean", "none"])
-def test_without_grad_mode_the_loss_is_a_constant(reduction):
-    anchors, labels = make_inputs()[:2]
+def test_without_grad_mode_the_loss_is_a_constant(reduction, device):
+    anchors, labels = make_inputs(device)[:2]
     with torch.no_grad():
         constant = pixcontrast.contrastive_loss(anchors, labels, reduction=reduction,
                                                 backend="torch")
@@ -196,8 +199,8 @@ def test_without_grad_mode_the_loss_is_a_constant(reduction):
     assert torch.equal(constant, expected.detach())
 
 
-def test_the_operator_refuses_double_backward_and_in_place_changes():
-    anchors, labels, keys, key_labels = make_inputs()[:4]
+def test_the_operator_refuses_double_backward_and_in_place_changes(device):
+    anchors, labels, keys, key_labels = make_inputs(device)[:4]
     loss = pixcontrast.contrastive_loss(anchors, labels, backend="torch")
     with pytest.raises(RuntimeError, match="first derivatives only"):
         torch.autograd.grad(loss, anchors, create_graph=True)
