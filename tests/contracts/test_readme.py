@@ -4,6 +4,7 @@ and the set-up section is what CI runs."""
 
 from __future__ import annotations
 
+import json
 import re
 import shlex
 import subprocess
@@ -107,3 +108,23 @@ def test_environment_script_documents_the_torch_choice() -> None:
         assert name in section and name in help_text, name
     for url in ("https://download.pytorch.org/whl/cpu", "https://download.pytorch.org/whl/cu"):
         assert url in section and url in help_text, url
+
+
+def test_readme_figures_are_the_committed_results() -> None:
+    """The benchmark headline and the main job's table (here and on the recipe page) are the
+    committed JSON's numbers."""
+    bench = json.loads((ROOT / "benchmarks/results/bench_loss_headline_threads1.json").read_text())
+    headline = bench["summary"]["headline"]
+    assert f"{headline['speedup_torch_vs_reference']:.2f}x faster" in README_TEXT
+    assert f"({headline['peak_memory_torch_over_reference']:.3f}x)" in README_TEXT
+    assert f"{headline['time_torch_over_floor']:.2f}x the two unavoidable products" in README_TEXT
+    digits = json.loads((ROOT / "examples/results/digits_results.json").read_text())["summary"]
+    recipe_page = (ROOT / "docs" / "recipe.md").read_text()
+    for text in (README_TEXT, recipe_page):
+        for mode in ("ce", "ce+contrast"):
+            for metric in ("miou", "shifted_miou", "probe"):
+                value = digits[mode][metric]
+                assert f"{100 * value['mean']:.2f} +- {100 * value['std']:.2f}" in text
+        for metric in ("miou", "probe"):
+            paired = digits["ce+contrast"][metric]["paired_diff"]
+            assert f"{100 * paired['mean']:+.2f} +- {100 * paired['std']:.2f}" in text
