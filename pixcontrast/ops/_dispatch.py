@@ -114,9 +114,12 @@ def triton_auto_declines(
 
 def _triton_auto_declines(anchors: Tensor, keys: Sequence[Tensor]) -> list[str]:
     device = anchors.device
-    capability = torch.cuda.get_device_capability(device) if device.type == "cuda" else None
+    if device.type != "cuda":
+        # Decided without reading the matmul precision: dynamo cannot trace
+        # torch.get_float32_matmul_precision, and the default backend must compile fullgraph.
+        return triton_auto_declines(None, anchors.dtype, "")
     return triton_auto_declines(
-        capability, triton_fused.operand_dtype(anchors, keys),
+        torch.cuda.get_device_capability(device), triton_fused.operand_dtype(anchors, keys),
         torch.get_float32_matmul_precision(),
     )
 

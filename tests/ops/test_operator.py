@@ -107,6 +107,17 @@ def test_no_graph_break_in_the_loss():
     assert calls.count(torch.ops.pixcontrast.contrastive_loss) == 4  # one node per loss
 
 
+def test_default_backend_compiles_fullgraph_on_cpu():
+    # auto decides for CPU inputs without reading the float32 matmul precision, which dynamo
+    # cannot trace
+    def loss(anchors, labels):
+        return pixcontrast.contrastive_loss(anchors, labels)
+
+    compiled = torch.compile(loss, fullgraph=True, backend="aot_eager")
+    anchors, labels = unit(6, seed=5), torch.arange(6) % 2
+    torch.testing.assert_close(compiled(anchors, labels), loss(anchors, labels))
+
+
 def test_value_checks_raise_from_inside_the_compiled_operator():
     def loss(anchors, labels):
         return pixcontrast.contrastive_loss(anchors, labels, backend="torch")
