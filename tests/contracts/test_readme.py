@@ -15,7 +15,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 README_TEXT = (ROOT / "README.md").read_text()
 BLOCKS = re.findall(r"^```python\n(.*?)^```", README_TEXT, flags=re.M | re.S)
-SETUP_HEADING = "## Working on pixcontrast\n"
+SETUP_HEADING = "## The two set-up commands\n"
 
 
 def test_readme_has_code() -> None:
