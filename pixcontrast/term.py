@@ -164,7 +164,17 @@ class ContrastTerm(nn.Module):
         self.schedule = ContrastWeightSchedule(
             weight, warmup_steps=round(warmup * total_steps), ramp_steps=round(ramp * total_steps)
         )
-        self.last_stats: Optional[dict[str, Tensor]] = None
+        self._last_stats: Optional[dict[str, Tensor]] = None
+
+    @property
+    def last_stats(self) -> dict[str, Tensor]:
+        """The last call's statistics and its ``weight`` (only ``weight`` during the warm-up).
+
+        Raises before the first call.
+        """
+        if self._last_stats is None:
+            raise RuntimeError("ContrastTerm.last_stats is set by the first call")
+        return self._last_stats
 
     @property
     def weight(self) -> float:
@@ -198,11 +208,11 @@ class ContrastTerm(nn.Module):
         weight = self.schedule.value
         if weight == 0.0:
             term = self._connected_zero(features)
-            self.last_stats = {"weight": torch.zeros(())}
+            self._last_stats = {"weight": torch.zeros(())}
         else:
             term = weight * self.loss(self.head(features), labels, predictions=logits,
                                       generator=generator)
-            self.last_stats = {**self.loss.last_stats, "weight": torch.tensor(weight)}
+            self._last_stats = {**self.loss.last_stats, "weight": torch.tensor(weight)}
         if self.training and torch.is_grad_enabled():
             self.schedule.step()
         return term

@@ -38,6 +38,8 @@ def test_warmup_is_an_exact_zero_connected_to_features_and_head_and_skips_the_lo
         device, dtype) -> None:
     bank = ClassMemoryBank(CLASSES, 5, pixels_per_class=8, regions_per_class=2)
     term = make_term(memory=bank).to(device, dtype)  # warm-up: round(0.2 * 10) = 2 steps
+    with pytest.raises(RuntimeError, match="set by the first call"):
+        _ = term.last_stats
     for step in range(2):
         features, labels, logits = on(device, dtype, *batch(step))
         features.data[0, 0, 0, 0] = float("inf")  # a 0 * x would make it NaN
