@@ -15,6 +15,8 @@ from typing import Any, Optional
 import torch
 from torch import Tensor
 
+from . import _checks
+
 __all__ = ["COUNTERS", "ForeignWriteGuard", "RingLayout", "push"]
 
 COUNTERS = ("pixel_pointer", "pixel_count", "region_pointer", "region_count")
@@ -55,9 +57,7 @@ class RingLayout:
     def __post_init__(self) -> None:
         for name, low in (("num_classes", 1), ("dim", 1), ("pixels_per_class", 0),
                           ("regions_per_class", 0)):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+            _checks.check_count(getattr(self, name), name, minimum=low)
         if self.pixels_per_class + self.regions_per_class == 0:
             raise ValueError("pixels_per_class and regions_per_class cannot both be 0")
 

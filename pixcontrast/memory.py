@@ -124,9 +124,7 @@ class ClassMemoryBank(nn.Module):
     ) -> None:
         super().__init__()
         self._ring_layout = RingLayout(num_classes, dim, pixels_per_class, regions_per_class)
-        if isinstance(pixels_per_image, bool) or not isinstance(pixels_per_image, int) \
-                or pixels_per_image < 1:
-            raise ValueError(f"pixels_per_image must be an integer >= 1, got {pixels_per_image!r}")
+        _checks.check_count(pixels_per_image, "pixels_per_image")
         ignore_index = _checks.check_ignore_index(ignore_index)
         if 0 <= ignore_index < num_classes:
             raise ValueError(

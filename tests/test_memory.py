@@ -527,3 +527,21 @@ def test_region_embeddings_of_normalised_pixels_allocate_little(region_means) ->
         regions.backward(torch.randn_like(regions))
     allocated = sum(max(event.self_cpu_memory_usage, 0) for event in prof.events())
     assert allocated < 4 * x.numel() * x.element_size()
+
+
+@pytest.mark.parametrize(
+    ("options", "error", "message"),
+    [
+        ({"num_classes": 0}, ValueError, "num_classes must be >= 1, got 0"),
+        ({"dim": 2.0}, TypeError, "dim must be an integer, got float"),
+        ({"pixels_per_class": -1}, ValueError, "pixels_per_class must be >= 0, got -1"),
+        ({"regions_per_class": True}, TypeError, "regions_per_class must be an integer"),
+        ({"pixels_per_image": 0}, ValueError, "pixels_per_image must be >= 1, got 0"),
+        ({"pixels_per_class": 0, "regions_per_class": 0}, ValueError, "cannot both be 0"),
+    ],
+)
+def test_constructor_names_the_bad_count(options, error, message) -> None:
+    arguments = {"num_classes": 3, "dim": 4, **options}
+    num_classes, dim = arguments.pop("num_classes"), arguments.pop("dim")
+    with pytest.raises(error, match=message):
+        ClassMemoryBank(num_classes, dim, **arguments)
